@@ -1,0 +1,402 @@
+r"""CPU kernels: the reference's forward and backward, jitted with numba and fused.
+
+The math is the one written out in ``reference.py``; this file only changes how
+it is computed. Per layer, with W in ``nn.Linear``'s (out, in) layout::
+
+    forward     z = x Wᵀ            one GEMM
+                a = act(z + b)      one fused pass over z, in place
+    backward    δ = g ⊙ act'(a)     one fused pass that also sums ∂L/∂b = Σ_batch δ
+                ∂L/∂W = δᵀ x        one GEMM
+                ∂L/∂x = δ W         one GEMM, skipped when x needs no gradient
+
+A whole network runs every layer in one call: ``mlp_forward`` keeps each
+layer's output (backward's only saved state), ``mlp_backward`` writes
+``∂L/∂aₗ₋₁ = δₗ Wₗ`` straight into layer l−1's δ buffer and turns it into δ in place.
+
+GEMMs go to a Fortran BLAS ``?gemm`` bound by address (see ``bind_gemm``),
+because numba's own ``np.dot`` is ~1.8× slower on these shapes and, through
+scipy's OpenBLAS, brings a thread pool that fights torch's. The symbol is
+resolved when a kernel is linked, not baked into it, so ``cache=True`` holds.
+Every kernel here compiles on first use, never at import.
+
+Contracts of the launchers (same as ``reference.py``): float32 or float64
+arrays, all of one dtype; x (N, in), W (out, in), b (out,) or None, outputs
+(N, out). The launchers check shapes, because numba does not check bounds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import llvmlite.binding as llvm
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import get_cython_function_address, intrinsic
+
+from .reference import ACTIVATIONS
+
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+IDENTITY, RELU, SIGMOID, TANH = (
+    ACTIVATION_CODES[n] for n in ("identity", "relu", "sigmoid", "tanh")
+)
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Below this many elements a fused pass is cheaper than waking numba's thread pool.
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+# ---------------------------------------------------------------------------
+# GEMM: a Fortran BLAS ?gemm, resolved by symbol name at link time.
+# ---------------------------------------------------------------------------
+_SGEMM_SYMBOL, _DGEMM_SYMBOL = "fastbp_sgemm", "fastbp_dgemm"
+_GEMM_SIGNATURE = types.void(*[types.voidptr] * 13)  # every Fortran argument is by reference
+_sgemm = types.ExternalFunction(_SGEMM_SYMBOL, _GEMM_SIGNATURE)
+_dgemm = types.ExternalFunction(_DGEMM_SYMBOL, _GEMM_SIGNATURE)
+_gemm_provider: str | None = None
+
+
+def bind_gemm(provider: str, sgemm_address: int, dgemm_address: int) -> None:
+    """Route every kernel GEMM to the Fortran ``sgemm``/``dgemm`` at these addresses.
+
+    Must happen before the first kernel runs (linked code keeps the address it
+    found); binding the same provider again is a no-op.
+    """
+    global _gemm_provider
+    if _gemm_provider == provider:
+        return
+    if _gemm_provider is not None:
+        raise RuntimeError(
+            f"kernel GEMMs are already bound to {_gemm_provider!r}; "
+            f"cannot rebind to {provider!r} in the same process"
+        )
+    llvm.add_symbol(_SGEMM_SYMBOL, sgemm_address)
+    llvm.add_symbol(_DGEMM_SYMBOL, dgemm_address)
+    _gemm_provider = provider
+
+
+def gemm_provider() -> str:
+    """The BLAS the kernels call; binds scipy's (always present) if none was chosen."""
+    if _gemm_provider is None:
+        bind_gemm(
+            "scipy-openblas",
+            get_cython_function_address("scipy.linalg.cython_blas", "sgemm"),
+            get_cython_function_address("scipy.linalg.cython_blas", "dgemm"),
+        )
+    return _gemm_provider  # type: ignore[return-value]
+
+
+def gemm_address_from_library(path: str) -> tuple[int, int] | None:
+    """Addresses of ``sgemm_``/``dgemm_`` exported by a shared library, or None."""
+    try:
+        library = ctypes.CDLL(path)
+        return (
+            ctypes.cast(library.sgemm_, ctypes.c_void_p).value,
+            ctypes.cast(library.dgemm_, ctypes.c_void_p).value,
+        )
+    except (OSError, AttributeError):
+        return None
+
+
+@intrinsic
+def _data_pointer(typingctx, array):
+    """Address of an array's first element, as the ``void*`` BLAS expects."""
+
+    def codegen(context, builder, signature, args):
+        view = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.bitcast(view.data, cgutils.voidptr_t)
+
+    return types.voidptr(array), codegen
+
+
+@intrinsic
+def _by_reference(typingctx, value):
+    """Pointer to a stack copy of a scalar: Fortran takes every argument by reference."""
+
+    def codegen(context, builder, signature, args):
+        slot = cgutils.alloca_once_value(builder, args[0])
+        return builder.bitcast(slot, cgutils.voidptr_t)
+
+    return types.voidptr(value), codegen
+
+
+@njit(cache=True)
+def _gemm(transpose_a, transpose_b, alpha, a, b, beta, c):
+    """Row-major ``c ← alpha·op(a)·op(b) + beta·c`` on C-contiguous arrays.
+
+    A row-major matrix is the column-major view of its transpose, so this asks
+    column-major BLAS for ``cᵀ = op(b)ᵀ op(a)ᵀ``: the operands swap, the flags don't.
+    """
+    m, n = c.shape
+    k = a.shape[0] if transpose_a else a.shape[1]
+    if m == 0 or n == 0:
+        return
+    flag_a = np.uint8(84 if transpose_a else 78)  # 'T' or 'N'
+    flag_b = np.uint8(84 if transpose_b else 78)
+    dims = (
+        _by_reference(np.int32(n)),
+        _by_reference(np.int32(m)),
+        _by_reference(np.int32(k)),
+    )
+    lda = _by_reference(np.int32(max(a.shape[1], 1)))
+    ldb = _by_reference(np.int32(max(b.shape[1], 1)))
+    ldc = _by_reference(np.int32(n))
+    flags = (_by_reference(flag_b), _by_reference(flag_a))
+    pa, pb, pc = _data_pointer(a), _data_pointer(b), _data_pointer(c)
+    if c.itemsize == 4:  # float32; the launchers admit only float32 and float64
+        scale, shift = _by_reference(np.float32(alpha)), _by_reference(np.float32(beta))
+        _sgemm(*flags, *dims, scale, pb, ldb, pa, lda, shift, pc, ldc)
+    else:
+        scale, shift = _by_reference(np.float64(alpha)), _by_reference(np.float64(beta))
+        _dgemm(*flags, *dims, scale, pb, ldb, pa, lda, shift, pc, ldc)
+
+
+# ---------------------------------------------------------------------------
+# Fused element-wise passes
+# ---------------------------------------------------------------------------
+@njit(inline="always")
+def _activate(z, activation, zero, one):
+    if activation == RELU:
+        return zero if z < zero else z  # NaN < 0 is False: NaN stays NaN, as in torch
+    if activation == SIGMOID:
+        return one / (one + np.exp(-z))
+    if activation == TANH:
+        return np.tanh(z)
+    return z
+
+
+@njit(inline="always")
+def _delta(g, a, activation, zero, one):
+    if activation == RELU:
+        return zero if a <= zero else g  # a select, as torch's threshold_backward
+    if activation == SIGMOID:
+        return g * (one - a) * a
+    if activation == TANH:
+        return g * (one - a * a)
+    return g
+
+
+@njit(inline="always")
+def _bias_act_row(row, bias, activation):
+    zero, one = row.dtype.type(0), row.dtype.type(1)
+    has_bias = bias.shape[0] > 0
+    for j in range(row.shape[0]):
+        z = row[j] + bias[j] if has_bias else row[j]
+        row[j] = _activate(z, activation, zero, one)
+
+
+@njit(cache=True)
+def _bias_act_serial(z, bias, activation):
+    for i in range(z.shape[0]):
+        _bias_act_row(z[i], bias, activation)
+
+
+@njit(cache=True, parallel=True)
+def _bias_act_parallel(z, bias, activation):
+    for i in prange(z.shape[0]):
+        _bias_act_row(z[i], bias, activation)
+
+
+@njit(cache=True)
+def _bias_act(z, bias, activation):
+    """``z ← act(z + b)`` in place."""
+    if activation == IDENTITY and bias.shape[0] == 0:
+        return
+    if z.size >= PARALLEL_MIN_ELEMENTS:
+        _bias_act_parallel(z, bias, activation)
+    else:
+        _bias_act_serial(z, bias, activation)
+
+
+@njit(inline="always")
+def _delta_columns(g, a, activation, delta, grad_bias, start, stop):
+    """δ and Σ_batch δ for columns [start, stop); the sum runs in float64."""
+    zero, one = a.dtype.type(0), a.dtype.type(1)
+    wants_bias = grad_bias.shape[0] > 0
+    column_sums = np.zeros(stop - start)
+    for i in range(g.shape[0]):
+        for j in range(start, stop):
+            d = _delta(g[i, j], a[i, j], activation, zero, one)
+            delta[i, j] = d
+            if wants_bias:
+                column_sums[j - start] += d
+    if wants_bias:
+        for j in range(start, stop):
+            grad_bias[j] = column_sums[j - start]
+
+
+@njit(cache=True, parallel=True)
+def _delta_parallel(g, a, activation, delta, grad_bias):
+    width = g.shape[1]
+    block = 64
+    for b in prange((width + block - 1) // block):
+        _delta_columns(g, a, activation, delta, grad_bias, b * block, min(width, (b + 1) * block))
+
+
+@njit(cache=True)
+def _delta_and_bias_grad(g, a, activation, delta, grad_bias):
+    """``δ = g ⊙ act'(a)`` (may alias g) and, when ``grad_bias`` is non-empty, ``Σ_batch δ``."""
+    if g.size >= PARALLEL_MIN_ELEMENTS:
+        _delta_parallel(g, a, activation, delta, grad_bias)
+    else:
+        _delta_columns(g, a, activation, delta, grad_bias, 0, g.shape[1])
+
+
+# ---------------------------------------------------------------------------
+# Layer and network kernels
+# ---------------------------------------------------------------------------
+@njit(cache=True)
+def _layer_forward(x, weight, bias, activation, out):
+    _gemm(False, True, 1.0, x, weight, 0.0, out)  # z = x Wᵀ
+    _bias_act(out, bias, activation)
+
+
+@njit(cache=True)
+def _layer_backward(g, x, weight, out, activation, delta, grad_weight, grad_bias, grad_input):
+    """Gradients of one layer; ``grad_input`` with zero rows means "not needed"."""
+    _delta_and_bias_grad(g, out, activation, delta, grad_bias)
+    _gemm(True, False, 1.0, delta, x, 0.0, grad_weight)  # ∂W = δᵀ x
+    if grad_input.shape[0] > 0:
+        _gemm(False, False, 1.0, delta, weight, 0.0, grad_input)  # ∂x = δ W
+
+
+@njit(cache=True)
+def _mlp_forward(x, weights, biases, activations, outputs):
+    for layer in range(len(weights)):
+        source = x if layer == 0 else outputs[layer - 1]
+        _layer_forward(source, weights[layer], biases[layer], activations[layer], outputs[layer])
+
+
+@njit(cache=True)
+def _mlp_backward(g, x, weights, activations, outputs, deltas, grad_weights, grad_biases, grad_x):
+    top = len(weights) - 1
+    for layer in range(top, -1, -1):
+        # Layer l+1 wrote ∂L/∂aₗ into deltas[l]; δ is then computed in place.
+        upstream = g if layer == top else deltas[layer]
+        source = x if layer == 0 else outputs[layer - 1]
+        grad_source = grad_x if layer == 0 else deltas[layer - 1]
+        _layer_backward(
+            upstream,
+            source,
+            weights[layer],
+            outputs[layer],
+            activations[layer],
+            deltas[layer],
+            grad_weights[layer],
+            grad_biases[layer],
+            grad_source,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Launchers: check, allocate, launch
+# ---------------------------------------------------------------------------
+def _matrix(name: str, array: np.ndarray, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """A C-contiguous view of ``array`` after checking dtype and shape (None matches any)."""
+    if array.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {array.dtype}")
+    if array.ndim != len(shape) or any(
+        want is not None and got != want for got, want in zip(array.shape, shape, strict=True)
+    ):
+        want = ", ".join("*" if n is None else str(n) for n in shape)
+        raise ValueError(f"{name} must have shape ({want}), got {tuple(array.shape)}")
+    return np.ascontiguousarray(array)
+
+
+def _dtype_of(x: np.ndarray) -> np.dtype:
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must be float32 or float64, got {x.dtype}")
+    return x.dtype
+
+
+def _activation_code(activation: str) -> int:
+    try:
+        return ACTIVATION_CODES[activation]
+    except KeyError:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}") from None
+
+
+def _checked_layers(x, weights, biases, activations):
+    """Contiguous, shape-checked (x, weights, biases, activation codes) for a chain of layers."""
+    dtype = _dtype_of(x)
+    if not len(weights) == len(biases) == len(activations) > 0:
+        raise ValueError(
+            "weights, biases and activations must have one entry per layer, got "
+            f"{len(weights)}, {len(biases)} and {len(activations)}"
+        )
+    x = _matrix("x", x, dtype, (None, None))
+    width = x.shape[1]
+    checked_weights, checked_biases = [], []
+    for layer, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+        weight = _matrix(f"weights[{layer}]", weight, dtype, (None, width))
+        width = weight.shape[0]
+        checked_weights.append(weight)
+        checked_biases.append(
+            np.empty(0, dtype)
+            if bias is None
+            else _matrix(f"biases[{layer}]", bias, dtype, (width,))
+        )
+    codes = np.array([_activation_code(a) for a in activations], dtype=np.int64)
+    return x, tuple(checked_weights), tuple(checked_biases), codes
+
+
+def mlp_forward(x, weights, biases, activations) -> list[np.ndarray]:
+    """Outputs ``[a₁, …, a_L]`` of every layer in one kernel call (``reference.mlp_forward``)."""
+    gemm_provider()
+    x, weights, biases, codes = _checked_layers(x, weights, biases, activations)
+    outputs = tuple(np.empty((x.shape[0], w.shape[0]), x.dtype) for w in weights)
+    _mlp_forward(x, weights, biases, codes, outputs)
+    return list(outputs)
+
+
+def _backward(g, x, weights, has_bias, activations, outputs, needs_input_grad):
+    gemm_provider()
+    x, weights, _, codes = _checked_layers(x, weights, [None] * len(weights), activations)
+    dtype, batch = x.dtype, x.shape[0]
+    outputs = tuple(
+        _matrix(f"outputs[{layer}]", a, dtype, (batch, w.shape[0]))
+        for layer, (w, a) in enumerate(zip(weights, outputs, strict=True))
+    )
+    g = _matrix("g", g, dtype, outputs[-1].shape)
+    deltas = tuple(np.empty_like(a) for a in outputs)
+    grad_weights = tuple(np.empty_like(w) for w in weights)
+    grad_biases = tuple(
+        np.empty(w.shape[0] if wants else 0, dtype)
+        for w, wants in zip(weights, has_bias, strict=True)
+    )
+    grad_x = np.empty(x.shape if needs_input_grad else (0, x.shape[1]), dtype)
+    _mlp_backward(g, x, weights, codes, outputs, deltas, grad_weights, grad_biases, grad_x)
+    return (
+        grad_x if needs_input_grad else None,
+        list(grad_weights),
+        [gb if wants else None for gb, wants in zip(grad_biases, has_bias, strict=True)],
+    )
+
+
+def mlp_backward(
+    g, x, weights, biases, activations, outputs, needs_input_grad=True
+) -> tuple[np.ndarray | None, list[np.ndarray], list[np.ndarray | None]]:
+    """``(∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ])`` in one kernel call (see ``reference.mlp_backward``).
+
+    ``biases`` only says which layers have one (None or not).
+    """
+    has_bias = [b is not None for b in biases]
+    return _backward(g, x, weights, has_bias, activations, outputs, needs_input_grad)
+
+
+def linear_act_forward(x, weight, bias, activation) -> np.ndarray:
+    """``act(x Wᵀ + b)`` (see ``reference.linear_act_forward``)."""
+    gemm_provider()
+    x, (weight,), (bias,), (code,) = _checked_layers(x, [weight], [bias], [activation])
+    out = np.empty((x.shape[0], weight.shape[0]), x.dtype)
+    _layer_forward(x, weight, bias, code, out)
+    return out
+
+
+def linear_act_backward(
+    g, x, weight, a, activation, has_bias=True, needs_input_grad=True
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """``(∂L/∂x, ∂L/∂W, ∂L/∂b)`` of one layer (see ``reference.linear_act_backward``)."""
+    grad_x, (grad_weight,), (grad_bias,) = _backward(
+        g, x, [weight], [has_bias], [activation], [a], needs_input_grad
+    )
+    return grad_x, grad_weight, grad_bias
