@@ -1,0 +1,55 @@
+"""The activations fastbp knows: one table for every backend.
+
+Each entry ties a name to the code the kernels switch on, the native torch
+function (the "torch" backend) and the ``torch.nn`` module that stands for it
+in an ``nn.Sequential`` (for ``MLP.from_torch`` / ``to_torch``). The
+derivatives, taken from the saved output, live with the kernels
+(``fastbp.kernels.reference`` writes them out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .kernels.cpu import ACTIVATION_CODES
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    code: int
+    function: Callable[[torch.Tensor], torch.Tensor]
+    module: type[nn.Module] | None  # None: no module (identity)
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("identity", ACTIVATION_CODES["identity"], lambda z: z, None),
+        Activation("relu", ACTIVATION_CODES["relu"], torch.relu, nn.ReLU),
+        Activation("sigmoid", ACTIVATION_CODES["sigmoid"], torch.sigmoid, nn.Sigmoid),
+        Activation("tanh", ACTIVATION_CODES["tanh"], torch.tanh, nn.Tanh),
+    )
+}
+
+
+def get(name: str, argument: str = "activation") -> Activation:
+    """The table entry for ``name``; a ``ValueError`` listing the valid names otherwise."""
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"{argument} must be one of {tuple(ACTIVATIONS)}, got {name!r}") from None
+
+
+def from_module(module: nn.Module) -> Activation | None:
+    """The activation an ``nn.Module`` computes, or None if it is not one fastbp knows."""
+    for activation in ACTIVATIONS.values():
+        if activation.module is not None and type(module) is activation.module:
+            return activation
+    if type(module) is nn.Identity:
+        return ACTIVATIONS["identity"]
+    return None

@@ -1,0 +1,100 @@
+"""One thread policy for the thread pools that meet in a fastbp process.
+
+A fastbp process holds up to four pools: torch's OpenMP pool (which also runs
+torch's MKL), numba's pool for ``prange`` loops, and the OpenBLAS pthread
+pools that numpy and scipy each bring. Each pool's idle threads spin for a
+while before sleeping, so when work alternates between pools they steal the
+cores from each other. Measured on 2 cores, a numba kernel whose GEMMs went
+through scipy's OpenBLAS, alternating with torch ops, ran 48× slower per step
+than the two alone (``benchmarks/thread_policy.py`` reproduces it).
+
+The policy, applied once before the first kernel runs:
+
+1. GEMMs run on torch's own BLAS: the kernels call the ``sgemm_``/``dgemm_``
+   that ``libtorch_cpu`` exports (MKL on x86-64 builds), so fastbp's GEMMs and
+   torch's share one pool and one thread count, ``torch.get_num_threads()``.
+2. Where torch exports no BLAS, the kernels fall back to scipy's OpenBLAS,
+   limited to one thread (threadpoolctl) so that it never spins against torch.
+3. numba's pool uses a thread-safe layer (``omp`` or ``tbb``; ``workqueue``
+   cannot serve concurrent calls) and at most torch's thread count. The fused
+   element-wise passes only wake it above ``kernels.cpu.PARALLEL_MIN_ELEMENTS``.
+
+``FASTBP_THREAD_POLICY=off`` skips all of it (kernels then use scipy's BLAS
+with default threads): that is the "before" of the benchmark, not a mode to run in.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numba
+import torch
+from threadpoolctl import threadpool_limits
+
+from .kernels import cpu
+
+_applied: dict | None = None
+
+
+def _torch_cpu_library() -> str:
+    suffix = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
+    prefix = "" if sys.platform == "win32" else "lib"
+    return os.path.join(os.path.dirname(torch.__file__), "lib", f"{prefix}torch_cpu{suffix}")
+
+
+def _bind_gemm() -> str:
+    addresses = cpu.gemm_address_from_library(_torch_cpu_library())
+    if addresses is not None:
+        cpu.bind_gemm("torch-blas", *addresses)
+        return cpu.gemm_provider()
+    provider = cpu.gemm_provider()
+    threadpool_limits(1, user_api="blas")
+    return provider
+
+
+def _configure_numba(num_threads: int) -> int:
+    if numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER = "threadsafe"
+    numba.set_num_threads(min(num_threads, numba.config.NUMBA_NUM_THREADS))
+    return numba.get_num_threads()
+
+
+def ensure_policy() -> None:
+    """Apply the policy if it has not been; cheap enough to call before every launch."""
+    if _applied is None:
+        apply_policy()
+
+
+def apply_policy() -> dict:
+    """Apply the thread policy now (idempotent) and return what is in force."""
+    global _applied
+    if os.environ.get("FASTBP_THREAD_POLICY", "on").lower() in {"off", "0", "false"}:
+        _applied = {"policy": "off", "gemm": cpu.gemm_provider()}
+        return _applied
+    torch_threads = torch.get_num_threads()
+    _applied = {
+        "policy": "on",
+        "gemm": _bind_gemm(),
+        "torch_threads": torch_threads,
+        "numba_threads": _configure_numba(torch_threads),
+    }
+    _applied["numba_threading_layer"] = numba.threading_layer()
+    return _applied
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Use ``num_threads`` for torch (and so its BLAS) and numba together."""
+    if not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+    torch.set_num_threads(num_threads)
+    ensure_policy()
+    if _applied["policy"] == "on":
+        _applied["torch_threads"] = num_threads
+        _applied["numba_threads"] = _configure_numba(num_threads)
+
+
+def describe() -> dict:
+    """The policy in force, applying it first (for ``fastbp info``)."""
+    ensure_policy()
+    return dict(_applied)
