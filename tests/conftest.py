@@ -1,0 +1,55 @@
+"""Shared helpers: seeded networks and the error measure the accuracy tests use."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-slow", action="store_true", help="also run long property runs (marker 'slow')"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="long run: opt in with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_network(sizes, batch, bias=True, dtype=torch.float64, seed=0, scale=1.0):
+    """Seeded (x, weights, biases, grad_output) for an MLP of widths ``sizes``.
+
+    Weights follow nn.Linear's init scale, so activations stay O(1) at any width.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape, bound):
+        return (torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+
+    x = torch.randn(batch, sizes[0], generator=generator, dtype=torch.float64) * scale
+    weights, biases = [], []
+    flags = bias if isinstance(bias, (list, tuple)) else [bias] * (len(sizes) - 1)
+    for fan_in, fan_out, has_bias in zip(sizes[:-1], sizes[1:], flags, strict=True):
+        bound = 1 / math.sqrt(fan_in)
+        weights.append(uniform(fan_out, fan_in, bound=bound))
+        biases.append(uniform(fan_out, bound=bound) if has_bias else None)
+    grad_output = torch.randn(batch, sizes[-1], generator=generator, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(x), [cast(w) for w in weights], [cast(b) for b in biases], cast(grad_output)
+
+
+def max_abs_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference, NaN-aware: a NaN where the reference has none is infinite."""
+    value, reference = value.double(), reference.double()
+    mismatch = torch.isnan(value) != torch.isnan(reference)
+    if mismatch.any():
+        return math.inf
+    both = ~torch.isnan(reference)
+    return (value[both] - reference[both]).abs().max().item() if both.any() else 0.0

@@ -1,0 +1,110 @@
+"""fastbp.nn: nn.Linear's layout and init, round trips with nn.Sequential, lazy compilation."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fastbp
+
+
+def test_linear_initialises_exactly_like_nn_linear():
+    torch.manual_seed(0)
+    ours = fastbp.nn.Linear(7, 3)
+    torch.manual_seed(0)
+    theirs = nn.Linear(7, 3)
+    assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
+
+
+def test_mlp_matches_the_sequential_it_replaces():
+    torch.manual_seed(1)
+    ours = fastbp.nn.MLP([20, 13, 8, 3], activation=["relu", "sigmoid"], bias=[False, False, True])
+    torch.manual_seed(1)
+    theirs = nn.Sequential(
+        nn.Linear(20, 13, bias=False), nn.ReLU(), nn.Linear(13, 8, bias=False), nn.Sigmoid(),
+        nn.Linear(8, 3),
+    )  # fmt: skip
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for (name, mine), (_, reference) in zip(
+        ours.state_dict().items(), theirs.state_dict().items(), strict=True
+    ):
+        assert torch.equal(mine, reference), name
+    ours.load_state_dict(theirs.state_dict())  # a checkpoint of the Sequential loads as is
+    x = torch.randn(5, 20)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_trip_with_torch_is_exact(dtype):
+    sequential = nn.Sequential(
+        nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 2),
+        nn.Sigmoid(),
+    ).to(dtype)  # fmt: skip
+    mlp = fastbp.nn.MLP.from_torch(sequential, backend="torch")
+    assert mlp.activations == ("tanh", "relu", "sigmoid")
+    back = mlp.to_torch()
+    assert [type(m) for m in back] == [type(m) for m in sequential]
+    for mine, reference in zip(back.parameters(), sequential.parameters(), strict=True):
+        assert mine.dtype == dtype and torch.equal(mine, reference)
+    x = torch.randn(3, 6, dtype=dtype)
+    assert torch.equal(mlp(x), sequential(x))
+    assert torch.equal(back(x), sequential(x))
+
+
+@pytest.mark.parametrize(
+    "modules, message",
+    [
+        ([nn.ReLU()], "sequential\\[0\\] is ReLU"),
+        ([nn.Linear(2, 2), nn.GELU()], "sequential\\[1\\] is GELU"),
+        ([nn.Linear(2, 2), nn.ReLU(), nn.Tanh()], "sequential\\[2\\] is Tanh"),
+        ([], "at least one nn.Linear"),
+    ],
+)
+def test_from_torch_rejects_what_it_cannot_run(modules, message):
+    with pytest.raises(ValueError, match=message):
+        fastbp.nn.MLP.from_torch(nn.Sequential(*modules))
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(sizes=[10]), "at least \\[in, out\\]"),
+        (dict(sizes=[10, 0]), "sizes\\[1\\] must be a positive int, got 0"),
+        (dict(sizes=[4, 3, 2], activation=["relu", "tanh"]), "activation must be one value or 1"),
+        (dict(sizes=[4, 2], output_activation="softmax"), "activation must be one of"),
+        (dict(sizes=[4, 2], backend="jax"), "backend must be one of"),
+    ],
+)
+def test_mlp_rejects_bad_arguments(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        fastbp.nn.MLP(**arguments)
+
+
+def test_mlp_trains_like_the_sequential_with_torch_optim():
+    torch.manual_seed(2)
+    theirs = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    ours = fastbp.nn.MLP.from_torch(theirs, backend="numba")
+    x, y = torch.randn(32, 10), torch.randn(32, 3)
+    for model in (ours, theirs):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(5):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+    for mine, reference in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(mine, reference)
+
+
+def test_import_compiles_no_kernel_and_the_readme_example_runs():
+    script = (
+        "import fastbp, torch, numba.core.registry as r\n"
+        "from fastbp.kernels import cpu\n"
+        "compiled = [f for f in vars(cpu).values() if hasattr(f, 'signatures') and f.signatures]\n"
+        "assert not compiled, compiled\n"
+        "m = fastbp.nn.MLP([1000, 100, 10], bias=False)\n"
+        "m(torch.randn(64, 1000)).sum().backward()\n"
+        "assert all(p.grad is not None for p in m.parameters())\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
