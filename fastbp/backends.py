@@ -31,7 +31,6 @@ class Implementation:
     name: str
     run: Runner
     description: str
-    devices: tuple[str, ...] = ("cpu",)
 
 
 def _with_autograd(forward: Callable[..., torch.Tensor]) -> Runner:
@@ -94,7 +93,6 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             "torch-eager",
             _with_autograd(_layer_by_layer("torch")),
             "native torch ops under torch autograd (the baseline)",
-            ("cpu", "cuda"),
         ),
         Implementation(
             "fastbp-numba",
