@@ -7,6 +7,15 @@ import math
 import pytest
 import torch
 
+import fastbp
+
+
+def pytest_sessionstart(session):
+    # Tests that call fastbp.kernels directly must run with the GEMM binding users
+    # get (torch's BLAS). A process that binds scipy's BLAS while loading a cache
+    # written under torch's segfaults: a known, still-open bug (see the issue note).
+    fastbp.threads.ensure_policy()
+
 
 def pytest_addoption(parser):
     parser.addoption(
