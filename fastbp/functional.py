@@ -77,10 +77,15 @@ def _check_layer(x: torch.Tensor, in_features: int, weight, bias, index: str = "
     return weight.shape[0]
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+def check_backend(backend: str) -> str:
+    """``backend`` if it is a known name; a ``ValueError`` listing the valid ones otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    return backend
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if check_backend(backend) == "torch":
         return backend
     if x.device.type != "cpu":
         raise ValueError(

@@ -49,7 +49,7 @@ class Linear(nn.Module):
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         self.activation = _activations.get(activation).name
-        self.backend = _check_backend(backend)
+        self.backend = F.check_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
@@ -67,12 +67,6 @@ class Linear(nn.Module):
             f"bias={self.bias is not None}, activation={self.activation!r}, "
             f"backend={self.backend!r}"
         )
-
-
-def _check_backend(backend: str) -> str:
-    if backend not in F.BACKENDS:
-        raise ValueError(f"backend must be one of {F.BACKENDS}, got {backend!r}")
-    return backend
 
 
 def _per_layer(name: str, value, count: int) -> list:
@@ -119,7 +113,7 @@ class MLP(nn.Module):
         hidden = _per_layer("activation", activation, num_layers - 1)
         names = [_activations.get(a).name for a in [*hidden, output_activation]]
         biases = _per_layer("bias", bias, num_layers)
-        self.backend = _check_backend(backend)
+        self.backend = F.check_backend(backend)
         self.activations = tuple(names)
         self._linear_names = []
         for layer, name in enumerate(names):
