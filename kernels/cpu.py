@@ -13,10 +13,11 @@ A whole network runs every layer in one call: ``mlp_forward`` keeps each
 layer's output (backward's only saved state), ``mlp_backward`` writes
 ``∂L/∂aₗ₋₁ = δₗ Wₗ`` straight into layer l−1's δ buffer and turns it into δ in place.
 
-GEMMs go to a Fortran BLAS ``?gemm`` bound by address (see ``bind_gemm``),
-because numba's own ``np.dot`` is ~1.8× slower on these shapes and, through
-scipy's OpenBLAS, brings a thread pool that fights torch's. The symbol is
-resolved when a kernel is linked, not baked into it, so ``cache=True`` holds.
+GEMMs go to a Fortran BLAS ``?gemm`` chosen by ``bind_gemm``, because numba's
+own ``np.dot`` is ~1.8× slower on these shapes and, through scipy's OpenBLAS,
+brings a thread pool that fights torch's. Its address is an argument of every
+kernel, never a constant or a linked symbol, so a ``cache=True`` kernel compiled
+in a process that used one BLAS runs safely in a process that uses another.
 Every kernel here compiles on first use, never at import.
 
 Contracts of the launchers (same as ``reference.py``): float32 or float64
@@ -28,8 +29,9 @@ from __future__ import annotations
 
 import ctypes
 
-import llvmlite.binding as llvm
+import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
@@ -46,43 +48,43 @@ DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
 # ---------------------------------------------------------------------------
-# GEMM: a Fortran BLAS ?gemm, resolved by symbol name at link time.
+# GEMM: a Fortran BLAS ?gemm, called through an address passed at run time.
 # ---------------------------------------------------------------------------
-_SGEMM_SYMBOL, _DGEMM_SYMBOL = "fastbp_sgemm", "fastbp_dgemm"
-_GEMM_SIGNATURE = types.void(*[types.voidptr] * 13)  # every Fortran argument is by reference
-_sgemm = types.ExternalFunction(_SGEMM_SYMBOL, _GEMM_SIGNATURE)
-_dgemm = types.ExternalFunction(_DGEMM_SYMBOL, _GEMM_SIGNATURE)
-_gemm_provider: str | None = None
+_gemm_binding: tuple[str, int, int] | None = None  # (provider, sgemm address, dgemm address)
 
 
 def bind_gemm(provider: str, sgemm_address: int, dgemm_address: int) -> None:
     """Route every kernel GEMM to the Fortran ``sgemm``/``dgemm`` at these addresses.
 
-    Must happen before the first kernel runs (linked code keeps the address it
-    found); binding the same provider again is a no-op.
+    The address travels into each kernel call as an argument, so rebinding takes
+    effect on the next call and cached kernels never depend on the provider.
     """
-    global _gemm_provider
-    if _gemm_provider == provider:
-        return
-    if _gemm_provider is not None:
-        raise RuntimeError(
-            f"kernel GEMMs are already bound to {_gemm_provider!r}; "
-            f"cannot rebind to {provider!r} in the same process"
-        )
-    llvm.add_symbol(_SGEMM_SYMBOL, sgemm_address)
-    llvm.add_symbol(_DGEMM_SYMBOL, dgemm_address)
-    _gemm_provider = provider
+    global _gemm_binding
+    _gemm_binding = (provider, sgemm_address, dgemm_address)
 
 
 def gemm_provider() -> str:
     """The BLAS the kernels call; binds scipy's (always present) if none was chosen."""
-    if _gemm_provider is None:
+    if _gemm_binding is None:
         bind_gemm(
             "scipy-openblas",
             get_cython_function_address("scipy.linalg.cython_blas", "sgemm"),
             get_cython_function_address("scipy.linalg.cython_blas", "dgemm"),
         )
-    return _gemm_provider  # type: ignore[return-value]
+    return _gemm_binding[0]  # type: ignore[index]
+
+
+def _prepare_launch(dtype: np.dtype) -> int:
+    """The ``gemm`` address every kernel takes, after making the kernels safe to run.
+
+    A cached kernel that calls a ``parallel=True`` one segfaults if numba's
+    thread pool was never started (numba/numba#8578): only compiling, not
+    loading from the cache, starts it. ``get_num_threads`` starts it.
+    """
+    numba.get_num_threads()
+    gemm_provider()
+    _, sgemm_address, dgemm_address = _gemm_binding  # type: ignore[misc]
+    return sgemm_address if dtype == np.float32 else dgemm_address
 
 
 def gemm_address_from_library(path: str) -> tuple[int, int] | None:
@@ -95,6 +97,22 @@ def gemm_address_from_library(path: str) -> tuple[int, int] | None:
         )
     except (OSError, AttributeError):
         return None
+
+
+@intrinsic
+def _call_fortran_gemm(
+    typingctx, address, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc
+):
+    """Call the ``?gemm`` at ``address``; every Fortran argument is a pointer."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        function_type = ir.FunctionType(ir.VoidType(), [cgutils.voidptr_t] * 13)
+        builder.call(builder.inttoptr(args[0], function_type.as_pointer()), args[1:])
+        return context.get_dummy_value()
+
+    return types.void(address, *[types.voidptr] * 13), codegen
 
 
 @intrinsic
@@ -120,8 +138,8 @@ def _by_reference(typingctx, value):
 
 
 @njit(cache=True)
-def _gemm(transpose_a, transpose_b, alpha, a, b, beta, c):
-    """Row-major ``c ← alpha·op(a)·op(b) + beta·c`` on C-contiguous arrays.
+def _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c):
+    """Row-major ``c ← alpha·op(a)·op(b) + beta·c`` on C-contiguous arrays, by ``gemm``.
 
     A row-major matrix is the column-major view of its transpose, so this asks
     column-major BLAS for ``cᵀ = op(b)ᵀ op(a)ᵀ``: the operands swap, the flags don't.
@@ -144,10 +162,9 @@ def _gemm(transpose_a, transpose_b, alpha, a, b, beta, c):
     pa, pb, pc = _data_pointer(a), _data_pointer(b), _data_pointer(c)
     if c.itemsize == 4:  # float32; the launchers admit only float32 and float64
         scale, shift = _by_reference(np.float32(alpha)), _by_reference(np.float32(beta))
-        _sgemm(*flags, *dims, scale, pb, ldb, pa, lda, shift, pc, ldc)
     else:
         scale, shift = _by_reference(np.float64(alpha)), _by_reference(np.float64(beta))
-        _dgemm(*flags, *dims, scale, pb, ldb, pa, lda, shift, pc, ldc)
+    _call_fortran_gemm(gemm, *flags, *dims, scale, pb, ldb, pa, lda, shift, pc, ldc)
 
 
 # ---------------------------------------------------------------------------
@@ -245,29 +262,33 @@ def _delta_and_bias_grad(g, a, activation, delta, grad_bias):
 # Layer and network kernels
 # ---------------------------------------------------------------------------
 @njit(cache=True)
-def _layer_forward(x, weight, bias, activation, out):
-    _gemm(False, True, 1.0, x, weight, 0.0, out)  # z = x Wᵀ
+def _layer_forward(gemm, x, weight, bias, activation, out):
+    _gemm(gemm, False, True, 1.0, x, weight, 0.0, out)  # z = x Wᵀ
     _bias_act(out, bias, activation)
 
 
 @njit(cache=True)
-def _layer_backward(g, x, weight, out, activation, delta, grad_weight, grad_bias, grad_input):
+def _layer_backward(gemm, g, x, weight, out, activation, delta, grad_weight, grad_bias, grad_input):
     """Gradients of one layer; ``grad_input`` with zero rows means "not needed"."""
     _delta_and_bias_grad(g, out, activation, delta, grad_bias)
-    _gemm(True, False, 1.0, delta, x, 0.0, grad_weight)  # ∂W = δᵀ x
+    _gemm(gemm, True, False, 1.0, delta, x, 0.0, grad_weight)  # ∂W = δᵀ x
     if grad_input.shape[0] > 0:
-        _gemm(False, False, 1.0, delta, weight, 0.0, grad_input)  # ∂x = δ W
+        _gemm(gemm, False, False, 1.0, delta, weight, 0.0, grad_input)  # ∂x = δ W
 
 
 @njit(cache=True)
-def _mlp_forward(x, weights, biases, activations, outputs):
+def _mlp_forward(gemm, x, weights, biases, activations, outputs):
     for layer in range(len(weights)):
         source = x if layer == 0 else outputs[layer - 1]
-        _layer_forward(source, weights[layer], biases[layer], activations[layer], outputs[layer])
+        _layer_forward(
+            gemm, source, weights[layer], biases[layer], activations[layer], outputs[layer]
+        )
 
 
 @njit(cache=True)
-def _mlp_backward(g, x, weights, activations, outputs, deltas, grad_weights, grad_biases, grad_x):
+def _mlp_backward(
+    gemm, g, x, weights, activations, outputs, deltas, grad_weights, grad_biases, grad_x
+):
     top = len(weights) - 1
     for layer in range(top, -1, -1):
         # Layer l+1 wrote ∂L/∂aₗ into deltas[l]; δ is then computed in place.
@@ -275,6 +296,7 @@ def _mlp_backward(g, x, weights, activations, outputs, deltas, grad_weights, gra
         source = x if layer == 0 else outputs[layer - 1]
         grad_source = grad_x if layer == 0 else deltas[layer - 1]
         _layer_backward(
+            gemm,
             upstream,
             source,
             weights[layer],
@@ -341,15 +363,13 @@ def _checked_layers(x, weights, biases, activations):
 
 def mlp_forward(x, weights, biases, activations) -> list[np.ndarray]:
     """Outputs ``[a₁, …, a_L]`` of every layer in one kernel call (``reference.mlp_forward``)."""
-    gemm_provider()
     x, weights, biases, codes = _checked_layers(x, weights, biases, activations)
     outputs = tuple(np.empty((x.shape[0], w.shape[0]), x.dtype) for w in weights)
-    _mlp_forward(x, weights, biases, codes, outputs)
+    _mlp_forward(_prepare_launch(x.dtype), x, weights, biases, codes, outputs)
     return list(outputs)
 
 
 def _backward(g, x, weights, has_bias, activations, outputs, needs_input_grad):
-    gemm_provider()
     x, weights, _, codes = _checked_layers(x, weights, [None] * len(weights), activations)
     dtype, batch = x.dtype, x.shape[0]
     outputs = tuple(
@@ -364,7 +384,18 @@ def _backward(g, x, weights, has_bias, activations, outputs, needs_input_grad):
         for w, wants in zip(weights, has_bias, strict=True)
     )
     grad_x = np.empty(x.shape if needs_input_grad else (0, x.shape[1]), dtype)
-    _mlp_backward(g, x, weights, codes, outputs, deltas, grad_weights, grad_biases, grad_x)
+    _mlp_backward(
+        _prepare_launch(dtype),
+        g,
+        x,
+        weights,
+        codes,
+        outputs,
+        deltas,
+        grad_weights,
+        grad_biases,
+        grad_x,
+    )
     return (
         grad_x if needs_input_grad else None,
         list(grad_weights),
@@ -385,10 +416,9 @@ def mlp_backward(
 
 def linear_act_forward(x, weight, bias, activation) -> np.ndarray:
     """``act(x Wᵀ + b)`` (see ``reference.linear_act_forward``)."""
-    gemm_provider()
     x, (weight,), (bias,), (code,) = _checked_layers(x, [weight], [bias], [activation])
     out = np.empty((x.shape[0], weight.shape[0]), x.dtype)
-    _layer_forward(x, weight, bias, code, out)
+    _layer_forward(_prepare_launch(x.dtype), x, weight, bias, code, out)
     return out
 
 
