@@ -1,10 +1,10 @@
 """The activations fastbp knows: one table for every backend.
 
 Each entry ties a name to the code the kernels switch on, the native torch
-function (the "torch" backend) and the ``torch.nn`` module that stands for it
-in an ``nn.Sequential`` (for ``MLP.from_torch`` / ``to_torch``). The
-derivatives, taken from the saved output, live with the kernels
-(``fastbp.kernels.reference`` writes them out).
+function (the "torch" backend), its derivative in torch ops taken from the
+saved output as ``fastbp.kernels.reference`` derives it (``δ = grad(g, a)``,
+for the hand-written torch training step) and the ``torch.nn`` module that
+stands for it in an ``nn.Sequential`` (for ``MLP.from_torch`` / ``to_torch``).
 """
 
 from __future__ import annotations
@@ -23,16 +23,31 @@ class Activation:
     name: str
     code: int
     function: Callable[[torch.Tensor], torch.Tensor]
+    grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     module: type[nn.Module] | None  # None: no module (identity)
 
 
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("identity", ACTIVATION_CODES["identity"], lambda z: z, None),
-        Activation("relu", ACTIVATION_CODES["relu"], torch.relu, nn.ReLU),
-        Activation("sigmoid", ACTIVATION_CODES["sigmoid"], torch.sigmoid, nn.Sigmoid),
-        Activation("tanh", ACTIVATION_CODES["tanh"], torch.tanh, nn.Tanh),
+        Activation("identity", ACTIVATION_CODES["identity"], lambda z: z, lambda g, a: g, None),
+        Activation(
+            "relu",
+            ACTIVATION_CODES["relu"],
+            torch.relu,
+            lambda g, a: torch.ops.aten.threshold_backward(g, a, 0),
+            nn.ReLU,
+        ),
+        Activation(
+            "sigmoid",
+            ACTIVATION_CODES["sigmoid"],
+            torch.sigmoid,
+            lambda g, a: g * (1 - a) * a,
+            nn.Sigmoid,
+        ),
+        Activation(
+            "tanh", ACTIVATION_CODES["tanh"], torch.tanh, lambda g, a: g * (1 - a * a), nn.Tanh
+        ),
     )
 }
 

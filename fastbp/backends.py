@@ -106,3 +106,204 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         ),
     )
 }
+
+
+# ---------------------------------------------------------------------------
+# Training steps: the registry the benchmarks time and the tests check
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    """One training problem: network shape, data, loss and optimizer."""
+
+    name: str
+    sizes: tuple[int, ...]
+    batch: int
+    bias: bool
+    loss: str
+    lr: float
+    momentum: float = 0.0
+    reduction: str = "mean"
+
+    def flops(self, training: bool = True) -> int:
+        """Multiply-adds ×2 of the step's GEMMs (the first layer's ∂x is skipped)."""
+        pairs = list(zip(self.sizes[:-1], self.sizes[1:], strict=True))
+        forward = sum(2 * self.batch * i * o for i, o in pairs)
+        if not training:
+            return forward
+        return forward + forward + sum(2 * self.batch * i * o for i, o in pairs[1:])
+
+    def model(self, device: str = "cpu", seed: int = 0) -> torch.nn.Sequential:
+        """The initial network, as ``nn.Sequential``; every implementation starts from it."""
+        torch.manual_seed(seed)
+        layers: list[torch.nn.Module] = []
+        for i, o in zip(self.sizes[:-1], self.sizes[1:], strict=True):
+            layers += [torch.nn.Linear(i, o, bias=self.bias, device=device), torch.nn.ReLU()]
+        return torch.nn.Sequential(*layers[:-1])
+
+    def data(self, device: str = "cpu", seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(self.batch, self.sizes[0], generator=generator)
+        if self.loss == "cross_entropy":
+            y = torch.randint(0, self.sizes[-1], (self.batch,), generator=generator)
+        else:
+            y = torch.randn(self.batch, self.sizes[-1], generator=generator)
+        return x.to(device), y.to(device)
+
+    def torch_loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        function = getattr(torch.nn.functional, f"{self.loss}_loss", None) or getattr(
+            torch.nn.functional, self.loss if self.loss != "bce_with_logits" else
+            "binary_cross_entropy_with_logits"
+        )  # fmt: skip
+        return function(output, y, reduction=self.reduction)
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("docs-64x1000x100x10", (1000, 100, 10), 64, False, "mse", 1e-6, 0.0, "sum"),
+        *(
+            Workload(
+                f"mnist-784x256x128x10-b{b}",
+                (784, 256, 128, 10),
+                b,
+                True,
+                "cross_entropy",
+                0.01,
+                0.9,
+            )  # fmt: skip
+            for b in (64, 128, 1024)
+        ),
+    )
+}
+
+
+class Step:
+    """A ready-to-time training step: ``run()`` does one step, ``parameters()`` reads
+    the current weights (W₁, b₁, W₂, … as torch tensors on the CPU)."""
+
+    def __init__(self, run: Callable[[], object], parameters: Callable[[], Tensors]) -> None:
+        self.run, self.parameters = run, parameters
+
+
+def _torch_eager(workload: Workload, device: str, model=None) -> Step:
+    model = workload.model(device) if model is None else model
+    x, y = workload.data(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        loss = workload.torch_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return Step(run, lambda: [p.detach().cpu() for p in model.parameters()])
+
+
+def _torch_compile(workload: Workload, device: str) -> Step:
+    eager = _torch_eager(workload, device)
+    return Step(torch.compile(eager.run), eager.parameters)
+
+
+def _fastbp_autograd(workload: Workload, device: str) -> Step:
+    from .nn import MLP
+
+    return _torch_eager(workload, device, MLP.from_torch(workload.model(device)))
+
+
+def _fastbp_fused(backend: str) -> Callable[[Workload, str], Step]:
+    def make(workload: Workload, device: str) -> Step:
+        from .nn import MLP
+        from .train import FusedTrainer
+
+        model = MLP.from_torch(workload.model(device))
+        trainer = FusedTrainer(
+            model, workload.loss, workload.reduction, "sgd", workload.lr, workload.momentum,
+            backend=backend,
+        )  # fmt: skip
+        x, y = workload.data(device)
+        return Step(
+            lambda: trainer.step(x, y), lambda: [p.detach().cpu() for p in model.parameters()]
+        )
+
+    return make
+
+
+def _numpy_manual(workload: Workload, device: str) -> Step:
+    parameters = [p.detach().numpy().copy() for p in workload.model().parameters()]
+    step = 2 if workload.bias else 1
+    weights = parameters[::step]
+    biases = parameters[1::2] if workload.bias else [None] * len(weights)
+    x, y = (t.numpy() for t in workload.data())
+    activations = ["relu"] * (len(weights) - 1) + ["identity"]
+    optimizer = reference.SGD(workload.lr, workload.momentum)
+
+    def run():
+        return reference.train_step(
+            x, y, weights, biases, activations, workload.loss, workload.reduction, optimizer
+        )
+
+    return Step(run, lambda: [torch.from_numpy(p) for p in parameters])
+
+
+def _gemm_floor(workload: Workload, device: str) -> Step:
+    """The step's GEMMs alone, on preallocated tensors: what no implementation can beat."""
+    x, _ = workload.data(device)
+    weights = [p.detach() for p in workload.model(device).parameters() if p.dim() == 2]
+    outputs = [torch.empty(workload.batch, w.shape[0], device=device) for w in weights]
+    grads = [torch.empty_like(w) for w in weights]
+
+    def run():
+        source = x
+        for weight, output in zip(weights, outputs, strict=True):
+            torch.mm(source, weight.T, out=output)
+            source = output
+        for layer in reversed(range(len(weights))):
+            inputs = x if layer == 0 else outputs[layer - 1]
+            torch.mm(outputs[layer].T, inputs, out=grads[layer])
+            if layer > 0:
+                torch.mm(outputs[layer], weights[layer], out=outputs[layer - 1])
+        return None
+
+    return Step(run, lambda: [w.cpu() for w in weights])
+
+
+@dataclass(frozen=True)
+class StepImplementation:
+    """One way of running a workload's training step on one kind of device."""
+
+    name: str
+    make: Callable[[Workload, str], Step]
+    device: str
+    description: str
+
+
+STEP_IMPLEMENTATIONS: dict[str, StepImplementation] = {
+    impl.name: impl
+    for impl in (
+        StepImplementation("gemm-floor", _gemm_floor, "cpu", "the step's GEMMs alone (torch.mm)"),
+        StepImplementation("torch-eager", _torch_eager, "cpu", "nn.Sequential + loss + optim.SGD"),
+        StepImplementation("torch-compile", _torch_compile, "cpu", "torch-eager's step compiled"),
+        StepImplementation(
+            "torch-manual",
+            _fastbp_fused("torch"),
+            "cpu",
+            "hand-derived step in torch ops + optim.SGD",
+        ),  # fmt: skip
+        StepImplementation("numpy-manual", _numpy_manual, "cpu", "kernels.reference.train_step"),
+        StepImplementation(
+            "fastbp-autograd", _fastbp_autograd, "cpu", "fastbp.nn.MLP in torch-eager's loop"
+        ),  # fmt: skip
+        StepImplementation(
+            "fastbp-fused", _fastbp_fused("numba"), "cpu", "FusedTrainer: one numba call per step"
+        ),  # fmt: skip
+        StepImplementation("gemm-floor-cuda", _gemm_floor, "cuda", "the step's GEMMs alone"),
+        StepImplementation("torch-eager-cuda", _torch_eager, "cuda", "torch-eager on CUDA"),
+        StepImplementation(
+            "fastbp-fused-cuda",
+            _fastbp_fused("auto"),
+            "cuda",
+            "FusedTrainer on CUDA (torch ops until the Triton backend)",
+        ),  # fmt: skip
+    )
+}

@@ -36,7 +36,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
 
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, LOSSES, OPTIMIZERS, REDUCTIONS
 
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 IDENTITY, RELU, SIGMOID, TANH = (
@@ -310,6 +310,135 @@ def _mlp_backward(
 
 
 # ---------------------------------------------------------------------------
+# The training step: forward, loss gradient, backward and update in one call
+# ---------------------------------------------------------------------------
+MSE, CROSS_ENTROPY, BCE_WITH_LOGITS = range(3)
+SGD, ADAM = range(2)
+# Slots of the ``hyper`` array every update reads.
+LR, MOMENTUM, WEIGHT_DECAY, BETA1, BETA2, EPS = range(6)
+
+
+@njit(cache=True)
+def _loss_and_grad(output, targets, labels, loss, scale, g):
+    """Write ``scale·∂L/∂ŷ`` into g and return ``scale·L``, summed in float64."""
+    zero, one = output.dtype.type(0), output.dtype.type(1)
+    total = 0.0
+    for i in range(output.shape[0]):
+        row = output[i]
+        if loss == CROSS_ENTROPY:
+            top = row[0]
+            for j in range(1, row.shape[0]):
+                top = max(top, row[j])
+            norm = zero
+            for j in range(row.shape[0]):
+                norm += np.exp(row[j] - top)
+            total += np.log(norm) + top - row[labels[i]]
+            for j in range(row.shape[0]):
+                g[i, j] = np.exp(row[j] - top) / norm * scale
+            g[i, labels[i]] -= scale
+            continue
+        for j in range(row.shape[0]):
+            z, y = row[j], targets[i, j]
+            if loss == MSE:
+                total += (z - y) * (z - y)
+                g[i, j] = 2 * (z - y) * scale
+            else:  # BCE with logits, in the overflow-free form
+                total += max(z, zero) - z * y + np.log1p(np.exp(-abs(z)))
+                g[i, j] = (_activate(z, SIGMOID, zero, one) - y) * scale
+    return total * scale
+
+
+@njit(inline="always")
+def _update_range(param, grad, state_a, state_b, optimizer, hyper, step, start, stop):
+    """``torch.optim``'s update of ``param[start:stop]`` (see ``reference.SGD``/``Adam``)."""
+    lr, momentum, decay = hyper[LR], hyper[MOMENTUM], hyper[WEIGHT_DECAY]
+    beta1, beta2, eps = hyper[BETA1], hyper[BETA2], hyper[EPS]
+    step_size = lr / (1 - beta1**step)
+    correction = np.sqrt(1 - beta2**step)
+    for k in range(start, stop):
+        p = param[k]
+        d = grad[k] + decay * p if decay != 0 else grad[k]  # 0·inf would be NaN
+        if optimizer == SGD:
+            if momentum != 0:
+                d = d if step == 1 else momentum * state_a[k] + d
+                state_a[k] = d
+            param[k] = p - lr * d
+        else:
+            state_a[k] += (1 - beta1) * (d - state_a[k])
+            state_b[k] = beta2 * state_b[k] + (1 - beta2) * d * d
+            param[k] = p - step_size * state_a[k] / (np.sqrt(state_b[k]) / correction + eps)
+
+
+@njit(cache=True, parallel=True)
+def _update_parallel(param, grad, state_a, state_b, optimizer, hyper, step):
+    block = 4096
+    for b in prange((param.shape[0] + block - 1) // block):
+        start = b * block
+        stop = min(param.shape[0], start + block)
+        _update_range(param, grad, state_a, state_b, optimizer, hyper, step, start, stop)
+
+
+@njit(cache=True)
+def _update(param, grad, state_a, state_b, optimizer, hyper, step):
+    """Update a flat parameter in place; the state arrays are empty when unused."""
+    if param.shape[0] >= PARALLEL_MIN_ELEMENTS:
+        _update_parallel(param, grad, state_a, state_b, optimizer, hyper, step)
+    else:
+        _update_range(param, grad, state_a, state_b, optimizer, hyper, step, 0, param.shape[0])
+
+
+@njit(cache=True)
+def _update_weight(gemm, delta, source, weight, grad, state_a, state_b, optimizer, hyper, step):
+    """Apply ``∂W = δᵀ x`` to W. Plain SGD folds it into the GEMM,
+    ``W ← (1 − lr·wd)·W − lr·δᵀx``, so ∂W is never written out."""
+    if optimizer == SGD and hyper[MOMENTUM] == 0:
+        decay = 1.0 - hyper[LR] * hyper[WEIGHT_DECAY]
+        _gemm(gemm, True, False, -hyper[LR], delta, source, decay, weight)
+        return
+    _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad)
+    _update(
+        weight.reshape(weight.size),
+        grad.reshape(grad.size),
+        state_a,
+        state_b,
+        optimizer,
+        hyper,
+        step,
+    )
+
+
+@njit(cache=True)
+def _train_step(
+    gemm, x, targets, labels, weights, biases, activations, outputs, deltas,
+    grad_weights, grad_biases, weight_states, bias_states, loss, scale, optimizer, hyper, step,
+):  # fmt: skip
+    """One step on every layer; returns the loss before the update.
+
+    ``weight_states``/``bias_states`` hold two flat state arrays per layer
+    (momentum buffer; or Adam's m and v), empty when the optimizer keeps none.
+    """
+    _mlp_forward(gemm, x, weights, biases, activations, outputs)
+    top = len(weights) - 1
+    value = _loss_and_grad(outputs[top], targets, labels, loss, scale, deltas[top])
+    for layer in range(top, -1, -1):
+        source = x if layer == 0 else outputs[layer - 1]
+        _delta_and_bias_grad(
+            deltas[layer], outputs[layer], activations[layer], deltas[layer], grad_biases[layer]
+        )
+        if layer > 0:  # ∂L/∂aₗ₋₁ = δ Wₗ, taken before Wₗ moves
+            _gemm(gemm, False, False, 1.0, deltas[layer], weights[layer], 0.0, deltas[layer - 1])
+        state_a, state_b = weight_states[2 * layer], weight_states[2 * layer + 1]
+        _update_weight(
+            gemm, deltas[layer], source, weights[layer], grad_weights[layer],
+            state_a, state_b, optimizer, hyper, step,
+        )  # fmt: skip
+        if biases[layer].shape[0] > 0:
+            state_a, state_b = bias_states[2 * layer], bias_states[2 * layer + 1]
+            _update(biases[layer], grad_biases[layer], state_a, state_b, optimizer, hyper, step)
+    return value
+
+
+# ---------------------------------------------------------------------------
 # Launchers: check, allocate, launch
 # ---------------------------------------------------------------------------
 def _matrix(name: str, array: np.ndarray, dtype: np.dtype, shape: tuple) -> np.ndarray:
@@ -430,3 +559,112 @@ def linear_act_backward(
         g, x, [weight], [has_bias], [activation], [a], needs_input_grad
     )
     return grad_x, grad_weight, grad_bias
+
+
+def _code(name: str, value: str, options: tuple[str, ...]) -> int:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return options.index(value)
+
+
+def _hyperparameters(lr, momentum, weight_decay, betas, eps) -> np.ndarray:
+    """The ``hyper`` array, after the range checks ``torch.optim`` makes."""
+    checks = [("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)]
+    for name, value in checks:
+        if not (isinstance(value, (int, float)) and value >= 0 and np.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    return np.array([lr, momentum, weight_decay, betas[0], betas[1], eps], np.float64)
+
+
+class TrainStep:
+    """A whole training step of one MLP as one kernel call, with its workspaces and
+    optimizer state (``reference.train_step`` with ``reference.SGD``/``Adam``).
+
+    Built from the parameters' arrays; each call takes them again (the same
+    memory, C-contiguous) and updates them in place. Workspaces are reused from
+    step to step and re-allocated when the batch size changes. ``loss``,
+    ``reduction`` and ``optimizer`` take the names in ``reference``; the
+    hyperparameters mean what they mean in ``torch.optim.SGD`` (no dampening,
+    no Nesterov) and ``torch.optim.Adam`` (no AMSGrad).
+    """
+
+    def __init__(
+        self, weights, biases, activations, *, loss="mse", reduction="mean", optimizer="sgd",
+        lr=0.01, momentum=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
+    ) -> None:  # fmt: skip
+        x = np.empty((0, weights[0].shape[1]), _dtype_of(weights[0]))
+        _, weights, biases, self._codes = _checked_layers(x, weights, biases, activations)
+        self.activations = list(activations)
+        self.loss = _code("loss", loss, LOSSES)
+        self.scale_by_mean = _code("reduction", reduction, REDUCTIONS) == 0
+        self.optimizer = _code("optimizer", optimizer, OPTIMIZERS)
+        self.hyper = _hyperparameters(lr, momentum, weight_decay, betas, eps)
+        self.steps = 0
+        self._grad_weights = tuple(np.empty_like(w) for w in weights)
+        self._grad_biases = tuple(np.empty_like(b) for b in biases)
+        kept = 2 if self.optimizer == ADAM else int(momentum != 0)
+        self._weight_states = self._zeros([w.size for w in weights], kept)
+        self._bias_states = self._zeros([b.size for b in biases], kept)
+        self._workspaces: tuple = ()
+
+    def _zeros(self, sizes, kept) -> tuple[np.ndarray, ...]:
+        """Two flat state arrays per parameter, the first ``kept`` of them in use."""
+        dtype = self._grad_weights[0].dtype
+        return tuple(np.zeros(n if i < kept else 0, dtype) for n in sizes for i in range(2))
+
+    def state(self) -> list[tuple[np.ndarray, ...]]:
+        """Each parameter's optimizer state in ``nn.Sequential`` order (W₁, b₁, W₂, …):
+        ``(momentum_buffer,)``, ``(exp_avg, exp_avg_sq)`` or ``()``, as views."""
+        result = []
+        for layer, grad_weight in enumerate(self._grad_weights):
+            pairs = [(self._weight_states, grad_weight.shape)]
+            if self._grad_biases[layer].shape[0] > 0:
+                pairs.append((self._bias_states, self._grad_biases[layer].shape))
+            for states, shape in pairs:
+                kept = states[2 * layer : 2 * layer + 2]
+                result.append(tuple(a.reshape(shape) for a in kept if a.size))
+        return result
+
+    def _targets(self, y, batch: int, width: int):
+        """``(targets, labels)`` checked against the output, one of them empty."""
+        dtype = self._grad_weights[0].dtype
+        if self.loss == CROSS_ENTROPY:
+            if y.dtype.kind not in "iu":
+                raise TypeError(
+                    f"y must hold integer class indices for cross_entropy, got {y.dtype}"
+                )
+            if y.shape != (batch,):
+                raise ValueError(f"y must have shape ({batch},) for cross_entropy, got {y.shape}")
+            if batch and (y.min() < 0 or y.max() >= width):
+                bad = y[(y < 0) | (y >= width)][0]
+                raise ValueError(f"y holds class index {bad}, outside [0, {width})")
+            return np.empty((0, 0), dtype), np.ascontiguousarray(y, np.int64)
+        targets = _matrix("y", y, dtype, (batch, width))
+        return targets, np.empty(0, np.int64)
+
+    def __call__(self, x, y, weights, biases) -> float:
+        """One step on batch ``(x, y)``; returns the loss before the update."""
+        x, weights, biases, _ = _checked_layers(x, weights, biases, self.activations)
+        for name, arrays in (("weights", weights), ("biases", biases)):
+            for layer, array in enumerate(arrays):
+                if not array.flags.c_contiguous:
+                    raise ValueError(f"{name}[{layer}] must be C-contiguous to be updated in place")
+        if x.shape[0] == 0:
+            raise ValueError("x must hold at least one sample, got a batch of 0")
+        if x.dtype != self._grad_weights[0].dtype:
+            raise TypeError(f"x must have dtype {self._grad_weights[0].dtype}, got {x.dtype}")
+        batch, width = x.shape[0], weights[-1].shape[0]
+        targets, labels = self._targets(y, batch, width)
+        if not self._workspaces or self._workspaces[0][0].shape[0] != batch:
+            shapes = [(batch, w.shape[0]) for w in weights]
+            self._workspaces = tuple(tuple(np.empty(s, x.dtype) for s in shapes) for _ in "od")
+        terms = batch if self.loss == CROSS_ENTROPY else batch * width
+        scale = 1.0 / max(terms, 1) if self.scale_by_mean else 1.0
+        self.steps += 1
+        return _train_step(
+            _prepare_launch(x.dtype), x, targets, labels, weights, biases, self._codes,
+            *self._workspaces, self._grad_weights, self._grad_biases, self._weight_states,
+            self._bias_states, self.loss, scale, self.optimizer, self.hyper, self.steps,
+        )  # fmt: skip

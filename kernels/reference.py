@@ -46,6 +46,25 @@ A whole network
 An MLP is layers chained: ``a₀ = x``, ``aₗ = actₗ(aₗ₋₁ Wₗᵀ + bₗ)``. Backward walks
 them in reverse, each layer's ``∂L/∂x`` becoming the ``g`` of the layer below.
 
+A training step
+===============
+The loss turns the network's output ``ŷ = a_L`` into a number and hands
+backward its first ``g = ∂L/∂ŷ``. With ``M`` the number of terms the mean
+divides by (every entry for MSE and BCE, the batch N for cross-entropy)::
+
+    mse               L = Σ (ŷ − y)²                        g = 2 (ŷ − y)
+    cross_entropy     L = Σₙ (log Σⱼ e^ŷₙⱼ − ŷₙ,yₙ)         g = softmax(ŷ) − onehot(y)
+    bce_with_logits   L = Σ max(ŷ,0) − ŷ y + log(1 + e^−|ŷ|) g = σ(ŷ) − y
+
+and ``reduction="mean"`` divides L and g by M. The optimizer then moves every
+parameter p against its gradient ∂p, as ``torch.optim`` does (``wd`` is the
+weight decay, ``t`` the step, counted from 1)::
+
+    sgd    d = ∂p + wd·p;  with momentum μ: buf = d at t = 1, else μ·buf + d; d = buf
+           p ← p − lr·d
+    adam   d = ∂p + wd·p;  m ← m + (1 − β₁)(d − m);  v ← β₂ v + (1 − β₂) d²
+           p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
+
 NaN and Inf
 ===========
 Results propagate NaN and Inf as PyTorch does: relu keeps NaN (``max`` would
@@ -160,3 +179,91 @@ def mlp_backward(
             needs_input_grad=wants_grad_in,
         )
     return g, grad_weights, grad_biases
+
+
+LOSSES = ("mse", "cross_entropy", "bce_with_logits")
+REDUCTIONS = ("mean", "sum")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def loss_and_grad(
+    output: np.ndarray, y: np.ndarray, loss: str, reduction: str = "mean"
+) -> tuple[float, np.ndarray]:
+    """``(L, ∂L/∂ŷ)`` for the network's output ``ŷ``; ``y`` holds int class indices
+    (N,) for cross-entropy and targets shaped like ``ŷ`` otherwise."""
+    if loss == "mse":
+        difference = output - y
+        total, grad, terms = np.sum(difference * difference), 2 * difference, output.size
+    elif loss == "cross_entropy":
+        shifted = output - output.max(axis=1, keepdims=True)
+        log_sum = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        rows = np.arange(len(y))
+        total = np.sum(log_sum[:, 0] - shifted[rows, y])
+        grad = np.exp(shifted - log_sum)
+        grad[rows, y] -= 1
+        terms = output.shape[0]
+    elif loss == "bce_with_logits":
+        total = np.sum(np.maximum(output, 0) - output * y + np.log1p(np.exp(-np.abs(output))))
+        grad, terms = activate(output, "sigmoid") - y, output.size
+    else:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if reduction == "mean":
+        return float(total) / terms, grad / output.dtype.type(terms)
+    return float(total), grad
+
+
+class SGD:
+    """``torch.optim.SGD`` (no dampening, no Nesterov) on numpy arrays, updated in place."""
+
+    def __init__(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buffers: dict[int, np.ndarray] = {}
+
+    def update(self, index: int, param: np.ndarray, grad: np.ndarray) -> None:
+        direction = grad + self.weight_decay * param if self.weight_decay else grad
+        if self.momentum:
+            previous = self.buffers.get(index)
+            direction = direction if previous is None else self.momentum * previous + direction
+            self.buffers[index] = direction
+        param -= self.lr * direction
+
+
+class Adam:
+    """``torch.optim.Adam`` (L2 weight decay, no AMSGrad) on numpy arrays, updated in place."""
+
+    def __init__(self, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0) -> None:
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.moments: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+
+    def update(self, index: int, param: np.ndarray, grad: np.ndarray) -> None:
+        beta1, beta2 = self.betas
+        fresh = (0, np.zeros_like(param), np.zeros_like(param))
+        step, mean, square = self.moments.get(index, fresh)
+        step += 1
+        direction = grad + self.weight_decay * param if self.weight_decay else grad
+        mean += (1 - beta1) * (direction - mean)
+        square *= beta2
+        square += (1 - beta2) * direction * direction
+        denominator = np.sqrt(square) / np.sqrt(1 - beta2**step) + self.eps
+        param -= self.lr / (1 - beta1**step) * mean / denominator
+        self.moments[index] = (step, mean, square)
+
+
+def train_step(x, y, weights, biases, activations, loss, reduction, optimizer) -> float:
+    """One step: forward, ``loss_and_grad``, ``mlp_backward``, then ``optimizer.update``
+    on every parameter in ``nn.Sequential``'s order (W₁, b₁, W₂, …), in place.
+    Returns the loss of the forward pass, before the update."""
+    outputs = mlp_forward(x, weights, biases, activations)
+    value, g = loss_and_grad(outputs[-1], y, loss, reduction)
+    _, grad_weights, grad_biases = mlp_backward(
+        g, x, weights, biases, activations, outputs, needs_input_grad=False
+    )
+    parameters = zip(weights, biases, grad_weights, grad_biases, strict=True)
+    index = 0
+    for weight, bias, grad_weight, grad_bias in parameters:
+        optimizer.update(index, weight, grad_weight)
+        index += 1
+        if bias is not None:
+            optimizer.update(index, bias, grad_bias)
+            index += 1
+    return value

@@ -11,9 +11,8 @@ import fastbp
 
 
 def pytest_sessionstart(session):
-    # Tests that call fastbp.kernels directly must run with the GEMM binding users
-    # get (torch's BLAS). A process that binds scipy's BLAS while loading a cache
-    # written under torch's segfaults: a known, still-open bug (see the issue note).
+    # Tests that call fastbp.kernels directly run under the thread policy users
+    # get (torch's BLAS, numba at torch's thread count), not scipy's fallback.
     fastbp.threads.ensure_policy()
 
 
