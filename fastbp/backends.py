@@ -307,3 +307,55 @@ STEP_IMPLEMENTATIONS: dict[str, StepImplementation] = {
         ),  # fmt: skip
     )
 }
+
+
+def check_step(name: str, workload: Workload, device: str = "cpu", steps: int = 2) -> None:
+    """Raise ``AssertionError`` unless ``steps`` steps of implementation ``name`` leave
+    the parameters where torch-eager's leave them (float32 tolerance)."""
+    if name.startswith("gemm-floor"):
+        return  # not a training step: nothing to compare
+    expected = STEP_IMPLEMENTATIONS["torch-eager"].make(workload, device)
+    step = STEP_IMPLEMENTATIONS[name].make(workload, device)
+    for _ in range(steps):
+        expected.run()
+        step.run()
+    for mine, theirs in zip(step.parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def available_steps(device: str) -> list[str]:
+    """The step implementations that run on ``device`` on this machine."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return []
+    return [name for name, impl in STEP_IMPLEMENTATIONS.items() if impl.device == device]
+
+
+# ---------------------------------------------------------------------------
+# Inference: the forward pass alone
+# ---------------------------------------------------------------------------
+def _inference_torch(workload: Workload, device: str) -> Callable[[], torch.Tensor]:
+    model, (x, _) = workload.model(device), workload.data(device)
+    return torch.no_grad()(lambda: model(x))
+
+
+def _inference_fastbp(workload: Workload, device: str) -> Callable[[], torch.Tensor]:
+    from .nn import MLP
+
+    model, (x, _) = MLP.from_torch(workload.model(device)), workload.data(device)
+    return torch.no_grad()(lambda: model(x))
+
+
+def _inference_numpy(workload: Workload, device: str) -> Callable[[], torch.Tensor]:
+    layers = [m for m in workload.model() if isinstance(m, torch.nn.Linear)]
+    weights = [layer.weight.detach().numpy() for layer in layers]
+    biases = [None if layer.bias is None else layer.bias.detach().numpy() for layer in layers]
+    activations = ["relu"] * (len(layers) - 1) + ["identity"]
+    x = workload.data()[0].numpy()
+    return lambda: torch.from_numpy(reference.mlp_forward(x, weights, biases, activations)[-1])
+
+
+INFERENCE_IMPLEMENTATIONS: dict[str, Callable[[Workload, str], Callable[[], torch.Tensor]]] = {
+    "torch-eager": _inference_torch,
+    "numpy-manual": _inference_numpy,
+    "fastbp-numba": _inference_fastbp,
+}

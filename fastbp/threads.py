@@ -13,8 +13,10 @@ The policy, applied once before the first kernel runs:
 1. GEMMs run on torch's own BLAS: the kernels call the ``sgemm_``/``dgemm_``
    that ``libtorch_cpu`` exports (MKL on x86-64 builds), so fastbp's GEMMs and
    torch's share one pool and one thread count, ``torch.get_num_threads()``.
-2. Where torch exports no BLAS, the kernels fall back to scipy's OpenBLAS,
-   limited to one thread (threadpoolctl) so that it never spins against torch.
+2. Where torch exports no BLAS, the kernels fall back to scipy's OpenBLAS.
+   Every OpenBLAS pool in the process (numpy's, scipy's) is limited to one
+   thread (threadpoolctl), so that none spins against torch's: plain numpy
+   code that alternates with torch ops ran 1.5–2× slower without the limit.
 3. numba's pool uses a thread-safe layer (``omp`` or ``tbb``; ``workqueue``
    cannot serve concurrent calls) and at most torch's thread count. The fused
    element-wise passes only wake it above ``kernels.cpu.PARALLEL_MIN_ELEMENTS``.
@@ -47,8 +49,8 @@ def _bind_gemm() -> str:
     addresses = cpu.gemm_address_from_library(_torch_cpu_library())
     if addresses is not None:
         cpu.bind_gemm("torch-blas", *addresses)
-        return cpu.gemm_provider()
     provider = cpu.gemm_provider()
+    # numpy's and scipy's OpenBLAS pools (torch's MKL is linked in, out of reach here)
     threadpool_limits(1, user_api="blas")
     return provider
 

@@ -1,5 +1,6 @@
 """The command line, through a subprocess as a user runs it."""
 
+import json
 import subprocess
 import sys
 
@@ -22,3 +23,27 @@ def test_version_and_usage_errors():
     assert _fastbp("--version").stdout.startswith("fastbp ")
     result = _fastbp("frobnicate")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_bench_writes_table_json_and_plot(tmp_path):
+    result = _fastbp(
+        "bench", "--quick", "--device", "cpu", "--rounds", "1",
+        "--workloads", "docs-64x1000x100x10",
+        "--implementations", "gemm-floor,torch-eager,fastbp-fused",
+        "--output-dir", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "| docs-64x1000x100x10 | cpu | fastbp-fused |" in result.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {row["implementation"]: row for row in report["results"]}
+    assert set(rows) == {"gemm-floor", "torch-eager", "fastbp-fused"}
+    assert rows["torch-eager"]["speedup_vs_torch_eager"] == 1.0
+    assert all(row["median_us"] > 0 for row in rows.values())
+    assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_names_an_unknown_workload():
+    result = _fastbp("bench", "--workloads", "imagenet")
+    assert result.returncode == 2
+    assert "unknown workload or implementation 'imagenet'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,66 @@
+"""pytest-benchmark groups: one training step (or forward pass) per implementation.
+
+Groups are named after the workload (``train docs-64x1000x100x10 cpu``, …).
+Every implementation comes from ``fastbp.backends``, the registry the tests
+check; each benchmark first checks, once, that it computes what torch-eager
+computes, then times it. ``extra_info`` holds samples/s, GFLOP/s and the
+ratios to ``gemm-floor`` and ``torch-eager`` of the same group (those two run
+first in each group, so their medians are known when the others finish).
+"""
+
+import pytest
+import torch
+
+import fastbp
+from fastbp.backends import (
+    INFERENCE_IMPLEMENTATIONS,
+    STEP_IMPLEMENTATIONS,
+    WORKLOADS,
+    check_step,
+)
+
+fastbp.threads.ensure_policy()
+_medians: dict[tuple[str, str], float] = {}
+
+
+def _record(benchmark, group: str, name: str, batch: int, flops: int) -> None:
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # benchmarks disabled: a smoke run, nothing to report
+        return
+    median = stats.stats.median
+    _medians[group, name] = median
+    benchmark.extra_info.update(
+        samples_per_s=batch / median, gflop_per_s=flops / median / 1e9, median_s=median
+    )
+    suffix = "-cuda" if group.endswith("cuda") else ""
+    for baseline in ("gemm-floor", "torch-eager"):
+        if (group, baseline + suffix) in _medians:
+            benchmark.extra_info[f"ratio_to_{baseline}"] = (
+                median / _medians[group, baseline + suffix]
+            )
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("name", list(STEP_IMPLEMENTATIONS))
+def test_train_step(benchmark, workload, name):
+    implementation, workload = STEP_IMPLEMENTATIONS[name], WORKLOADS[workload]
+    if implementation.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; none on this machine")
+    check_step(name, workload, implementation.device)
+    step = implementation.make(workload, implementation.device)
+    step.run()  # compile outside the timing
+    benchmark.group = f"train {workload.name} {implementation.device}"
+    benchmark(step.run)
+    _record(benchmark, benchmark.group, name, workload.batch, workload.flops())
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("name", list(INFERENCE_IMPLEMENTATIONS))
+def test_inference(benchmark, workload, name):
+    workload = WORKLOADS[workload]
+    forward = INFERENCE_IMPLEMENTATIONS[name](workload, "cpu")
+    expected = INFERENCE_IMPLEMENTATIONS["torch-eager"](workload, "cpu")()
+    torch.testing.assert_close(forward(), expected, rtol=1e-4, atol=1e-5)
+    benchmark.group = f"inference {workload.name} cpu"
+    benchmark(forward)
+    _record(benchmark, benchmark.group, name, workload.batch, workload.flops(training=False))

@@ -1,0 +1,184 @@
+"""``fastbp bench``: the registry's training steps, timed side by side on this machine.
+
+Every implementation is first checked against torch-eager (a benchmark of a
+wrong computation is worse than none), then timed in interleaved rounds: each
+round times every implementation once, so a machine that slows down for a
+while slows all of them alike. The figure reported is the median over rounds
+of the time per step, and the ratios are taken within one run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import __version__, threads
+from .backends import STEP_IMPLEMENTATIONS, WORKLOADS, Workload, available_steps, check_step
+
+QUICK_WORKLOADS = ("docs-64x1000x100x10", "mnist-784x256x128x10-b128")
+QUICK_SKIPS = ("torch-compile",)  # its compile alone takes longer than the quick budget
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _steps_per_round(run: Callable[[], object], device: str, seconds: float) -> int:
+    """How many steps fill about ``seconds``, from a short calibration."""
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds / 4 or count < 2:
+        run()
+        count += 1
+    _synchronize(device)
+    per_step = (time.perf_counter() - start) / count
+    return max(1, int(seconds / per_step))
+
+
+def _time_round(run: Callable[[], object], device: str, steps: int) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        run()
+    _synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_workload(
+    workload: Workload,
+    device: str,
+    names: list[str],
+    rounds: int,
+    round_seconds: float,
+    progress: Callable[[str], None],
+) -> list[dict]:
+    """Check, warm up and time ``names`` on one workload; one result row each."""
+    prepared = {}
+    for name in names:
+        progress(f"{device} {workload.name}: checking and warming up {name}")
+        check_step(name, workload, device)
+        start = time.perf_counter()
+        step = STEP_IMPLEMENTATIONS[name].make(workload, device)
+        step.run()
+        _synchronize(device)
+        first_call = time.perf_counter() - start
+        prepared[name] = (step.run, first_call, _steps_per_round(step.run, device, round_seconds))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        progress(f"{device} {workload.name}: round {round_ + 1}/{rounds}")
+        for name, (run, _, steps) in prepared.items():
+            times[name].append(_time_round(run, device, steps))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    suffix = "-cuda" if device == "cuda" else ""
+    eager, floor = medians.get("torch-eager" + suffix), medians.get("gemm-floor" + suffix)
+    return [
+        {
+            "workload": workload.name,
+            "device": device,
+            "implementation": name,
+            "median_us": median * 1e6,
+            "samples_per_s": workload.batch / median,
+            "gflop_per_s": workload.flops() / median / 1e9,
+            "speedup_vs_torch_eager": eager / median if eager else None,
+            "ratio_to_gemm_floor": median / floor if floor else None,
+            "first_call_s": prepared[name][1],
+            "rounds_us": [t * 1e6 for t in times[name]],
+        }
+        for name, median in medians.items()
+    ]
+
+
+def _machine() -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fastbp": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "thread_policy": threads.describe(),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown: median time per step, samples/s and the two ratios, per workload."""
+    lines = [
+        "| workload | device | implementation | µs/step | samples/s "
+        "| vs torch-eager | vs GEMM floor |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    for row in rows:
+        lines.append(
+            f"| {row['workload']} | {row['device']} | {row['implementation']} "
+            f"| {row['median_us']:.1f} | {row['samples_per_s']:,.0f} "
+            f"| {fmt(row['speedup_vs_torch_eager'], '.2f')}× faster "
+            f"| {fmt(row['ratio_to_gemm_floor'], '.2f')}× |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Time per step by implementation, one panel per workload, CPU and GPU side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    panels = sorted({(row["workload"], row["device"]) for row in rows})
+    figure, axes = pyplot.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for axis, (workload, device) in zip(axes[0], panels, strict=True):
+        chosen = [r for r in rows if r["workload"] == workload and r["device"] == device]
+        names = [r["implementation"] for r in chosen]
+        colors = ["tab:orange" if n.startswith("fastbp") else "tab:gray" for n in names]
+        axis.barh(names, [r["median_us"] for r in chosen], color=colors)
+        axis.invert_yaxis()
+        axis.set_xlabel("µs per training step (median)")
+        axis.set_title(f"{workload}\n{device}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def run(
+    workloads: list[str],
+    devices: list[str],
+    implementations: list[str] | None,
+    rounds: int,
+    round_seconds: float,
+    output_dir: Path,
+    progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> list[dict]:
+    """The whole comparison: rows, printed table, ``bench.json`` and ``bench.png``."""
+    threads.ensure_policy()
+    rows = []
+    for device in devices:
+        names = [
+            name
+            for name in available_steps(device)
+            if implementations is None or name.removesuffix("-cuda") in implementations
+        ]
+        if not names:
+            progress(f"{device}: no implementation available on this machine, skipped")
+            continue
+        for workload in workloads:
+            rows += bench_workload(
+                WORKLOADS[workload], device, names, rounds, round_seconds, progress
+            )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "bench.json").write_text(
+        json.dumps({"machine": _machine(), "results": rows}, indent=2)
+    )
+    if rows:
+        plot(rows, output_dir / "bench.png")
+    return rows
