@@ -94,9 +94,9 @@ class FusedTrainer:
         return [layer.weight for layer in layers], [layer.bias for layer in layers]
 
     def _resolved_backend(self, x: torch.Tensor) -> str:
-        if self.backend == "auto":
-            return "numba" if x.device.type == "cpu" else "torch"
-        return "torch" if self.backend == "torch" else F._resolve_backend(self.backend, x)
+        if self.backend == "torch" or (self.backend == "auto" and x.device.type != "cpu"):
+            return "torch"
+        return F._resolve_backend(self.backend, x)  # numba: checks device and dtype
 
     def _check_target(self, x: torch.Tensor, y, classes: int) -> None:
         """Reject a bad ``y`` before any parameter changes."""
@@ -130,7 +130,7 @@ class FusedTrainer:
         arrays = [w.detach().numpy() for w in weights], [F._array(b) for b in biases]
         if self._kernel is None or self._kernel_dtype != x.dtype:
             self._kernel = self._build_kernel(*arrays)
-        value = self._kernel(x.detach().numpy(), y.numpy(), *arrays)
+        value = self._kernel(x.detach().numpy(), y.detach().numpy(), *arrays)
         return torch.tensor(value, dtype=x.dtype)
 
     def _build_kernel(self, weights, biases) -> cpu.TrainStep:

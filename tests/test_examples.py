@@ -91,21 +91,20 @@ def test_e1_ten_steps(lr, output, loss, weights):
 # ---------------------------------------------------------------------------
 # E2: 2-2-2 sigmoid with bias, loss Σ½(o − t)², one SGD step at lr 0.5.
 # ---------------------------------------------------------------------------
-def test_e2_classic_step_by_step_example():
+def e2_model() -> fastbp.nn.MLP:
     model = fastbp.nn.MLP([2, 2, 2], "sigmoid", "sigmoid", backend="numba")
     with torch.no_grad():
         model.linears[0].weight.copy_(torch.tensor([[0.15, 0.20], [0.25, 0.30]]))
         model.linears[0].bias.fill_(0.35)
         model.linears[1].weight.copy_(torch.tensor([[0.40, 0.45], [0.50, 0.55]]))
         model.linears[1].bias.fill_(0.60)
-    x, t = torch.tensor([[0.05, 0.10]]), torch.tensor([[0.01, 0.99]])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    output = model(x)
-    loss = (0.5 * (output - t) ** 2).sum()
-    loss.backward()
-    optimizer.step()
-    assert_all_published(output.detach()[0], "0.75136507, 0.77292847")
-    assert_published(loss.item(), "0.298371109")
+    return model
+
+
+E2_INPUT, E2_TARGET = torch.tensor([[0.05, 0.10]]), torch.tensor([[0.01, 0.99]])
+
+
+def assert_e2_published_parameters(model: fastbp.nn.MLP) -> None:
     first, second = model.linears
     assert_all_published(
         first.weight.detach().flatten(), "0.14978072 0.19956143 0.24975114 0.29950229"
@@ -115,6 +114,18 @@ def test_e2_classic_step_by_step_example():
     )
     assert_all_published(first.bias.detach(), "0.34561431 0.34502286")
     assert_all_published(second.bias.detach(), "0.53075075 0.61904913")
+
+
+def test_e2_classic_step_by_step_example():
+    model = e2_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    output = model(E2_INPUT)
+    loss = (0.5 * (output - E2_TARGET) ** 2).sum()
+    loss.backward()
+    optimizer.step()
+    assert_all_published(output.detach()[0], "0.75136507, 0.77292847")
+    assert_published(loss.item(), "0.298371109")
+    assert_e2_published_parameters(model)
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,15 @@ from fastbp.kernels import reference
 from fastbp.train import FusedTrainer
 
 from .conftest import max_abs_error
-from .test_examples import _e1_model, assert_all_published, assert_published
+from .test_examples import (
+    E2_INPUT,
+    E2_TARGET,
+    _e1_model,
+    assert_all_published,
+    assert_e2_published_parameters,
+    assert_published,
+    e2_model,
+)
 
 OPTIMIZERS = {
     "sgd": {},
@@ -212,24 +220,10 @@ def test_e1_ten_steps_through_fused_trainer(lr, weights):
 
 
 def test_e2_step_through_fused_trainer():
-    model = fastbp.nn.MLP([2, 2, 2], "sigmoid", "sigmoid")
-    with torch.no_grad():
-        model.linears[0].weight.copy_(torch.tensor([[0.15, 0.20], [0.25, 0.30]]))
-        model.linears[0].bias.fill_(0.35)
-        model.linears[1].weight.copy_(torch.tensor([[0.40, 0.45], [0.50, 0.55]]))
-        model.linears[1].bias.fill_(0.60)
-    trainer = FusedTrainer(model, "mse", "sum", lr=0.25)
-    loss = trainer.step(torch.tensor([[0.05, 0.10]]), torch.tensor([[0.01, 0.99]]))
+    model = e2_model()
+    loss = FusedTrainer(model, "mse", "sum", lr=0.25).step(E2_INPUT, E2_TARGET)
     assert_published(loss.item() / 2, "0.298371109")
-    first, second = model.linears
-    assert_all_published(
-        first.weight.detach().flatten(), "0.14978072 0.19956143 0.24975114 0.29950229"
-    )
-    assert_all_published(
-        second.weight.detach().flatten(), "0.35891648 0.40866619 0.51130127 0.56137012"
-    )
-    assert_all_published(first.bias.detach(), "0.34561431 0.34502286")
-    assert_all_published(second.bias.detach(), "0.53075075 0.61904913")
+    assert_e2_published_parameters(model)
 
 
 def test_e4_through_fused_trainer_ends_below_1e_minus_3():
