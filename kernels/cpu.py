@@ -350,23 +350,27 @@ def _loss_and_grad(output, targets, labels, loss, scale, g):
 
 @njit(inline="always")
 def _update_range(param, grad, state_a, state_b, optimizer, hyper, step, start, stop):
-    """``torch.optim``'s update of ``param[start:stop]`` (see ``reference.SGD``/``Adam``)."""
-    lr, momentum, decay = hyper[LR], hyper[MOMENTUM], hyper[WEIGHT_DECAY]
-    beta1, beta2, eps = hyper[BETA1], hyper[BETA2], hyper[EPS]
-    step_size = lr / (1 - beta1**step)
-    correction = np.sqrt(1 - beta2**step)
-    for k in range(start, stop):
-        p = param[k]
-        d = grad[k] + decay * p if decay != 0 else grad[k]  # 0·inf would be NaN
-        if optimizer == SGD:
+    """``torch.optim``'s update of ``param[start:stop]`` (see ``reference.SGD``/``Adam``),
+    in the parameter's dtype as torch computes it; one loop per rule, so that
+    each stays a tight loop."""
+    real = param.dtype.type
+    lr, momentum, decay = real(hyper[LR]), real(hyper[MOMENTUM]), real(hyper[WEIGHT_DECAY])
+    if optimizer == SGD:
+        for k in range(start, stop):
+            d = grad[k] + decay * param[k] if decay != 0 else grad[k]  # 0·inf would be NaN
             if momentum != 0:
-                d = d if step == 1 else momentum * state_a[k] + d
+                d = momentum * state_a[k] + d if step > 1 else d  # torch's buffer starts as d
                 state_a[k] = d
-            param[k] = p - lr * d
-        else:
-            state_a[k] += (1 - beta1) * (d - state_a[k])
-            state_b[k] = beta2 * state_b[k] + (1 - beta2) * d * d
-            param[k] = p - step_size * state_a[k] / (np.sqrt(state_b[k]) / correction + eps)
+            param[k] -= lr * d
+        return
+    beta1, beta2, eps = real(hyper[BETA1]), real(hyper[BETA2]), real(hyper[EPS])
+    step_size = real(hyper[LR] / (1 - hyper[BETA1] ** step))
+    correction = real(np.sqrt(1 - hyper[BETA2] ** step))
+    for k in range(start, stop):
+        d = grad[k] + decay * param[k] if decay != 0 else grad[k]
+        state_a[k] += (1 - beta1) * (d - state_a[k])
+        state_b[k] = beta2 * state_b[k] + (1 - beta2) * d * d
+        param[k] -= step_size * state_a[k] / (np.sqrt(state_b[k]) / correction + eps)
 
 
 @njit(cache=True, parallel=True)
