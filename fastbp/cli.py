@@ -73,6 +73,100 @@ def bench(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _mnist_data(data_dir, download: bool):
+    """(train_x, train_y, test_x, test_y, description); the held-out split when
+    only the test files are there."""
+    from fastbp.data import mnist
+
+    try:
+        test = mnist.load_mnist(data_dir, "test", download)
+    except FileNotFoundError as error:
+        raise _UsageError(str(error)) from None
+    try:
+        train = mnist.load_mnist(data_dir, "train", download)
+    except FileNotFoundError:
+        images, labels = test
+        cut = len(images) * 4 // 5  # 8 000 / 2 000 for the real test set
+        split = (images[:cut], labels[:cut], images[cut:], labels[cut:])
+        return (*split, f"train images missing: training on the first {cut:,} test images, "
+                f"evaluating on the last {len(images) - cut:,}")  # fmt: skip
+    return (*train, *test, "the standard 60 000 / 10 000 split")
+
+
+def _normalise(images):
+    return ((images.float() / 255 - 0.1307) / 0.3081).flatten(1)
+
+
+def mnist(arguments: argparse.Namespace) -> int:
+    """Train a 784-H…-10 MLP on MNIST and report test accuracy and throughput."""
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from fastbp.nn import MLP
+    from fastbp.train import FusedTrainer
+
+    if arguments.backend == "triton":
+        raise _UsageError("the triton backend is not available yet; use numba or torch")
+    if arguments.device == "cuda" and not torch.cuda.is_available():
+        raise _UsageError("--device cuda: no CUDA GPU on this machine")
+    train_x, train_y, test_x, test_y, description = _mnist_data(
+        arguments.data_dir, not arguments.no_download
+    )
+    print(f"MNIST: {description}", file=sys.stderr)
+    device = arguments.device
+    train_x, test_x = _normalise(train_x).to(device), _normalise(test_x).to(device)
+    train_y, test_y = train_y.to(device), test_y.to(device)
+    torch.manual_seed(arguments.seed)
+    model = MLP([784, *arguments.hidden, 10], device=device)
+    trainer = FusedTrainer(
+        model, "cross_entropy", optimizer="sgd", lr=arguments.lr, momentum=0.9,
+        backend="numba" if arguments.backend == "numba" else "torch",
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(arguments.seed)
+    seen, start = 0, time.perf_counter()
+    for epoch in range(arguments.epochs):
+        order = torch.randperm(len(train_x), generator=generator).to(device)
+        batches = order.split(arguments.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{arguments.epochs}", unit="batch")
+        for batch in bar:
+            loss = trainer.step(train_x[batch], train_y[batch])
+            seen += len(batch)
+            rate = seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{rate:,.0f}", refresh=False)
+    elapsed = time.perf_counter() - start
+    with torch.no_grad():
+        accuracy = (model(test_x).argmax(dim=1) == test_y).float().mean().item()
+    print(f"test accuracy {accuracy:.4f} on {len(test_x)} images")
+    print(f"throughput {seen / elapsed:,.0f} samples/s ({arguments.backend}, {device})")
+    if arguments.save:
+        _save_atomically(model.state_dict(), arguments.save)
+        print(f"saved {arguments.save} (loads into MLP(...).to_torch() / nn.Sequential)")
+    return 0
+
+
+def _save_atomically(state, path: str) -> None:
+    """Write beside ``path`` then rename: an interrupted save leaves the old file whole."""
+    import os
+
+    import torch
+
+    temporary = f"{path}.partial"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def _hidden_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(item) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 256,128, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths like 256,128, got {text!r}")
+    return sizes
+
+
 class _UsageError(Exception):
     """A mistake in the command line: one line on stderr, exit status 2."""
 
@@ -102,6 +196,18 @@ def _parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15, quick 5)")
     bench_parser.add_argument("--output-dir", default=".", help="where bench.json/png go")
     bench_parser.set_defaults(run=bench)
+    mnist_parser = commands.add_parser("mnist", help=mnist.__doc__)
+    mnist_parser.add_argument("--backend", choices=["numba", "triton", "torch"], default="numba")
+    mnist_parser.add_argument("--epochs", type=int, default=10)
+    mnist_parser.add_argument("--batch-size", type=int, default=128)
+    mnist_parser.add_argument("--lr", type=float, default=0.05)
+    mnist_parser.add_argument("--hidden", type=_hidden_sizes, default=[256, 128])
+    mnist_parser.add_argument("--seed", type=int, default=0)
+    mnist_parser.add_argument("--data-dir", help="folder with the IDX files (default: cache)")
+    mnist_parser.add_argument("--no-download", action="store_true", help="never download")
+    mnist_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    mnist_parser.add_argument("--save", help="write the trained state_dict here")
+    mnist_parser.set_defaults(run=mnist)
     return parser
 
 

@@ -1,0 +1,200 @@
+"""MNIST: the IDX reader on files the tests write, downloads from a local server,
+the real test set when it is here, and ``fastbp mnist``."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import os
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastbp.data import mnist
+
+REAL_DATA = Path(
+    os.environ.get("FASTBP_MNIST_DIR", Path(__file__).parents[2] / "shared/data/mnist")
+)
+needs_real_mnist = pytest.mark.skipif(
+    not (REAL_DATA / "t10k-images-idx3-ubyte.gz").exists(),
+    reason=f"real MNIST test set not found in {REAL_DATA} (set FASTBP_MNIST_DIR)",
+)
+
+
+def idx_bytes(array: np.ndarray, magic: int, shape=None) -> bytes:
+    shape = array.shape if shape is None else shape
+    return struct.pack(f">{1 + len(shape)}I", magic, *shape) + array.astype(np.uint8).tobytes()
+
+
+def write_split(folder: Path, images: np.ndarray, labels: np.ndarray, split="test", compress=True):
+    names = mnist.FILES[split]
+    blobs = (idx_bytes(images, mnist.IMAGES_MAGIC), idx_bytes(labels, mnist.LABELS_MAGIC))
+    for name, blob in zip(names, blobs, strict=True):
+        if compress:
+            (folder / name).write_bytes(gzip.compress(blob))
+        else:
+            (folder / name.removesuffix(".gz")).write_bytes(blob)
+
+
+def _small(count=5):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (count, 28, 28)), rng.integers(0, 10, count)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_reader_round_trips_gzip_and_raw(tmp_path, monkeypatch, compress):
+    images, labels = _small()
+    write_split(tmp_path, images, labels, compress=compress)
+    if compress:  # the md5 of the files this test wrote
+        for name in mnist.FILES["test"]:
+            digest = hashlib.md5((tmp_path / name).read_bytes()).hexdigest()
+            monkeypatch.setitem(mnist.MD5, name, digest)
+    x, y = mnist.load_mnist(tmp_path, "test", download=False)
+    assert x.dtype.is_floating_point is False and tuple(x.shape) == (5, 28, 28)
+    np.testing.assert_array_equal(x.numpy(), images)
+    np.testing.assert_array_equal(y.numpy(), labels)
+
+
+@pytest.mark.parametrize(
+    "blob, words",
+    [
+        (b"\x00\x00", "truncated header"),
+        (struct.pack(">4I", 2049, 1, 28, 28) + bytes(784), "magic number 2049, expected 2051"),
+        (struct.pack(">4I", 2051, 2, 28, 28) + bytes(784), "data truncated"),
+        (struct.pack(">4I", 2051, 1, 28, 28) + bytes(785), "longer than its header says"),
+        (struct.pack(">4I", 2051, 10**9, 28, 28) + bytes(784), "data truncated"),
+        (struct.pack(">4I", 2051, 2**32 - 1, 2**32 - 1, 2**32 - 1), "data truncated"),
+    ],
+)
+@pytest.mark.parametrize("compress", [True, False])
+def test_corrupt_files_get_a_named_error(tmp_path, blob, words, compress):
+    path = tmp_path / "images"
+    path.write_bytes(gzip.compress(blob) if compress else blob)
+    with pytest.raises(mnist.IDXError, match=words) as raised:
+        mnist.read_idx(path, mnist.IMAGES_MAGIC)
+    assert str(path) in str(raised.value)
+
+
+def test_count_mismatch_and_md5_mismatch_are_named(tmp_path):
+    images, labels = _small()
+    write_split(tmp_path, images, labels[:4], compress=False)
+    with pytest.raises(mnist.IDXError, match="5 images but .* 4 labels"):
+        mnist.load_mnist(tmp_path, "test", download=False)
+    write_split(tmp_path, images, labels)  # gzip beside raw: remove raw to reach the md5 check
+    for name in mnist.FILES["test"]:
+        (tmp_path / name.removesuffix(".gz")).unlink()
+    with pytest.raises(mnist.IDXError, match="md5 mismatch"):
+        mnist.load_mnist(tmp_path, "test", download=False)
+
+
+def test_offline_names_the_missing_files_and_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError) as raised:
+        mnist.load_mnist(tmp_path, "train", download=False)
+    message = str(raised.value)
+    assert "train-images-idx3-ubyte.gz" in message and str(tmp_path) in message
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving ``tmp_path / "served"``."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield served, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+
+
+def test_download_checks_md5_caches_and_falls_back_to_the_next_mirror(
+    tmp_path, server, monkeypatch
+):
+    served, url = server
+    images, labels = _small()
+    write_split(served, images, labels)
+    for name in mnist.FILES["test"]:
+        monkeypatch.setitem(mnist.MD5, name, hashlib.md5((served / name).read_bytes()).hexdigest())
+    cache = tmp_path / "cache"
+    down = "http://127.0.0.1:9/"  # the discard port: nothing answers
+    x, _ = mnist.load_mnist(cache, "test", mirrors=(down, url))
+    np.testing.assert_array_equal(x.numpy(), images)
+    for name in mnist.FILES["test"]:  # cached: the next load needs no server
+        (served / name).unlink()
+    x, _ = mnist.load_mnist(cache, "test", download=False)
+    np.testing.assert_array_equal(x.numpy(), images)
+
+
+def test_download_with_bad_md5_leaves_nothing(tmp_path, server, monkeypatch):
+    served, url = server
+    write_split(served, *_small())
+    monkeypatch.setitem(mnist.MD5, mnist.FILES["test"][0], "0" * 32)
+    cache = tmp_path / "cache"
+    with pytest.raises(mnist.IDXError, match="md5|hash"):
+        mnist.load_mnist(cache, "test", mirrors=(url,))
+    assert not (cache / mnist.FILES["test"][0]).exists()
+    assert not [p for p in cache.iterdir() if p.name.startswith("tmp")]
+
+
+@needs_real_mnist
+def test_real_test_set_counts_shapes_and_labels():
+    images, labels = mnist.load_mnist(REAL_DATA, "test", download=False)
+    assert tuple(images.shape) == (10000, 28, 28) and tuple(labels.shape) == (10000,)
+    counts = labels.bincount().tolist()
+    assert counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def _fastbp(*arguments):
+    command = [sys.executable, "-m", "fastbp.cli", *arguments]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+@needs_real_mnist
+def test_fastbp_mnist_trains_to_90_percent_and_saves(tmp_path):
+    import torch
+
+    saved = tmp_path / "model.pt"
+    result = _fastbp(
+        "mnist", "--data-dir", str(REAL_DATA), "--epochs", "3", "--no-download",
+        "--save", str(saved),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "first 8,000 test images" in result.stderr
+    accuracy = float(result.stdout.split("test accuracy ")[1].split()[0])
+    assert accuracy >= 0.90
+    sequential = torch.nn.Sequential(
+        torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128),
+        torch.nn.ReLU(), torch.nn.Linear(128, 10),
+    )  # fmt: skip
+    sequential.load_state_dict(torch.load(saved))
+
+
+def test_fastbp_mnist_on_a_tiny_synthetic_set(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 200)
+    images = np.zeros((200, 28, 28)) + labels[:, None, None] * 20  # separable
+    write_split(tmp_path, images, labels, compress=False)
+    result = _fastbp("mnist", "--data-dir", str(tmp_path), "--epochs", "1", "--no-download")
+    assert result.returncode == 0, result.stderr
+    assert "first 160 test images" in result.stderr
+    assert "on 40 images" in result.stdout and "samples/s" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, words",
+    [
+        (["--backend", "triton"], "triton backend is not available"),
+        (["--no-download"], "missing t10k-images-idx3-ubyte.gz"),
+    ],
+)
+def test_fastbp_mnist_user_errors_are_one_line(tmp_path, arguments, words):
+    result = _fastbp("mnist", "--data-dir", str(tmp_path), *arguments)
+    assert result.returncode == 2
+    assert words in result.stderr and "Traceback" not in result.stderr
