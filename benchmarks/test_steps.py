@@ -4,8 +4,8 @@ Groups are named after the workload (``train docs-64x1000x100x10 cpu``, …).
 Every implementation comes from ``fastbp.backends``, the registry the tests
 check; each benchmark first checks, once, that it computes what torch-eager
 computes, then times it. ``extra_info`` holds samples/s, GFLOP/s and the
-ratios to ``gemm-floor`` and ``torch-eager`` of the same group (those two run
-first in each group, so their medians are known when the others finish).
+two ratios of ``fastbp.bench.figures`` (those baselines run first in each
+group, so their medians are known when the others finish).
 """
 
 import pytest
@@ -18,26 +18,22 @@ from fastbp.backends import (
     WORKLOADS,
     check_step,
 )
+from fastbp.bench import baseline, figures
 
 fastbp.threads.ensure_policy()
 _medians: dict[tuple[str, str], float] = {}
 
 
-def _record(benchmark, group: str, name: str, batch: int, flops: int) -> None:
+def _record(benchmark, device: str, name: str, workload, training=True) -> None:
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # benchmarks disabled: a smoke run, nothing to report
         return
     median = stats.stats.median
-    _medians[group, name] = median
-    benchmark.extra_info.update(
-        samples_per_s=batch / median, gflop_per_s=flops / median / 1e9, median_s=median
-    )
-    suffix = "-cuda" if group.endswith("cuda") else ""
-    for baseline in ("gemm-floor", "torch-eager"):
-        if (group, baseline + suffix) in _medians:
-            benchmark.extra_info[f"ratio_to_{baseline}"] = (
-                median / _medians[group, baseline + suffix]
-            )
+    _medians[benchmark.group, name] = median
+    eager = _medians.get((benchmark.group, baseline("torch-eager", device)))
+    floor = _medians.get((benchmark.group, baseline("gemm-floor", device)))
+    found = figures(workload, median, eager, floor, training)
+    benchmark.extra_info.update({k: v for k, v in found.items() if v is not None})
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
@@ -51,7 +47,7 @@ def test_train_step(benchmark, workload, name):
     step.run()  # compile outside the timing
     benchmark.group = f"train {workload.name} {implementation.device}"
     benchmark(step.run)
-    _record(benchmark, benchmark.group, name, workload.batch, workload.flops())
+    _record(benchmark, implementation.device, name, workload)
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
@@ -63,4 +59,4 @@ def test_inference(benchmark, workload, name):
     torch.testing.assert_close(forward(), expected, rtol=1e-4, atol=1e-5)
     benchmark.group = f"inference {workload.name} cpu"
     benchmark(forward)
-    _record(benchmark, benchmark.group, name, workload.batch, workload.flops(training=False))
+    _record(benchmark, "cpu", name, workload, training=False)

@@ -17,6 +17,12 @@ from . import functional as F
 from .kernels import reference
 
 Tensors = list[torch.Tensor]
+# torch's own loss for each of fastbp's loss names
+TORCH_LOSSES = {
+    "mse": torch.nn.functional.mse_loss,
+    "cross_entropy": torch.nn.functional.cross_entropy,
+    "bce_with_logits": torch.nn.functional.binary_cross_entropy_with_logits,
+}
 # (output, ∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ or None])
 Gradients = tuple[torch.Tensor, torch.Tensor, Tensors, list[torch.Tensor | None]]
 Runner = Callable[
@@ -149,12 +155,20 @@ class Workload:
             y = torch.randn(self.batch, self.sizes[-1], generator=generator)
         return x.to(device), y.to(device)
 
+    @property
+    def activations(self) -> list[str]:
+        """The activation names of ``model()``'s layers."""
+        return ["relu"] * (len(self.sizes) - 2) + ["identity"]
+
+    def numpy_parameters(self) -> tuple[list, list]:
+        """``model()``'s weights and biases (None without bias) as numpy copies."""
+        layers = [m for m in self.model() if isinstance(m, torch.nn.Linear)]
+        weights = [layer.weight.detach().numpy().copy() for layer in layers]
+        biases = [None if m.bias is None else m.bias.detach().numpy().copy() for m in layers]
+        return weights, biases
+
     def torch_loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        function = getattr(torch.nn.functional, f"{self.loss}_loss", None) or getattr(
-            torch.nn.functional, self.loss if self.loss != "bce_with_logits" else
-            "binary_cross_entropy_with_logits"
-        )  # fmt: skip
-        return function(output, y, reduction=self.reduction)
+        return TORCH_LOSSES[self.loss](output, y, reduction=self.reduction)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -230,12 +244,9 @@ def _fastbp_fused(backend: str) -> Callable[[Workload, str], Step]:
 
 
 def _numpy_manual(workload: Workload, device: str) -> Step:
-    parameters = [p.detach().numpy().copy() for p in workload.model().parameters()]
-    step = 2 if workload.bias else 1
-    weights = parameters[::step]
-    biases = parameters[1::2] if workload.bias else [None] * len(weights)
+    weights, biases = workload.numpy_parameters()
     x, y = (t.numpy() for t in workload.data())
-    activations = ["relu"] * (len(weights) - 1) + ["identity"]
+    activations = workload.activations
     optimizer = reference.SGD(workload.lr, workload.momentum)
 
     def run():
@@ -243,7 +254,11 @@ def _numpy_manual(workload: Workload, device: str) -> Step:
             x, y, weights, biases, activations, workload.loss, workload.reduction, optimizer
         )
 
-    return Step(run, lambda: [torch.from_numpy(p) for p in parameters])
+    def parameters():  # in nn.Sequential's order: W₁, b₁, W₂, …
+        pairs = zip(weights, biases, strict=True)
+        return [torch.from_numpy(p) for pair in pairs for p in pair if p is not None]
+
+    return Step(run, parameters)
 
 
 def _gemm_floor(workload: Workload, device: str) -> Step:
@@ -346,11 +361,8 @@ def _inference_fastbp(workload: Workload, device: str) -> Callable[[], torch.Ten
 
 
 def _inference_numpy(workload: Workload, device: str) -> Callable[[], torch.Tensor]:
-    layers = [m for m in workload.model() if isinstance(m, torch.nn.Linear)]
-    weights = [layer.weight.detach().numpy() for layer in layers]
-    biases = [None if layer.bias is None else layer.bias.detach().numpy() for layer in layers]
-    activations = ["relu"] * (len(layers) - 1) + ["identity"]
-    x = workload.data()[0].numpy()
+    weights, biases = workload.numpy_parameters()
+    x, activations = workload.data()[0].numpy(), workload.activations
     return lambda: torch.from_numpy(reference.mlp_forward(x, weights, biases, activations)[-1])
 
 

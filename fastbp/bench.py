@@ -28,6 +28,23 @@ QUICK_WORKLOADS = ("docs-64x1000x100x10", "mnist-784x256x128x10-b128")
 QUICK_SKIPS = ("torch-compile",)  # its compile alone takes longer than the quick budget
 
 
+def baseline(name: str, device: str) -> str:
+    """The registry name of baseline ``name`` ("torch-eager", "gemm-floor") on ``device``."""
+    return name + "-cuda" if device == "cuda" else name
+
+
+def figures(workload: Workload, seconds: float, eager=None, floor=None, training=True) -> dict:
+    """What one median time per step means: throughput and the two ratios of one run
+    (speedup over torch eager, time over the GEMM floor), None without the baseline."""
+    return {
+        "median_us": seconds * 1e6,
+        "samples_per_s": workload.batch / seconds,
+        "gflop_per_s": workload.flops(training) / seconds / 1e9,
+        "speedup_vs_torch_eager": eager / seconds if eager else None,
+        "ratio_to_gemm_floor": seconds / floor if floor else None,
+    }
+
+
 def _synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -78,18 +95,14 @@ def bench_workload(
         for name, (run, _, steps) in prepared.items():
             times[name].append(_time_round(run, device, steps))
     medians = {name: statistics.median(values) for name, values in times.items()}
-    suffix = "-cuda" if device == "cuda" else ""
-    eager, floor = medians.get("torch-eager" + suffix), medians.get("gemm-floor" + suffix)
+    eager = medians.get(baseline("torch-eager", device))
+    floor = medians.get(baseline("gemm-floor", device))
     return [
         {
             "workload": workload.name,
             "device": device,
             "implementation": name,
-            "median_us": median * 1e6,
-            "samples_per_s": workload.batch / median,
-            "gflop_per_s": workload.flops() / median / 1e9,
-            "speedup_vs_torch_eager": eager / median if eager else None,
-            "ratio_to_gemm_floor": median / floor if floor else None,
+            **figures(workload, median, eager, floor),
             "first_call_s": prepared[name][1],
             "rounds_us": [t * 1e6 for t in times[name]],
         }

@@ -26,14 +26,9 @@ from . import threads
 from .kernels import cpu, reference
 from .nn import MLP
 
-_TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+# The torch.optim class each optimizer name follows, and its state_dict keys.
+TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 _STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}
-
-
-def _check_choice(name: str, value: str, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-    return value
 
 
 class FusedTrainer:
@@ -67,31 +62,28 @@ class FusedTrainer:
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.nn.MLP, got {type(model).__name__}")
         self.model = model
-        self.loss = _check_choice("loss", loss, reference.LOSSES)
-        self.reduction = _check_choice("reduction", reduction, reference.REDUCTIONS)
-        self.optimizer = _check_choice("optimizer", optimizer, reference.OPTIMIZERS)
+        self.loss = cpu.check_choice("loss", loss, reference.LOSSES)
+        self.reduction = cpu.check_choice("reduction", reduction, reference.REDUCTIONS)
+        self.optimizer = cpu.check_choice("optimizer", optimizer, reference.OPTIMIZERS)
         self.backend = F.check_backend(backend)
-        cpu._hyperparameters(lr, momentum, weight_decay, betas, eps)  # the range checks
+        cpu.check_hyperparameters(lr, momentum, weight_decay, betas, eps)
         extra = {"momentum": momentum} if optimizer == "sgd" else {"betas": betas, "eps": eps}
         self.hyper = {"lr": lr, "weight_decay": weight_decay, **extra}
         self._params = list(model.parameters())
-        self._torch_optimizer = _TORCH_OPTIMIZERS[optimizer](self._params, **self.hyper)
+        self._torch_optimizer = TORCH_OPTIMIZERS[optimizer](self._params, **self.hyper)
         self._kernel: cpu.TrainStep | None = None
 
     # -- the step ----------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One training step on the batch ``(x, y)``; returns the loss before the update."""
         layers = self.model.linears
+        weights, biases = [layer.weight for layer in layers], [layer.bias for layer in layers]
         x = F._check_tensor("x", x, 2)
-        F._check_network(x, *self._layer_parameters(), self.model.activations)
-        self._check_target(x, y, layers[-1].out_features)
+        F._check_network(x, weights, biases, self.model.activations)
+        self._check_target(x, y, weights[-1].shape[0])
         if self._resolved_backend(x) == "torch":
-            return self._torch_step(x, y)
-        return self._numba_step(x, y)
-
-    def _layer_parameters(self):
-        layers = self.model.linears
-        return [layer.weight for layer in layers], [layer.bias for layer in layers]
+            return self._torch_step(x, y, weights, biases)
+        return self._numba_step(x, y, weights, biases)
 
     def _resolved_backend(self, x: torch.Tensor) -> str:
         if self.backend == "torch" or (self.backend == "auto" and x.device.type != "cpu"):
@@ -124,13 +116,13 @@ class FusedTrainer:
                 f"got {F._describe(y)}"
             )
 
-    def _numba_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _numba_step(self, x, y, weights, biases) -> torch.Tensor:
         threads.ensure_policy()
-        weights, biases = self._layer_parameters()
         arrays = [w.detach().numpy() for w in weights], [F._array(b) for b in biases]
-        if self._kernel is None or self._kernel_dtype != x.dtype:
+        inputs = x.detach().numpy()
+        if self._kernel is None or self._kernel.dtype != inputs.dtype:
             self._kernel = self._build_kernel(*arrays)
-        value = self._kernel(x.detach().numpy(), y.detach().numpy(), *arrays)
+        value = self._kernel(inputs, y.detach().numpy(), *arrays)
         return torch.tensor(value, dtype=x.dtype)
 
     def _build_kernel(self, weights, biases) -> cpu.TrainStep:
@@ -147,16 +139,14 @@ class FusedTrainer:
             betas=self.hyper.get("betas", (0.9, 0.999)),
             eps=self.hyper.get("eps", 1e-8),
         )
-        self._kernel_dtype = self._params[0].dtype
         self._copy_state_into_kernel(kernel)
         return kernel
 
     @torch.no_grad()
-    def _torch_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _torch_step(self, x, y, weights, biases) -> torch.Tensor:
         if self._kernel is not None:  # switching backends: carry the state over
             self._load_torch_state(self._export_state())
             self._kernel = None
-        weights, biases = self._layer_parameters()
         table = [_activations.get(a) for a in self.model.activations]
         inputs, outputs = [x], []
         for weight, bias, activation in zip(weights, biases, table, strict=True):

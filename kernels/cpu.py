@@ -565,13 +565,18 @@ def linear_act_backward(
     return grad_x, grad_weight, grad_bias
 
 
-def _code(name: str, value: str, options: tuple[str, ...]) -> int:
+def check_choice(name: str, value: str, options: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``options``; a ``ValueError`` listing them otherwise."""
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
-    return options.index(value)
+    return value
 
 
-def _hyperparameters(lr, momentum, weight_decay, betas, eps) -> np.ndarray:
+def _code(name: str, value: str, options: tuple[str, ...]) -> int:
+    return options.index(check_choice(name, value, options))
+
+
+def check_hyperparameters(lr, momentum, weight_decay, betas, eps) -> np.ndarray:
     """The ``hyper`` array, after the range checks ``torch.optim`` makes."""
     checks = [("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)]
     for name, value in checks:
@@ -600,11 +605,12 @@ class TrainStep:
     ) -> None:  # fmt: skip
         x = np.empty((0, weights[0].shape[1]), _dtype_of(weights[0]))
         _, weights, biases, self._codes = _checked_layers(x, weights, biases, activations)
+        self.dtype = x.dtype
         self.activations = list(activations)
         self.loss = _code("loss", loss, LOSSES)
         self.scale_by_mean = _code("reduction", reduction, REDUCTIONS) == 0
         self.optimizer = _code("optimizer", optimizer, OPTIMIZERS)
-        self.hyper = _hyperparameters(lr, momentum, weight_decay, betas, eps)
+        self.hyper = check_hyperparameters(lr, momentum, weight_decay, betas, eps)
         self.steps = 0
         self._grad_weights = tuple(np.empty_like(w) for w in weights)
         self._grad_biases = tuple(np.empty_like(b) for b in biases)
@@ -615,8 +621,7 @@ class TrainStep:
 
     def _zeros(self, sizes, kept) -> tuple[np.ndarray, ...]:
         """Two flat state arrays per parameter, the first ``kept`` of them in use."""
-        dtype = self._grad_weights[0].dtype
-        return tuple(np.zeros(n if i < kept else 0, dtype) for n in sizes for i in range(2))
+        return tuple(np.zeros(n if i < kept else 0, self.dtype) for n in sizes for i in range(2))
 
     def state(self) -> list[tuple[np.ndarray, ...]]:
         """Each parameter's optimizer state in ``nn.Sequential`` order (W₁, b₁, W₂, …):
@@ -633,7 +638,6 @@ class TrainStep:
 
     def _targets(self, y, batch: int, width: int):
         """``(targets, labels)`` checked against the output, one of them empty."""
-        dtype = self._grad_weights[0].dtype
         if self.loss == CROSS_ENTROPY:
             if y.dtype.kind not in "iu":
                 raise TypeError(
@@ -644,28 +648,29 @@ class TrainStep:
             if batch and (y.min() < 0 or y.max() >= width):
                 bad = y[(y < 0) | (y >= width)][0]
                 raise ValueError(f"y holds class index {bad}, outside [0, {width})")
-            return np.empty((0, 0), dtype), np.ascontiguousarray(y, np.int64)
-        targets = _matrix("y", y, dtype, (batch, width))
+            return np.empty((0, 0), self.dtype), np.ascontiguousarray(y, np.int64)
+        targets = _matrix("y", y, self.dtype, (batch, width))
         return targets, np.empty(0, np.int64)
 
     def __call__(self, x, y, weights, biases) -> float:
         """One step on batch ``(x, y)``; returns the loss before the update."""
-        x, weights, biases, _ = _checked_layers(x, weights, biases, self.activations)
+        # Checked before _checked_layers, which would update a contiguous copy instead.
         for name, arrays in (("weights", weights), ("biases", biases)):
             for layer, array in enumerate(arrays):
-                if not array.flags.c_contiguous:
+                if array is not None and not array.flags.c_contiguous:
                     raise ValueError(f"{name}[{layer}] must be C-contiguous to be updated in place")
+        x, weights, biases, _ = _checked_layers(x, weights, biases, self.activations)
         if x.shape[0] == 0:
             raise ValueError("x must hold at least one sample, got a batch of 0")
-        if x.dtype != self._grad_weights[0].dtype:
-            raise TypeError(f"x must have dtype {self._grad_weights[0].dtype}, got {x.dtype}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have dtype {self.dtype}, got {x.dtype}")
         batch, width = x.shape[0], weights[-1].shape[0]
         targets, labels = self._targets(y, batch, width)
         if not self._workspaces or self._workspaces[0][0].shape[0] != batch:
             shapes = [(batch, w.shape[0]) for w in weights]
             self._workspaces = tuple(tuple(np.empty(s, x.dtype) for s in shapes) for _ in "od")
         terms = batch if self.loss == CROSS_ENTROPY else batch * width
-        scale = 1.0 / max(terms, 1) if self.scale_by_mean else 1.0
+        scale = 1.0 / terms if self.scale_by_mean else 1.0
         self.steps += 1
         return _train_step(
             _prepare_launch(x.dtype), x, targets, labels, weights, biases, self._codes,

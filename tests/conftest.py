@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,3 +63,9 @@ def max_abs_error(value: torch.Tensor, reference: torch.Tensor) -> float:
         return math.inf
     both = ~torch.isnan(reference)
     return (value[both] - reference[both]).abs().max().item() if both.any() else 0.0
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    """``fastbp ARGUMENTS`` in a subprocess, as a user runs it."""
+    command = [sys.executable, "-m", "fastbp.cli", *arguments]
+    return subprocess.run(command, capture_output=True, text=True)

@@ -1,18 +1,12 @@
 """The command line, through a subprocess as a user runs it."""
 
 import json
-import subprocess
-import sys
 
-
-def _fastbp(*arguments):
-    return subprocess.run(
-        [sys.executable, "-m", "fastbp.cli", *arguments], capture_output=True, text=True
-    )
+from .conftest import run_cli
 
 
 def test_info_reports_versions_policy_and_backends():
-    result = _fastbp("info")
+    result = run_cli("info")
     assert result.returncode == 0, result.stderr
     for field in ("fastbp", "torch", "numba", "numpy", "triton", "thread policy", "backends"):
         assert field in result.stdout
@@ -20,13 +14,13 @@ def test_info_reports_versions_policy_and_backends():
 
 
 def test_version_and_usage_errors():
-    assert _fastbp("--version").stdout.startswith("fastbp ")
-    result = _fastbp("frobnicate")
+    assert run_cli("--version").stdout.startswith("fastbp ")
+    result = run_cli("frobnicate")
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
 def test_bench_writes_table_json_and_plot(tmp_path):
-    result = _fastbp(
+    result = run_cli(
         "bench", "--quick", "--device", "cpu", "--rounds", "1",
         "--workloads", "docs-64x1000x100x10",
         "--implementations", "gemm-floor,torch-eager,fastbp-fused",
@@ -43,7 +37,7 @@ def test_bench_writes_table_json_and_plot(tmp_path):
 
 
 def test_bench_names_an_unknown_workload():
-    result = _fastbp("bench", "--workloads", "imagenet")
+    result = run_cli("bench", "--workloads", "imagenet")
     assert result.returncode == 2
     assert "unknown workload or implementation 'imagenet'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -9,8 +9,6 @@ import hashlib
 import http.server
 import os
 import struct
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import numpy as np
 import pytest
 
 from fastbp.data import mnist
+
+from .conftest import run_cli
 
 REAL_DATA = Path(
     os.environ.get("FASTBP_MNIST_DIR", Path(__file__).parents[2] / "shared/data/mnist")
@@ -151,17 +151,12 @@ def test_real_test_set_counts_shapes_and_labels():
     assert counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
-def _fastbp(*arguments):
-    command = [sys.executable, "-m", "fastbp.cli", *arguments]
-    return subprocess.run(command, capture_output=True, text=True)
-
-
 @needs_real_mnist
 def test_fastbp_mnist_trains_to_90_percent_and_saves(tmp_path):
     import torch
 
     saved = tmp_path / "model.pt"
-    result = _fastbp(
+    result = run_cli(
         "mnist", "--data-dir", str(REAL_DATA), "--epochs", "3", "--no-download",
         "--save", str(saved),
     )  # fmt: skip
@@ -181,7 +176,7 @@ def test_fastbp_mnist_on_a_tiny_synthetic_set(tmp_path):
     labels = rng.integers(0, 10, 200)
     images = np.zeros((200, 28, 28)) + labels[:, None, None] * 20  # separable
     write_split(tmp_path, images, labels, compress=False)
-    result = _fastbp("mnist", "--data-dir", str(tmp_path), "--epochs", "1", "--no-download")
+    result = run_cli("mnist", "--data-dir", str(tmp_path), "--epochs", "1", "--no-download")
     assert result.returncode == 0, result.stderr
     assert "first 160 test images" in result.stderr
     assert "on 40 images" in result.stdout and "samples/s" in result.stdout
@@ -195,6 +190,6 @@ def test_fastbp_mnist_on_a_tiny_synthetic_set(tmp_path):
     ],
 )
 def test_fastbp_mnist_user_errors_are_one_line(tmp_path, arguments, words):
-    result = _fastbp("mnist", "--data-dir", str(tmp_path), *arguments)
+    result = run_cli("mnist", "--data-dir", str(tmp_path), *arguments)
     assert result.returncode == 2
     assert words in result.stderr and "Traceback" not in result.stderr

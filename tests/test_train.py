@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fastbp
-from fastbp.backends import STEP_IMPLEMENTATIONS, WORKLOADS, check_step
+from fastbp.backends import STEP_IMPLEMENTATIONS, TORCH_LOSSES, WORKLOADS, check_step
 from fastbp.kernels import reference
-from fastbp.train import FusedTrainer
+from fastbp.train import TORCH_OPTIMIZERS, FusedTrainer
 
 from .conftest import max_abs_error
 from .test_examples import (
@@ -28,11 +28,6 @@ OPTIMIZERS = {
     "sgd-momentum-decay": {"momentum": 0.9, "weight_decay": 0.01},
     "sgd-decay": {"weight_decay": 0.1},
     "adam": {"weight_decay": 0.01, "betas": (0.8, 0.99)},
-}
-TORCH_LOSSES = {
-    "mse": torch.nn.functional.mse_loss,
-    "cross_entropy": torch.nn.functional.cross_entropy,
-    "bce_with_logits": torch.nn.functional.binary_cross_entropy_with_logits,
 }
 
 
@@ -52,8 +47,7 @@ def _torch_run(model, x, y, loss, reduction, optimizer, hyper, steps):
     """Losses and final parameters of ``steps`` steps of nn.Sequential + torch.optim."""
     sequential = model.to_torch()
     options = {k: v for k, v in hyper.items() if k in ("lr", "momentum", "weight_decay", "betas")}
-    torch_optimizer = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
-    opt = torch_optimizer(sequential.parameters(), **options)
+    opt = TORCH_OPTIMIZERS[optimizer](sequential.parameters(), **options)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
@@ -131,7 +125,7 @@ def test_state_round_trips_through_torch_optim(configuration):
     continue on the same trajectory."""
     hyper = {"lr": 0.05, **OPTIMIZERS[configuration]}
     optimizer = "adam" if configuration == "adam" else "sgd"
-    torch_optimizer = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
+    torch_optimizer = TORCH_OPTIMIZERS[optimizer]
     model, x, y = _problem([5, 4, 3], 6, "cross_entropy", torch.float64)
     _, _, opt = _torch_run(model, x, y, "cross_entropy", "mean", optimizer, hyper, 2)
     _, trainer = _fused_run(model, x, y, "cross_entropy", "mean", optimizer, hyper, 2, "numba")
@@ -169,6 +163,17 @@ def test_bad_targets_fail_before_any_parameter_changes(loss, bad_y, error, words
     with pytest.raises(error) as raised:
         trainer.step(x, bad_y(y))
     assert words in str(raised.value)
+    for now, then in zip(model.parameters(), before, strict=True):
+        assert torch.equal(now, then)
+
+
+def test_non_contiguous_parameters_are_refused_not_copied():
+    model, x, y = _problem([6, 5, 3], 4, "mse", torch.float32)
+    weight = model.linears[0].weight
+    weight.data = weight.data.t().contiguous().t()  # same values, transposed strides
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"weights\[0\] must be C-contiguous"):
+        FusedTrainer(model, backend="numba").step(x, y)
     for now, then in zip(model.parameters(), before, strict=True):
         assert torch.equal(now, then)
 
