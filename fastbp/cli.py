@@ -1,4 +1,4 @@
-"""The ``fastbp`` command line: ``fastbp bench`` and ``fastbp info``."""
+"""The ``fastbp`` command line: ``bench``, ``mnist``, ``examples`` and ``info``."""
 
 from __future__ import annotations
 
@@ -71,6 +71,18 @@ def bench(arguments: argparse.Namespace) -> int:
     print(benchmarks.format_table(rows))
     print(f"\nwrote {Path(arguments.output_dir) / 'bench.json'} and bench.png")
     return 0
+
+
+def examples(arguments: argparse.Namespace) -> int:
+    """Reproduce the worked examples E1-E5: published, fastbp's and torch's values."""
+    from fastbp import examples as worked
+
+    try:
+        checks = worked.run(arguments.names or None)
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
+    print(worked.format_table(checks))
+    return 0 if all(check.matches for check in checks) else 1
 
 
 def _mnist_data(data_dir, download: bool):
@@ -196,6 +208,11 @@ def _parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15, quick 5)")
     bench_parser.add_argument("--output-dir", default=".", help="where bench.json/png go")
     bench_parser.set_defaults(run=bench)
+    examples_parser = commands.add_parser("examples", help=examples.__doc__)
+    examples_parser.add_argument(
+        "names", nargs="*", help="examples to run, e.g. E1 E3 (default: all)"
+    )
+    examples_parser.set_defaults(run=examples)
     mnist_parser = commands.add_parser("mnist", help=mnist.__doc__)
     mnist_parser.add_argument("--backend", choices=["numba", "triton", "torch"], default="numba")
     mnist_parser.add_argument("--epochs", type=int, default=10)
