@@ -7,7 +7,9 @@ boundary, because the kernels below do not check bounds, then dispatch on
 
 - ``"numba"``: fastbp's CPU kernels (``fastbp.kernels.cpu``);
 - ``"torch"``: native torch ops under torch's autograd, the baseline;
-- ``"auto"``: numba for CPU tensors.
+- ``"auto"``: numba for float32/float64 CPU tensors, torch for the rest
+  (CUDA, float16, bfloat16), so a model moved with ``.cuda()`` or
+  ``.to(torch.bfloat16)`` keeps working.
 """
 
 from __future__ import annotations
@@ -85,8 +87,11 @@ def check_backend(backend: str) -> str:
 
 
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend that runs ``x``: "auto" falls back to torch where numba cannot."""
     if check_backend(backend) == "torch":
         return backend
+    if backend == "auto":
+        return "numba" if x.device.type == "cpu" and x.dtype in CPU_DTYPES else "torch"
     if x.device.type != "cpu":
         raise ValueError(
             f"backend {backend!r} runs on CPU tensors only, got x on {x.device}; "
@@ -113,23 +118,60 @@ def _check_network(x, weights, biases, activations) -> list[_activations.Activat
 
 
 # ---------------------------------------------------------------------------
-# The numba backend as one autograd node
+# The numba backend: the kernels on tensors, then wired two ways below
 # ---------------------------------------------------------------------------
 def _array(tensor: torch.Tensor | None):
     return None if tensor is None else tensor.detach().numpy()
 
 
+def _numba_forward(x, weights, biases, activations) -> list[torch.Tensor]:
+    """Every layer's output ``[a₁, …, a_L]``, one kernel call."""
+    threads.ensure_policy()
+    outputs = cpu.mlp_forward(
+        _array(x), [_array(w) for w in weights], [_array(b) for b in biases], list(activations)
+    )
+    return [torch.from_numpy(a) for a in outputs]
+
+
+def _refuse_double_backward() -> None:
+    if torch.is_grad_enabled():
+        # create_graph=True: a backward that is not itself differentiable would
+        # silently drop the second-order terms, so refuse instead.
+        raise RuntimeError(
+            "fastbp's hand-derived backward is not differentiable: double backward "
+            "(create_graph=True) and higher-order gradients need backend='torch'"
+        )
+
+
+def _numba_backward(grad_output, x, weights, has_bias, activations, outputs, needs_input_grad):
+    """``(∂L/∂x or None, [∂L/∂Wₗ], [∂L/∂bₗ or None])``, one kernel call."""
+    threads.ensure_policy()
+    grad_x, grad_weights, grad_biases = cpu.mlp_backward(
+        _array(grad_output),
+        _array(x),
+        [_array(w) for w in weights],
+        [True if has else None for has in has_bias],
+        list(activations),
+        [_array(a) for a in outputs],
+        needs_input_grad=needs_input_grad,
+    )
+    as_tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+    return as_tensor(grad_x), [*map(as_tensor, grad_weights)], [*map(as_tensor, grad_biases)]
+
+
 class _NumbaMLP(torch.autograd.Function):
-    """The whole network as one node: forward saves each layer's output, nothing else."""
+    """The whole network as one eager autograd node: the lowest per-call overhead.
+
+    Forward saves each layer's output, nothing else.
+    """
 
     @staticmethod
     def forward(ctx, x, activations, num_layers, *parameters):
+        # Old-style forward (ctx first, one output): ~30 µs cheaper per call than
+        # setup_context with every layer's output returned. torch.func transforms
+        # would need setup_context, but cannot use this backward anyway (see below).
         weights, biases = parameters[:num_layers], parameters[num_layers:]
-        threads.ensure_policy()
-        outputs = cpu.mlp_forward(
-            _array(x), [_array(w) for w in weights], [_array(b) for b in biases], activations
-        )
-        outputs = [torch.from_numpy(a) for a in outputs]
+        outputs = _numba_forward(x, weights, biases, activations)
         ctx.activations = activations
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x, *weights, *outputs)
@@ -137,33 +179,116 @@ class _NumbaMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.is_grad_enabled():
-            # create_graph=True: a backward that is not itself differentiable would
-            # silently drop the second-order terms, so refuse instead.
-            raise RuntimeError(
-                "fastbp's hand-derived backward is not differentiable: double backward "
-                "(create_graph=True, higher-order gradients) needs backend='torch'"
-            )
+        _refuse_double_backward()
         num_layers = len(ctx.activations)
         x, *saved = ctx.saved_tensors
         weights, outputs = saved[:num_layers], saved[num_layers:]
-        grad_x, grad_weights, grad_biases = cpu.mlp_backward(
-            _array(grad_output),
-            _array(x),
-            [_array(w) for w in weights],
-            [True if has else None for has in ctx.has_bias],
-            ctx.activations,
-            [_array(a) for a in outputs],
-            needs_input_grad=ctx.needs_input_grad[0],
+        grad_x, grad_weights, grad_biases = _numba_backward(
+            grad_output, x, weights, ctx.has_bias, ctx.activations, outputs,
+            ctx.needs_input_grad[0],
+        )  # fmt: skip
+        return grad_x, None, None, *grad_weights, *grad_biases
+
+
+# The same kernels as torch.library custom ops: opaque to torch.compile and
+# torch.export (which trace them through their fake implementations instead of
+# breaking the graph on numpy), at a few µs more dispatch per call than the
+# autograd.Function above.
+@torch.library.custom_op("fastbp::mlp_forward", mutates_args=(), device_types="cpu")
+def mlp_forward_op(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    has_bias: list[bool],
+    activations: str,
+) -> list[torch.Tensor]:
+    """Every layer's output ``[a₁, …, a_L]``; gradients flow from ``a_L`` only.
+
+    ``biases`` holds the biases of the layers whose ``has_bias`` is true (torch's
+    op autograd drops gradients of a tensor list holding None), and
+    ``activations`` is comma-separated, "relu,identity" (a schema has no list of str).
+    """
+    return _numba_forward(x, weights, _with_nones(biases, has_bias), activations.split(","))
+
+
+def _with_nones(present: Sequence[torch.Tensor], has_bias: Sequence[bool]) -> list:
+    present = iter(present)
+    return [next(present) if has else None for has in has_bias]
+
+
+@mlp_forward_op.register_fake
+def _(x, weights, biases, has_bias, activations):
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
+
+
+@torch.library.custom_op("fastbp::mlp_backward", mutates_args=(), device_types="cpu")
+def mlp_backward_op(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    has_bias: list[bool],
+    activations: str,
+    outputs: list[torch.Tensor],
+    needs_input_grad: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """``(∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ of the layers with a bias])``;
+    ``∂L/∂x`` is empty unless ``needs_input_grad``."""
+    grad_x, grad_weights, grad_biases = _numba_backward(
+        grad_output, x, weights, has_bias, activations.split(","), outputs, needs_input_grad
+    )
+    if grad_x is None:
+        grad_x = x.new_empty(0)
+    return grad_x, grad_weights, [g for g in grad_biases if g is not None]
+
+
+@mlp_backward_op.register_fake
+def _(grad_output, x, weights, has_bias, activations, outputs, needs_input_grad):
+    grad_x = torch.empty_like(x) if needs_input_grad else x.new_empty(0)
+    grad_biases = [w.new_empty(w.shape[0]) for w, has in zip(weights, has_bias, strict=True) if has]
+    return grad_x, [torch.empty_like(w) for w in weights], grad_biases
+
+
+def _setup_mlp_context(ctx, inputs, output):
+    x, weights, _, has_bias, activations = inputs
+    ctx.activations, ctx.has_bias = activations, has_bias
+    ctx.mark_non_differentiable(*output[:-1])
+    ctx.save_for_backward(x, *weights, *output)
+
+
+def _mlp_forward_op_backward(ctx, grad_outputs):
+    _refuse_double_backward()
+    num_layers = len(ctx.has_bias)
+    x, *saved = ctx.saved_tensors
+    weights, outputs = saved[:num_layers], saved[num_layers:]
+    grad_x, grad_weights, grad_biases = mlp_backward_op(
+        grad_outputs[-1], x, list(weights), ctx.has_bias, ctx.activations, list(outputs),
+        ctx.needs_input_grad[0],
+    )  # fmt: skip
+    return grad_x if ctx.needs_input_grad[0] else None, grad_weights, grad_biases, None, None
+
+
+mlp_forward_op.register_autograd(_mlp_forward_op_backward, setup_context=_setup_mlp_context)
+
+
+def _functorch_active() -> bool:
+    # private, hence the getattr: without it, torch's own (less clear) error stands
+    return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
+
+
+def _numba_mlp(x, weights, biases, names: tuple[str, ...]) -> torch.Tensor:
+    """The autograd.Function in eager mode (about 100 µs less per forward+backward,
+    ``benchmarks/dispatch_overhead.py``); the custom op where torch.compile or
+    torch.export traces, since they cannot trace into numpy."""
+    if _functorch_active():
+        raise RuntimeError(
+            "torch.func transforms (grad, vjp, jacrev, vmap) cannot run fastbp's numba "
+            "kernels: use backend='torch' for them (torch.func.functional_call works)"
         )
-        as_tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
-        return (
-            as_tensor(grad_x),
-            None,
-            None,
-            *map(as_tensor, grad_weights),
-            *map(as_tensor, grad_biases),
-        )
+    if torch.compiler.is_compiling():
+        has_bias = [b is not None for b in biases]
+        present = [b for b in biases if b is not None]
+        return mlp_forward_op(x, weights, present, has_bias, ",".join(names))[-1]
+    return _NumbaMLP.apply(x, names, len(weights), *weights, *biases)
 
 
 # ---------------------------------------------------------------------------
@@ -195,8 +320,7 @@ def mlp(
         for weight, bias, activation in zip(weights, biases, table, strict=True):
             x = activation.function(torch.nn.functional.linear(x, weight, bias))
         return x
-    names = tuple(a.name for a in table)
-    return _NumbaMLP.apply(x, names, len(weights), *weights, *biases)
+    return _numba_mlp(x, weights, biases, tuple(a.name for a in table))
 
 
 def linear_act(
@@ -217,4 +341,4 @@ def linear_act(
     act = _activations.get(activation)
     if _resolve_backend(backend, x) == "torch":
         return act.function(torch.nn.functional.linear(x, weight, bias))
-    return _NumbaMLP.apply(x, (act.name,), 1, weight, bias)
+    return _numba_mlp(x, [weight], [bias], (act.name,))

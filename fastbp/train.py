@@ -9,7 +9,7 @@ update of a ``fastbp.nn.MLP`` with the gradients derived by hand
   the update into the weight-gradient GEMM, so ∂W is never written out.
 - ``backend="torch"``: the same hand-derived step in native torch ops, with the
   update done by ``torch.optim`` itself; it runs on any device.
-- ``backend="auto"``: numba for CPU tensors, torch otherwise.
+- ``backend="auto"``: numba for float32/float64 CPU tensors, torch otherwise.
 
 The parameters stay the model's own tensors, updated in place, so the model
 can be evaluated, saved or handed to ``torch.optim`` at any time; the
@@ -81,14 +81,9 @@ class FusedTrainer:
         x = F._check_tensor("x", x, 2)
         F._check_network(x, weights, biases, self.model.activations)
         self._check_target(x, y, weights[-1].shape[0])
-        if self._resolved_backend(x) == "torch":
+        if F._resolve_backend(self.backend, x) == "torch":
             return self._torch_step(x, y, weights, biases)
         return self._numba_step(x, y, weights, biases)
-
-    def _resolved_backend(self, x: torch.Tensor) -> str:
-        if self.backend == "torch" or (self.backend == "auto" and x.device.type != "cpu"):
-            return "torch"
-        return F._resolve_backend(self.backend, x)  # numba: checks device and dtype
 
     def _check_target(self, x: torch.Tensor, y, classes: int) -> None:
         """Reject a bad ``y`` before any parameter changes."""

@@ -249,5 +249,5 @@ def test_double_backward_is_refused_clearly():
     x, (weight,), (bias,), _ = make_network([3, 2], 2, seed=8)
     weight.requires_grad_()
     out = F.linear_act(x, weight, bias, "tanh", backend="numba")
-    with pytest.raises(RuntimeError, match="double backward .* needs backend='torch'"):
+    with pytest.raises(RuntimeError, match="double backward .* need backend='torch'"):
         torch.autograd.grad(out.sum(), weight, create_graph=True)
