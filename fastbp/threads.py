@@ -20,6 +20,21 @@ The policy, applied once before the first kernel runs:
 3. numba's pool uses a thread-safe layer (``omp`` or ``tbb``; ``workqueue``
    cannot serve concurrent calls) and at most torch's thread count. The fused
    element-wise passes only wake it above ``kernels.cpu.PARALLEL_MIN_ELEMENTS``.
+4. Several ranks on one machine (DistributedDataParallel) split its cores:
+   each rank uses at most cores / ranks-on-this-machine threads, torch's and
+   numba's alike. The ranks on this machine are ``LOCAL_WORLD_SIZE`` (torchrun
+   sets it), else the world size of an initialised process group (the usual
+   ``mp.spawn`` on one machine). Without it, 2 ranks on 2 cores each ran 2+2
+   threads (``benchmarks/ddp_threads.py`` measures both).
+
+5. Results do not depend on the thread count: at import, fastbp puts torch's
+   MKL in its strict conditional-numerical-reproducibility mode (what
+   ``MKL_CBWR=AUTO,STRICT`` does), in which a GEMM no longer splits its sum
+   across threads; measured at no cost on the workloads' GEMMs. MKL accepts
+   this only before its first call in the process: ``import fastbp`` before
+   running torch ops (``describe()["blas_reproducible"]`` says whether it took).
+   fastbp's own kernels split work by output column, so they are
+   thread-count independent anyway.
 
 ``FASTBP_THREAD_POLICY=off`` skips all of it (kernels then use scipy's BLAS
 with default threads): that is the "before" of the benchmark, not a mode to run in.
@@ -27,6 +42,7 @@ with default threads): that is the "before" of the benchmark, not a mode to run 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
@@ -37,12 +53,34 @@ from threadpoolctl import threadpool_limits
 from .kernels import cpu
 
 _applied: dict | None = None
+MKL_CBWR_AUTO, MKL_CBWR_STRICT = 2, 0x10000  # mkl_service.h
+
+
+def _policy_on() -> bool:
+    return os.environ.get("FASTBP_THREAD_POLICY", "on").lower() not in {"off", "0", "false"}
 
 
 def _torch_cpu_library() -> str:
     suffix = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
     prefix = "" if sys.platform == "win32" else "lib"
     return os.path.join(os.path.dirname(torch.__file__), "lib", f"{prefix}torch_cpu{suffix}")
+
+
+def _request_reproducible_blas() -> str:
+    """Put torch's MKL in strict CNR mode; what happened, in words."""
+    if "MKL_CBWR" in os.environ:
+        return f"as set by MKL_CBWR={os.environ['MKL_CBWR']}"
+    try:
+        set_mode = ctypes.CDLL(_torch_cpu_library()).mkl_serv_cbwr_set
+    except (OSError, AttributeError):
+        return "no: torch's BLAS is not MKL"
+    status = set_mode(MKL_CBWR_AUTO | MKL_CBWR_STRICT)
+    if status != 0:
+        return f"no: MKL ran before fastbp was imported (mkl_cbwr_set returned {status})"
+    return "yes: MKL strict CNR mode"
+
+
+BLAS_REPRODUCIBLE = _request_reproducible_blas() if _policy_on() else "no: policy off"
 
 
 def _bind_gemm() -> str:
@@ -62,6 +100,32 @@ def _configure_numba(num_threads: int) -> int:
     return numba.get_num_threads()
 
 
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # the cores this process may use (containers, taskset)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _ranks_on_this_machine() -> int:
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) > 0:
+        return int(local)
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_world_size()
+    return 1
+
+
+def _thread_budget() -> int:
+    """torch's thread count, capped at this rank's share of the cores."""
+    ranks = _ranks_on_this_machine()
+    threads = torch.get_num_threads()
+    if ranks > 1:
+        threads = min(threads, max(1, _cores() // ranks))
+        torch.set_num_threads(threads)
+    return threads
+
+
 def ensure_policy() -> None:
     """Apply the policy if it has not been; cheap enough to call before every launch."""
     if _applied is None:
@@ -71,15 +135,17 @@ def ensure_policy() -> None:
 def apply_policy() -> dict:
     """Apply the thread policy now (idempotent) and return what is in force."""
     global _applied
-    if os.environ.get("FASTBP_THREAD_POLICY", "on").lower() in {"off", "0", "false"}:
+    if not _policy_on():
         _applied = {"policy": "off", "gemm": cpu.gemm_provider()}
         return _applied
-    torch_threads = torch.get_num_threads()
+    torch_threads = _thread_budget()
     _applied = {
         "policy": "on",
         "gemm": _bind_gemm(),
         "torch_threads": torch_threads,
         "numba_threads": _configure_numba(torch_threads),
+        "ranks_on_this_machine": _ranks_on_this_machine(),
+        "blas_reproducible": BLAS_REPRODUCIBLE,
     }
     _applied["numba_threading_layer"] = numba.threading_layer()
     return _applied

@@ -1,0 +1,66 @@
+"""Measure the thread policy under DDP: 2 ranks on one machine, each with all
+the cores (oversubscribed) against the policy's share.
+
+    python benchmarks/ddp_threads.py [--rounds 3] [--steps 100]
+
+Each round launches both settings one after the other (gloo, 127.0.0.1) and
+keeps each run's median step time of rank 0; the table shows the median over
+rounds, so the two settings are compared on figures taken side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from fastbp.threads import _cores  # noqa: E402
+from tests.ddp_worker import launch  # noqa: E402
+
+SIZES, GLOBAL_BATCH = "1000,100,10", 2048
+
+
+def median_step_us(threads: int | None, steps: int, folder: Path) -> tuple[float, dict]:
+    output = folder / "rank0.pt"
+    options = ["--steps", str(steps), "--sizes", SIZES, "--batch", str(GLOBAL_BATCH)]
+    if threads:
+        options += ["--threads", str(threads)]
+    results = launch(output, 2, 600, *options)
+    if any(code != 0 for code, _ in results):
+        raise RuntimeError("a rank failed:\n" + "\n".join(stderr[-2000:] for _, stderr in results))
+    report = torch.load(output)
+    return statistics.median(report["step_seconds"][10:]) * 1e6, report["policy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=100)
+    arguments = parser.parse_args()
+    settings = {f"all {_cores()} cores per rank": _cores(), "policy": None}
+    samples = {name: [] for name in settings}
+    policies = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(arguments.rounds):
+            for name, threads in settings.items():
+                us, policies[name] = median_step_us(threads, arguments.steps, Path(folder))
+                samples[name].append(us)
+    print(f"2 ranks, MLP {SIZES}, global batch {GLOBAL_BATCH}, {_cores()} cores, "
+          f"{arguments.rounds} rounds of {arguments.steps} steps")  # fmt: skip
+    print("| setting | threads per rank (torch, numba) | median step, rank 0 |")
+    print("|---|---|---|")
+    for name, values in samples.items():
+        policy = policies[name]
+        threads = f"{policy['torch_threads']}, {policy['numba_threads']}"
+        print(f"| {name} | {threads} | {statistics.median(values):.0f} µs |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Measure what the two wirings of fastbp's kernels cost per call, and eager vs
+torch.compile for the headline network.
+
+    python benchmarks/dispatch_overhead.py [--rounds 7] [--calls 500]
+
+1. Per-call overhead: a 2-2-2 network at batch 1, where the kernels take ~1 µs,
+   through the ``torch.autograd.Function`` (the eager default) and through the
+   ``fastbp::mlp_forward``/``mlp_backward`` custom ops (what torch.compile and
+   torch.export see); forward alone under no_grad, and forward+backward.
+2. A 64x1000x100x10 training step (forward, MSE-sum, backward, SGD): fastbp.nn.MLP
+   eager and under ``torch.compile(fullgraph=True)``, beside nn.Sequential both ways.
+
+All variants run in interleaved rounds in one process; the median per call is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import fastbp  # noqa: E402
+from fastbp import functional as F  # noqa: E402
+
+
+def _tiny_calls() -> dict:
+    x = torch.randn(1, 2)
+    weights = [torch.randn(2, 2, requires_grad=True) for _ in range(2)]
+    biases = [torch.randn(2, requires_grad=True) for _ in range(2)]
+    names = ("relu", "identity")
+
+    def function(x):
+        return F._NumbaMLP.apply(x, names, 2, *weights, *biases)
+
+    def op(x):
+        return torch.ops.fastbp.mlp_forward(x, weights, biases, [True, True], ",".join(names))[-1]
+
+    def forward_only(forward):
+        def run():
+            with torch.no_grad():
+                forward(x)
+
+        return run
+
+    def forward_backward(forward):
+        return lambda: forward(x).sum().backward()
+
+    return {
+        "autograd.Function, forward (no_grad)": forward_only(function),
+        "custom op, forward (no_grad)": forward_only(op),
+        "autograd.Function, forward+backward": forward_backward(function),
+        "custom op, forward+backward": forward_backward(op),
+    }
+
+
+def _headline_steps() -> tuple[dict, dict]:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1000, generator=generator), torch.randn(64, 10, generator=generator)
+    steps, compile_seconds = {}, {}
+    for kind in ("fastbp.nn.MLP", "nn.Sequential"):
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = fastbp.nn.MLP([1000, 100, 10], bias=False)
+            if kind == "nn.Sequential":
+                model = model.to_torch()
+            forward = torch.compile(model, fullgraph=True) if compiled else model
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+            def step(forward=forward, optimizer=optimizer):
+                optimizer.zero_grad()
+                torch.nn.functional.mse_loss(forward(x), y, reduction="sum").backward()
+                optimizer.step()
+
+            name = f"{kind}, {'torch.compile' if compiled else 'eager'}"
+            start = time.perf_counter()
+            step()
+            compile_seconds[name] = time.perf_counter() - start
+            steps[name] = step
+    return steps, compile_seconds
+
+
+def _medians(calls: dict, rounds: int, repeat: int) -> dict:
+    for run in calls.values():  # warm: kernels loaded, caches filled
+        for _ in range(20):
+            run()
+    samples = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, run in calls.items():
+            start = time.perf_counter()
+            for _ in range(repeat):
+                run()
+            samples[name].append((time.perf_counter() - start) / repeat * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=500)
+    arguments = parser.parse_args()
+    fastbp.threads.ensure_policy()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    tiny = _medians(_tiny_calls(), arguments.rounds, arguments.calls)
+    print("\n| 2-2-2 network, batch 1 | µs per call |\n|---|---|")
+    for name, us in tiny.items():
+        print(f"| {name} | {us:.1f} |")
+    steps, compile_seconds = _headline_steps()
+    medians = _medians(steps, arguments.rounds, max(1, arguments.calls // 5))
+    eager = medians["fastbp.nn.MLP, eager"]
+    print("\n| 64x1000x100x10 SGD step | µs per step | vs fastbp eager | first call (compile) |")
+    print("|---|---|---|---|")
+    for name, us in medians.items():
+        print(f"| {name} | {us:.0f} | {eager / us:.2f}x | {compile_seconds[name]:.2f} s |")
+
+
+if __name__ == "__main__":
+    main()
