@@ -3,9 +3,10 @@ the cores (oversubscribed) against the policy's share.
 
     python benchmarks/ddp_threads.py [--rounds 3] [--steps 100]
 
-Each round launches both settings one after the other (gloo, 127.0.0.1) and
-keeps each run's median step time of rank 0; the table shows the median over
-rounds, so the two settings are compared on figures taken side by side.
+Each round launches every setting one after the other (gloo, 127.0.0.1), with
+the all-reduce and without it (``no_sync``: the two ranks' compute alone, where
+oversubscription shows), and keeps each run's median step time of rank 0; the
+table shows the median over rounds, so settings are compared side by side.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from tests.ddp_worker import launch  # noqa: E402
 SIZES, GLOBAL_BATCH = "1000,100,10", 2048
 
 
-def median_step_us(threads: int | None, steps: int, folder: Path) -> tuple[float, dict]:
+def median_step_us(threads: int | None, sync: bool, steps: int, folder: Path) -> tuple[float, dict]:
     output = folder / "rank0.pt"
     options = ["--steps", str(steps), "--sizes", SIZES, "--batch", str(GLOBAL_BATCH)]
+    if not sync:
+        options.append("--no-sync")
     if threads:
         options += ["--threads", str(threads)]
     results = launch(output, 2, 600, *options)
@@ -44,22 +47,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100)
     arguments = parser.parse_args()
-    settings = {f"all {_cores()} cores per rank": _cores(), "policy": None}
+    settings = {
+        (f"all {_cores()} cores per rank", sync): (_cores(), sync) for sync in (True, False)
+    } | {("policy", sync): (None, sync) for sync in (True, False)}
     samples = {name: [] for name in settings}
     policies = {}
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(arguments.rounds):
-            for name, threads in settings.items():
-                us, policies[name] = median_step_us(threads, arguments.steps, Path(folder))
+            for name, (threads, sync) in settings.items():
+                us, policies[name] = median_step_us(threads, sync, arguments.steps, Path(folder))
                 samples[name].append(us)
     print(f"2 ranks, MLP {SIZES}, global batch {GLOBAL_BATCH}, {_cores()} cores, "
           f"{arguments.rounds} rounds of {arguments.steps} steps")  # fmt: skip
-    print("| setting | threads per rank (torch, numba) | median step, rank 0 |")
-    print("|---|---|---|")
-    for name, values in samples.items():
-        policy = policies[name]
+    print("| setting | threads per rank (torch, numba) | all-reduce | median step, rank 0 |")
+    print("|---|---|---|---|")
+    for (name, sync), values in sorted(samples.items(), key=lambda item: not item[0][1]):
+        policy = policies[name, sync]
         threads = f"{policy['torch_threads']}, {policy['numba_threads']}"
-        print(f"| {name} | {threads} | {statistics.median(values):.0f} µs |")
+        reduce = "yes" if sync else "no (no_sync)"
+        print(f"| {name} | {threads} | {reduce} | {statistics.median(values):.0f} µs |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ rank raise mid-run, to test that the job then fails rather than hangs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import socket
 import subprocess
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--threads", type=int, help="threads per rank (default: the policy's)")
     parser.add_argument("--timeout", type=float, default=60, help="process group timeout, s")
+    parser.add_argument("--no-sync", action="store_true", help="skip the all-reduce (compute only)")
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--fail-at-step", type=int, default=-1)
     arguments = parser.parse_args()
@@ -110,7 +112,8 @@ def main() -> None:
         if arguments.rank == arguments.fail_rank and step == arguments.fail_at_step:
             raise RuntimeError(f"rank {arguments.rank} failed on purpose at step {step}")
         start = time.perf_counter()
-        train_step(ddp, optimizer, x, y)
+        with ddp.no_sync() if arguments.no_sync else contextlib.nullcontext():
+            train_step(ddp, optimizer, x, y)
         seconds.append(time.perf_counter() - start)
     if arguments.rank == 0:
         torch.save(
