@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastbp import functional as F
 from fastbp.kernels import cpu, reference
 
 networks = st.fixed_dictionaries(
@@ -73,3 +75,97 @@ def test_kernels_equal_the_reference(network):
 @given(networks)
 def test_kernels_equal_the_reference_long_run(network):
     _check_against_reference(**network)
+
+
+# ---------------------------------------------------------------------------
+# Through fastbp.functional.mlp: per-layer activations and biases, wide layers
+# and the strided tensors autograd hands over (transposed, sliced, expanded).
+# ---------------------------------------------------------------------------
+LAYOUTS = ("contiguous", "transposed", "sliced")
+torch_networks = st.fixed_dictionaries(
+    {
+        "sizes": st.lists(st.integers(1, 300), min_size=2, max_size=6),
+        "batch": st.integers(1, 300),
+        "activations": st.lists(st.sampled_from(reference.ACTIVATIONS), min_size=5, max_size=5),
+        "bias": st.lists(st.booleans(), min_size=5, max_size=5),
+        # float32 only: a float64 result needs a truth wider than torch has
+        # (the kernel-level properties above cover float64 against longdouble)
+        "dtype": st.just(torch.float32),
+        "x_layout": st.sampled_from(LAYOUTS),
+        "weight_layout": st.sampled_from(LAYOUTS),
+        "expanded_grad": st.booleans(),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
+
+
+def _laid_out(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout."""
+    if layout == "transposed":
+        return tensor.T.contiguous().T
+    if layout == "sliced":
+        wide = torch.zeros(tensor.shape[0], 2 * tensor.shape[1], dtype=tensor.dtype)
+        wide[:, ::2] = tensor
+        return wide[:, ::2]
+    return tensor
+
+
+def _torch_gradients(x, weights, biases, activations, grad_output, backend):
+    leaves = [t.detach().requires_grad_() for t in (x, *weights)]
+    bias_leaves = [None if b is None else b.detach().requires_grad_() for b in biases]
+    output = F.mlp(leaves[0], leaves[1:], bias_leaves, activations, backend=backend)
+    output.backward(grad_output)
+    return [
+        output.detach(),
+        *(t.grad for t in leaves),
+        *(b.grad for b in bias_leaves if b is not None),
+    ]
+
+
+def _check_through_functional(
+    sizes, batch, activations, bias, dtype, x_layout, weight_layout, expanded_grad, seed
+):
+    layers = len(sizes) - 1
+    activations, bias = activations[:layers], bias[:layers]
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1  # noqa: E731
+    x = draw(batch, sizes[0])
+    weights = [draw(o, i) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+    biases = [draw(o) if b else None for o, b in zip(sizes[1:], bias, strict=True)]
+    # .sum().backward() hands over a grad_output with stride 0
+    grad = draw(1, sizes[-1]).expand(batch, -1) if expanded_grad else draw(batch, sizes[-1])
+    exact = _torch_gradients(x, weights, biases, activations, grad, "torch")
+    scale = _torch_gradients(
+        x.abs(), [w.abs() for w in weights], [None if b is None else b.abs() for b in biases],
+        ["identity"] * layers, grad.abs(), "torch",
+    )  # fmt: skip
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    ours = _torch_gradients(
+        _laid_out(cast(x), x_layout), [_laid_out(cast(w), weight_layout) for w in weights],
+        [cast(b) for b in biases], activations, cast(grad), "numba",
+    )  # fmt: skip
+    torchs = _torch_gradients(
+        cast(x), [cast(w) for w in weights], [cast(b) for b in biases], activations,
+        cast(grad), "torch",
+    )  # fmt: skip
+    eps = torch.finfo(dtype).eps
+    for mine, theirs, truth, size in zip(ours, torchs, exact, scale, strict=True):
+        our_error = (mine.double() - truth).abs().max().item() if mine.numel() else 0.0
+        torch_error = (theirs.double() - truth).abs().max().item() if mine.numel() else 0.0
+        assert our_error <= 2 * torch_error + 4 * eps * max(size.abs().max().item(), 1), (
+            our_error,
+            torch_error,
+        )
+
+
+@settings(max_examples=150, deadline=None)
+@given(torch_networks)
+def test_functional_mlp_equals_a_float64_reference(network):
+    _check_through_functional(**network)
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, deadline=None)
+@given(torch_networks)
+def test_functional_mlp_equals_a_float64_reference_long_run(network):
+    _check_through_functional(**network)
