@@ -8,8 +8,10 @@ import gzip
 import hashlib
 import http.server
 import os
+import random
 import struct
 import threading
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,83 @@ def test_corrupt_files_get_a_named_error(tmp_path, blob, words, compress):
     with pytest.raises(mnist.IDXError, match=words) as raised:
         mnist.read_idx(path, mnist.IMAGES_MAGIC)
     assert str(path) in str(raised.value)
+
+
+def _mutant(rng: random.Random, valid: bytes) -> bytes:
+    """One seeded corruption of ``valid`` (an IDX file), raw or gzip-compressed."""
+    blob = bytearray(valid)
+    kind = rng.choice(["flip", "truncate", "extend", "header", "splice", "gzip-flip"])
+    if kind == "flip":
+        for _ in range(rng.randint(1, 8)):
+            blob[rng.randrange(len(blob))] = rng.randrange(256)
+    elif kind == "truncate":
+        del blob[rng.randrange(len(blob)) :]
+    elif kind == "extend":
+        blob += rng.randbytes(rng.randint(1, 100))
+    elif kind == "header":  # counts and sizes up to 2³²-1: huge claims
+        field = rng.randrange(4)
+        blob[4 * field : 4 * field + 4] = struct.pack(
+            ">I", rng.choice([0, 1, 2**31, 2**32 - 1, rng.getrandbits(32)])
+        )
+    elif kind == "splice":
+        start = rng.randrange(len(blob))
+        blob[start : start + rng.randint(1, 50)] = rng.randbytes(rng.randint(0, 50))
+    if kind == "gzip-flip":
+        packed = bytearray(gzip.compress(bytes(blob)))
+        for _ in range(rng.randint(1, 4)):
+            packed[rng.randrange(len(packed))] = rng.randrange(256)
+        return bytes(packed)
+    return gzip.compress(bytes(blob)) if rng.random() < 0.5 else bytes(blob)
+
+
+def fuzz_idx_reader(folder: Path, cases: int, seed: int = 0) -> dict[str, int]:
+    """Read ``cases`` mutants; every outcome must be an array or an IDXError."""
+    rng = random.Random(seed)
+    valid = idx_bytes(*[_small(3)[0]], mnist.IMAGES_MAGIC)
+    outcomes = {"read": 0, "IDXError": 0}
+    path = folder / "mutant"
+    tracemalloc.start()
+    try:
+        for case in range(cases):
+            path.write_bytes(_mutant(rng, valid))
+            try:
+                array = mnist.read_idx(path, mnist.IMAGES_MAGIC)
+            except mnist.IDXError:
+                outcomes["IDXError"] += 1
+                continue
+            except Exception as error:  # noqa: BLE001 - the finding this test exists for
+                raise AssertionError(f"case {case} (seed {seed}): {error!r}") from error
+            assert array.dtype == np.uint8 and array.ndim == 3, case
+            outcomes["read"] += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"peak allocation {peak} bytes"
+    return outcomes
+
+
+def test_fuzzed_idx_files_read_or_raise_idx_error(tmp_path):
+    outcomes = fuzz_idx_reader(tmp_path, cases=2000)
+    assert outcomes["IDXError"] > 1000 and outcomes["read"] > 0, outcomes
+
+
+@pytest.mark.slow
+def test_fuzzed_idx_files_long_run(tmp_path):
+    for seed in range(1, 21):
+        fuzz_idx_reader(tmp_path, cases=5000, seed=seed)
+
+
+def test_a_billion_image_claim_is_rejected_before_reading(tmp_path):
+    path = tmp_path / "bomb"
+    path.write_bytes(gzip.compress(struct.pack(">4I", 2051, 10**9, 28, 28) + bytes(10**6)))
+    tracemalloc.start()
+    try:
+        with pytest.raises(mnist.IDXError, match="cannot hold them"):
+            mnist.read_idx(path, mnist.IMAGES_MAGIC)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
 
 
 def test_count_mismatch_and_md5_mismatch_are_named(tmp_path):

@@ -16,6 +16,7 @@ import gzip
 import math
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,18 @@ class IDXError(ValueError):
     """A file that is not the IDX data it should be; the message names the file."""
 
 
+# deflate's best ratio is about 1032:1, so a gzip file of n bytes holds at most this many
+DEFLATE_MAX_RATIO = 1032
+
+
 def _open(path: Path):
+    """The file's data stream and the most bytes that stream can hold."""
     with open(path, "rb") as probe:
         compressed = probe.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if compressed else open(path, "rb")
+    size = path.stat().st_size
+    if compressed:
+        return gzip.open(path, "rb"), size * DEFLATE_MAX_RATIO
+    return open(path, "rb"), size
 
 
 def _read_at_most(stream, limit: int) -> bytes:
@@ -66,7 +75,8 @@ def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
     path = Path(path)
     dims = {IMAGES_MAGIC: 3, LABELS_MAGIC: 1}[magic]
     try:
-        with _open(path) as stream:
+        stream, capacity = _open(path)
+        with stream:
             header = stream.read(4 + 4 * dims)
             if len(header) < 4 + 4 * dims:
                 raise IDXError(f"{path}: truncated header ({len(header)} of {4 + 4 * dims} bytes)")
@@ -74,8 +84,13 @@ def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
             if found != magic:
                 raise IDXError(f"{path}: magic number {found}, expected {magic}")
             size = math.prod(shape)
+            if size > capacity:  # rejected before reading: no allocation follows a header's claim
+                raise IDXError(
+                    f"{path}: data truncated: header {shape} needs {size} bytes, "
+                    f"a file of {path.stat().st_size} bytes cannot hold them"
+                )
             data = _read_at_most(stream, size + 1)
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
+    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
         raise IDXError(f"{path}: unreadable ({error})") from None
     if len(data) != size:
         state = "truncated" if len(data) < size else "longer than its header says"
