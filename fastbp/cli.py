@@ -92,10 +92,12 @@ def _mnist_data(data_dir, download: bool):
 
     try:
         test = mnist.load_mnist(data_dir, "test", download)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, mnist.IDXError) as error:
         raise _UsageError(str(error)) from None
     try:
         train = mnist.load_mnist(data_dir, "train", download)
+    except mnist.IDXError as error:
+        raise _UsageError(str(error)) from None
     except FileNotFoundError:
         images, labels = test
         cut = len(images) * 4 // 5  # 8 000 / 2 000 for the real test set
@@ -173,8 +175,12 @@ def _save_atomically(state, path: str) -> None:
     import torch
 
     temporary = f"{path}.partial"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    finally:  # interrupted mid-write: drop the partial file, keep the old one
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def _hidden_sizes(text: str) -> list[int]:
@@ -244,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as error:
         print(f"fastbp {arguments.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; --save files are whole or untouched
+        print(f"\nfastbp {arguments.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ import hashlib
 import http.server
 import os
 import random
+import signal
 import struct
+import subprocess
+import sys
 import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -266,9 +270,32 @@ def test_fastbp_mnist_on_a_tiny_synthetic_set(tmp_path):
     [
         (["--backend", "triton"], "triton backend is not available"),
         (["--no-download"], "missing t10k-images-idx3-ubyte.gz"),
+        (["--no-download", "corrupt"], "md5 mismatch"),
     ],
 )
 def test_fastbp_mnist_user_errors_are_one_line(tmp_path, arguments, words):
+    if "corrupt" in arguments:  # a file under an official name whose md5 is not the official one
+        arguments = [a for a in arguments if a != "corrupt"]
+        write_split(tmp_path, *_small())
     result = run_cli("mnist", "--data-dir", str(tmp_path), *arguments)
     assert result.returncode == 2
     assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_exits_cleanly_and_leaves_the_previous_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 200)
+    write_split(tmp_path, np.zeros((200, 28, 28)) + labels[:, None, None], labels, compress=False)
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"previous checkpoint")
+    command = [sys.executable, "-m", "fastbp.cli", "mnist", "--data-dir", str(tmp_path),
+               "--epochs", "100000", "--no-download", "--save", str(checkpoint)]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert process.stderr.readline().startswith("MNIST:")  # the data is loaded: training starts
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert checkpoint.read_bytes() == b"previous checkpoint"
+    assert not list(tmp_path.glob("*.partial"))
