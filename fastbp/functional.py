@@ -159,6 +159,13 @@ def _numba_backward(grad_output, x, weights, has_bias, activations, outputs, nee
     return as_tensor(grad_x), [*map(as_tensor, grad_weights)], [*map(as_tensor, grad_biases)]
 
 
+def _saved(ctx) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """``(x, weights, every layer's output)``, as both wirings below save them."""
+    num_layers = len(ctx.has_bias)
+    x, *saved = ctx.saved_tensors
+    return x, saved[:num_layers], saved[num_layers:]
+
+
 class _NumbaMLP(torch.autograd.Function):
     """The whole network as one eager autograd node: the lowest per-call overhead.
 
@@ -180,9 +187,7 @@ class _NumbaMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         _refuse_double_backward()
-        num_layers = len(ctx.activations)
-        x, *saved = ctx.saved_tensors
-        weights, outputs = saved[:num_layers], saved[num_layers:]
+        x, weights, outputs = _saved(ctx)
         grad_x, grad_weights, grad_biases = _numba_backward(
             grad_output, x, weights, ctx.has_bias, ctx.activations, outputs,
             ctx.needs_input_grad[0],
@@ -257,11 +262,9 @@ def _setup_mlp_context(ctx, inputs, output):
 
 def _mlp_forward_op_backward(ctx, grad_outputs):
     _refuse_double_backward()
-    num_layers = len(ctx.has_bias)
-    x, *saved = ctx.saved_tensors
-    weights, outputs = saved[:num_layers], saved[num_layers:]
+    x, weights, outputs = _saved(ctx)
     grad_x, grad_weights, grad_biases = mlp_backward_op(
-        grad_outputs[-1], x, list(weights), ctx.has_bias, ctx.activations, list(outputs),
+        grad_outputs[-1], x, weights, ctx.has_bias, ctx.activations, outputs,
         ctx.needs_input_grad[0],
     )  # fmt: skip
     return grad_x if ctx.needs_input_grad[0] else None, grad_weights, grad_biases, None, None
