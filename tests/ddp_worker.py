@@ -1,6 +1,6 @@
 """One rank of a DistributedDataParallel run of fastbp.nn.MLP (gloo, 127.0.0.1).
 
-    python tests/ddp_worker.py --rank R --world-size N --port P --output OUT [options]
+    python tests/ddp_worker.py --rank R --world-size N --store FILE --output OUT [options]
 
 Each rank trains on its contiguous share of one seeded global batch, so that
 the result can be held against a single process training on the whole batch
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import socket
 import subprocess
 import sys
 import time
@@ -47,16 +46,12 @@ def train_step(model, optimizer, x, y) -> None:
     optimizer.step()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def launch(output: Path, world_size: int = 2, timeout: float = 120, *options: str):
     """Run the ranks to completion; their (returncode, stderr), rank order."""
-    port = _free_port()
-    common = ["--world-size", str(world_size), "--port", str(port), "--output", str(output)]
+    # a file store: no port to pick, so no race with other processes for one
+    store = Path(output).with_suffix(".store")
+    store.unlink(missing_ok=True)
+    common = ["--world-size", str(world_size), "--store", str(store), "--output", str(output)]
     ranks = [
         subprocess.Popen(
             [sys.executable, __file__, "--rank", str(rank), *common, *options],
@@ -79,8 +74,9 @@ def launch(output: Path, world_size: int = 2, timeout: float = 120, *options: st
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    for name in ("--rank", "--world-size", "--port"):
+    for name in ("--rank", "--world-size"):
         parser.add_argument(name, type=int, required=True)
+    parser.add_argument("--store", required=True, help="file for the rendezvous")
     parser.add_argument("--output", required=True)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64, help="global batch")
@@ -94,7 +90,7 @@ def main() -> None:
 
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{arguments.port}",
+        init_method=f"file://{Path(arguments.store).resolve()}",
         rank=arguments.rank,
         world_size=arguments.world_size,
         timeout=datetime.timedelta(seconds=arguments.timeout),
