@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 import fastbp  # noqa: E402
 from fastbp import functional as F  # noqa: E402
+from fastbp.bench import time_interleaved  # noqa: E402
 
 
 def _tiny_calls() -> dict:
@@ -89,14 +90,8 @@ def _medians(calls: dict, rounds: int, repeat: int) -> dict:
     for run in calls.values():  # warm: kernels loaded, caches filled
         for _ in range(20):
             run()
-    samples = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, run in calls.items():
-            start = time.perf_counter()
-            for _ in range(repeat):
-                run()
-            samples[name].append((time.perf_counter() - start) / repeat * 1e6)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    samples = time_interleaved({name: (run, repeat) for name, run in calls.items()}, rounds)
+    return {name: statistics.median(values) * 1e6 for name, values in samples.items()}
 
 
 def main() -> None:

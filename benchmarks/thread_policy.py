@@ -15,25 +15,19 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 
 def measure(rounds: int, steps: int) -> dict:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import fastbp
     from benchmarks.workloads import thread_policy_workload
+    from fastbp.bench import time_interleaved
 
     parts = thread_policy_workload()
     for run in parts.values():  # compile, load caches, apply the policy
         run()
-    samples = {name: [] for name in parts}
-    for _ in range(rounds):
-        for name, run in parts.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            samples[name].append((time.perf_counter() - start) / steps * 1e6)
-    median = {name: statistics.median(times) for name, times in samples.items()}
+    samples = time_interleaved({name: (run, steps) for name, run in parts.items()}, rounds)
+    median = {name: statistics.median(times) * 1e6 for name, times in samples.items()}
     return {
         "policy": fastbp.threads.describe(),
         "median_us": median,

@@ -70,6 +70,26 @@ def _time_round(run: Callable[[], object], device: str, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def time_interleaved(
+    runs: dict[str, tuple[Callable[[], object], int]],
+    rounds: int,
+    device: str = "cpu",
+    on_round: Callable[[int], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each ``name: (run, calls per round)``, one figure per round.
+
+    Each round times every run once, in order, so a machine that slows down
+    for a while slows all of them alike; take the median over rounds.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(rounds):
+        if on_round is not None:
+            on_round(round_)
+        for name, (run, calls) in runs.items():
+            times[name].append(_time_round(run, device, calls))
+    return times
+
+
 def bench_workload(
     workload: Workload,
     device: str,
@@ -79,7 +99,7 @@ def bench_workload(
     progress: Callable[[str], None],
 ) -> list[dict]:
     """Check, warm up and time ``names`` on one workload; one result row each."""
-    prepared = {}
+    prepared, first_calls = {}, {}
     for name in names:
         progress(f"{device} {workload.name}: checking and warming up {name}")
         check_step(name, workload, device)
@@ -88,12 +108,14 @@ def bench_workload(
         step.run()
         _synchronize(device)
         first_call = time.perf_counter() - start
-        prepared[name] = (step.run, first_call, _steps_per_round(step.run, device, round_seconds))
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(rounds):
-        progress(f"{device} {workload.name}: round {round_ + 1}/{rounds}")
-        for name, (run, _, steps) in prepared.items():
-            times[name].append(_time_round(run, device, steps))
+        prepared[name] = (step.run, _steps_per_round(step.run, device, round_seconds))
+        first_calls[name] = first_call
+    times = time_interleaved(
+        prepared,
+        rounds,
+        device,
+        lambda round_: progress(f"{device} {workload.name}: round {round_ + 1}/{rounds}"),
+    )
     medians = {name: statistics.median(values) for name, values in times.items()}
     eager = medians.get(baseline("torch-eager", device))
     floor = medians.get(baseline("gemm-floor", device))
@@ -103,7 +125,7 @@ def bench_workload(
             "device": device,
             "implementation": name,
             **figures(workload, median, eager, floor),
-            "first_call_s": prepared[name][1],
+            "first_call_s": first_calls[name],
             "rounds_us": [t * 1e6 for t in times[name]],
         }
         for name, median in medians.items()
