@@ -293,8 +293,8 @@ def e3(implementation: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 # E4: 64×1000×100×10, randn weights, MSE sum, SGD lr 1e-6, 500 iterations.
 # ---------------------------------------------------------------------------
-def e4_losses(implementation: str, dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """The loss at each of the 500 iterations (seed 0: the write-up's is unknown)."""
+def e4_problem(dtype: torch.dtype = torch.float32):
+    """``(model, x, y)``: x, y and the weights ~ randn (seed 0: the write-up's is unknown)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1000, generator=generator).to(dtype)
     y = torch.randn(64, 10, generator=generator).to(dtype)
@@ -302,6 +302,12 @@ def e4_losses(implementation: str, dtype: torch.dtype = torch.float32) -> np.nda
     with torch.no_grad():
         for layer in model.linears:
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+    return model, x, y
+
+
+def e4_losses(implementation: str, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """The loss at each of the 500 iterations."""
+    model, x, y = e4_problem(dtype)
     model = _as(implementation, model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
     losses = []

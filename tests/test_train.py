@@ -217,12 +217,7 @@ def test_e2_step_through_fused_trainer():
 
 
 def test_e4_through_fused_trainer_ends_below_1e_minus_3():
-    generator = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64, 1000, generator=generator), torch.randn(64, 10, generator=generator)
-    model = fastbp.nn.MLP([1000, 100, 10], bias=False)
-    with torch.no_grad():
-        for layer in model.linears:
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+    model, x, y = examples.e4_problem()
     sequential = model.to_torch()
     trainer = FusedTrainer(model, "mse", "sum", lr=1e-6)
     opt = torch.optim.SGD(sequential.parameters(), lr=1e-6)
