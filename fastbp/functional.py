@@ -288,10 +288,15 @@ def _numba_mlp(x, weights, biases, names: tuple[str, ...]) -> torch.Tensor:
             "kernels: use backend='torch' for them (torch.func.functional_call works)"
         )
     if torch.compiler.is_compiling():
-        has_bias = [b is not None for b in biases]
-        present = [b for b in biases if b is not None]
-        return mlp_forward_op(x, weights, present, has_bias, ",".join(names))[-1]
+        return _custom_op_mlp(x, weights, biases, names)
     return _NumbaMLP.apply(x, names, len(weights), *weights, *biases)
+
+
+def _custom_op_mlp(x, weights, biases, names: Sequence[str]) -> torch.Tensor:
+    """The last layer's output through ``fastbp::mlp_forward``; ``biases`` may hold None."""
+    has_bias = [b is not None for b in biases]
+    present = [b for b in biases if b is not None]
+    return mlp_forward_op(x, weights, present, has_bias, ",".join(names))[-1]
 
 
 # ---------------------------------------------------------------------------
