@@ -116,9 +116,8 @@ def _ranks_on_this_machine() -> int:
     return 1
 
 
-def _thread_budget() -> int:
-    """torch's thread count, capped at this rank's share of the cores."""
-    ranks = _ranks_on_this_machine()
+def _thread_budget(ranks: int) -> int:
+    """torch's thread count, capped at each of ``ranks``' share of the cores."""
     threads = torch.get_num_threads()
     if ranks > 1:
         threads = min(threads, max(1, _cores() // ranks))
@@ -138,13 +137,14 @@ def apply_policy() -> dict:
     if not _policy_on():
         _applied = {"policy": "off", "gemm": cpu.gemm_provider()}
         return _applied
-    torch_threads = _thread_budget()
+    ranks = _ranks_on_this_machine()
+    torch_threads = _thread_budget(ranks)
     _applied = {
         "policy": "on",
         "gemm": _bind_gemm(),
         "torch_threads": torch_threads,
         "numba_threads": _configure_numba(torch_threads),
-        "ranks_on_this_machine": _ranks_on_this_machine(),
+        "ranks_on_this_machine": ranks,
         "blas_reproducible": BLAS_REPRODUCIBLE,
     }
     _applied["numba_threading_layer"] = numba.threading_layer()
