@@ -1,0 +1,711 @@
+r"""GPU kernels: the reference's forward and backward in Triton, with the same contracts.
+
+The math is the one written out in ``reference.py``. Per layer, with W in
+``nn.Linear``'s (out, in) layout, x (M, K), W (N, K)::
+
+    forward     a = act(x Wᵀ + b)       one tiled GEMM; bias and activation in its epilogue
+    backward    δ = g ⊙ act'(a)         never stored: recomputed where g is loaded
+                ∂L/∂x = δ W             a GEMM over N whose loads of g turn into δ
+                ∂L/∂W = δᵀ x            a GEMM over the batch M, split over M when the
+                ∂L/∂b = Σ_batch δ       layer is small and the batch long; ∂b is summed
+                                        from the same δ tiles, no extra pass
+
+Every GEMM accumulates in float32 (float64 for float64 inputs); float16 and
+bfloat16 are loaded, stored and fed to ``tl.dot`` in their own dtype. For
+float32, ``precision`` is "ieee" or "tf32" (the launcher follows torch's
+``torch.backends.cuda.matmul.allow_tf32``); it means nothing to other dtypes.
+
+Two ways to run a network:
+
+- **fused** (every layer output at most ``FUSED_MAX_WIDTH`` wide, as in the
+  64×1000×100×10 network): one launch runs the whole forward and one the whole
+  backward. Each program owns ``BM`` rows of the batch and keeps its activations
+  in registers from layer to layer, the idea of tiny-cuda-nn's fully fused MLP;
+  the first layer, whose input may be wide, loops over its input in ``BK``
+  chunks. Widths are padded to one power of two ``H``; masks keep the padding
+  out of every result. Outputs are still stored, since backward needs them.
+- **layered**: three kernels per layer (forward; ∂x; ∂W with ∂b), tiled like
+  Triton's matmul tutorial, for wider layers.
+
+Weight gradients are sums over the batch, so programs that own different rows
+produce partial sums. Each program accumulates its own slice of a workspace
+(rows of ``(programs, parameters)``) and ``_sum_partials`` adds them in a fixed
+order: deterministic, no atomics, nothing to zero first. With one program the
+kernel writes the gradients straight into their final buffer.
+
+Launch cost: the block sizes, grids and gradient offsets of a shape are
+computed once (``functools.lru_cache``); a call does no host sync and no
+``.item()``, and every buffer comes from torch's caching allocator, so a
+training step of these kernels can be captured in a CUDA graph. Block sizes are
+chosen by rule, not autotuned: several autotune configs break the CPU
+interpreter, and a launch-bound workload pays the autotuner's per-call lookup.
+
+This module imports torch because Triton launches on torch tensors; it is
+imported only when the "triton" backend is asked for. Under ``TRITON_INTERPRET=1``
+(set before triton is imported) the same kernels run on CPU tensors, with the
+interpreter's block sizes (all ≥ 16: ``tl.dot`` needs that on a GPU even where
+the interpreter does not).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import ACTIVATIONS
+
+# Globals a kernel reads must be tl.constexpr.
+IDENTITY, RELU, SIGMOID, TANH = (
+    tl.constexpr(ACTIVATIONS.index(n)) for n in ("identity", "relu", "sigmoid", "tanh")
+)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FUSED_MAX_WIDTH = 128  # widest layer output the fused kernels keep in registers
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------
+# Element-wise pieces, inlined into the GEMMs' loads and epilogues
+# ---------------------------------------------------------------------------
+@triton.jit
+def _activate(z, ACT: tl.constexpr):
+    if ACT == RELU:
+        return tl.where(z < 0, 0.0, z)  # NaN < 0 is False: NaN stays NaN, as in torch
+    elif ACT == SIGMOID:
+        return 1.0 / (1.0 + tl.exp(-z))
+    elif ACT == TANH:
+        # tanh z = sign(z)(1 − e^{−2|z|}) / (1 + e^{−2|z|}): no overflow for any z,
+        # and no libdevice call, which the interpreter cannot run.
+        t = tl.exp(-2.0 * tl.abs(z))
+        r = (1.0 - t) / (1.0 + t)
+        return tl.where(z < 0, -r, r)
+    else:
+        return z
+
+
+@triton.jit
+def _delta(g, a, ACT: tl.constexpr):
+    """δ = g ⊙ act'(a), from the saved output a."""
+    if ACT == RELU:
+        return tl.where(a <= 0, 0.0, g)  # a select, as torch's threshold_backward
+    elif ACT == SIGMOID:
+        return g * (1.0 - a) * a
+    elif ACT == TANH:
+        return g * (1.0 - a * a)
+    else:
+        return g
+
+
+@triton.jit
+def _epilogue(acc, b_ptr, cols, n, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(acc.dtype)[None, :]
+    return _activate(acc, ACT)
+
+
+# ---------------------------------------------------------------------------
+# Layered kernels: one layer at a time, any widths
+# ---------------------------------------------------------------------------
+@triton.jit
+def _layer_forward_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_xk,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """out[M, N] = act(x[M, K] W[N, K]ᵀ + b); one (BM, BN) tile of out per program."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), ACC)
+    for k0 in range(0, K, BK):
+        k = k0 + ks
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+            mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0,
+        )  # fmt: skip
+        w_t = tl.load(
+            w_ptr + cols[None, :] * K + k[:, None],
+            mask=(cols[None, :] < N) & (k[:, None] < K),
+            other=0.0,
+        )
+        acc = tl.dot(x, w_t, acc, input_precision=PRECISION, out_dtype=ACC)
+    a = _epilogue(acc, b_ptr, cols, N, HAS_BIAS, ACT)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], a.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_delta(
+    g_ptr, a_ptr, rows, cols, M, N, stride_gm, stride_gn, ACT: tl.constexpr, ACC: tl.constexpr
+):
+    """A (rows, cols) tile of δ = g ⊙ act'(a); zero outside (M, N)."""
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0)
+    a = tl.load(a_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    return _delta(g.to(ACC), a.to(ACC), ACT)
+
+
+@triton.jit
+def _layer_grad_input_kernel(
+    g_ptr, a_ptr, w_ptr, dx_ptr, M, N, K, stride_gm, stride_gn,
+    ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """dx[M, K] = δ[M, N] W[N, K]; one (BM, BK) tile of dx per program, looping over N."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    ks = tl.program_id(1) * BK + tl.arange(0, BK)
+    ns = tl.arange(0, BN)
+    acc = tl.zeros((BM, BK), ACC)
+    for n0 in range(0, N, BN):
+        n = n0 + ns
+        delta = _load_delta(g_ptr, a_ptr, rows, n, M, N, stride_gm, stride_gn, ACT, ACC)
+        w = tl.load(
+            w_ptr + n[:, None] * K + ks[None, :],
+            mask=(n[:, None] < N) & (ks[None, :] < K),
+            other=0.0,
+        )
+        acc = tl.dot(delta.to(w.dtype), w, acc, input_precision=PRECISION, out_dtype=ACC)
+    mask = (rows[:, None] < M) & (ks[None, :] < K)
+    tl.store(dx_ptr + rows[:, None] * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_grad_weight_kernel(
+    g_ptr, a_ptr, x_ptr, out_ptr, M, N, K, stride_gm, stride_gn, stride_xm, stride_xk,
+    rows_per_split,
+    ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Row ``split`` of out (splits, N·K + N) = [δᵀx | Σδ] over that split's batch rows.
+
+    One (BN, BK) tile of ∂W per program; the programs of the first K tile also
+    store ∂b, summed from the same δ tiles.
+    """
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    ks = tl.program_id(1) * BK + tl.arange(0, BK)
+    split = tl.program_id(2)
+    acc = tl.zeros((BN, BK), ACC)
+    bias_acc = tl.zeros((BN,), ACC)
+    start = split * rows_per_split
+    for m0 in range(start, tl.minimum(start + rows_per_split, M), BM):
+        rows = m0 + tl.arange(0, BM)
+        delta = _load_delta(g_ptr, a_ptr, rows, cols, M, N, stride_gm, stride_gn, ACT, ACC)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+            mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(tl.trans(delta.to(x.dtype)), x, acc, input_precision=PRECISION, out_dtype=ACC)
+        bias_acc += tl.sum(delta, axis=0)
+    out = out_ptr + split * (N * K + N)
+    mask = (cols[:, None] < N) & (ks[None, :] < K)
+    tl.store(out + cols[:, None] * K + ks[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    bias_columns = tl.where(tl.program_id(1) == 0, N, 0)  # ∂b from the first K tile only
+    tl.store(out + N * K + cols, bias_acc.to(out_ptr.dtype.element_ty), mask=cols < bias_columns)
+
+
+@triton.jit
+def _sum_partials_kernel(partials_ptr, out_ptr, P, T, BLOCK: tl.constexpr):
+    """out[t] = Σ_p partials[p, t], in a fixed order."""
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), partials_ptr.dtype.element_ty)
+    for p in range(0, P):
+        acc += tl.load(partials_ptr + p * T + t, mask=t < T, other=0.0)
+    tl.store(out_ptr + t, acc.to(out_ptr.dtype.element_ty), mask=t < T)
+
+
+# ---------------------------------------------------------------------------
+# Fused kernels: the whole narrow network, one launch forward and one backward
+# ---------------------------------------------------------------------------
+@triton.jit
+def _mlp_forward_kernel(
+    x_ptr, weights, biases, outputs, widths, M, stride_xm, stride_xk,
+    L: tl.constexpr, ACTS: tl.constexpr, BIASES: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, H: tl.constexpr,
+):  # fmt: skip
+    """outputs[l] = actₗ(aₗ₋₁ Wₗᵀ + bₗ) for BM rows, every layer in registers.
+
+    ``widths`` is (K₀, N₀, …, N_{L−1}); bit l of BIASES says layer l has a bias,
+    bits 2l..2l+1 of ACTS its activation.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    hs = tl.arange(0, H)
+    ks = tl.arange(0, BK)
+    row_mask = rows[:, None] < M
+    acc = tl.zeros((BM, H), ACC)
+    for k0 in range(0, widths[0], BK):
+        k = k0 + ks
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+            mask=row_mask & (k[None, :] < widths[0]), other=0.0,
+        )  # fmt: skip
+        w_t = tl.load(
+            weights[0] + hs[None, :] * widths[0] + k[:, None],
+            mask=(hs[None, :] < widths[1]) & (k[:, None] < widths[0]), other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(x, w_t, acc, input_precision=PRECISION, out_dtype=ACC)
+    for layer in tl.static_range(L):
+        if layer > 0:
+            n_in = widths[layer]
+            w_t = tl.load(
+                weights[layer] + hs[None, :] * n_in + hs[:, None],
+                mask=(hs[None, :] < widths[layer + 1]) & (hs[:, None] < n_in), other=0.0,
+            )  # fmt: skip
+            h_in = h  # noqa: F821 (h: the previous unrolled layer's output)
+            acc = tl.dot(
+                h_in, w_t, tl.zeros((BM, H), ACC), input_precision=PRECISION, out_dtype=ACC
+            )
+        # constexpr bits: bit l of BIASES, bits 2l..2l+1 of ACTS
+        a = _epilogue(
+            acc,
+            biases[layer],
+            hs,
+            widths[layer + 1],
+            (BIASES >> layer) & 1,
+            (ACTS >> (2 * layer)) & 3,
+        )
+        out = outputs[layer]
+        h = a.to(out.dtype.element_ty)  # the next layer reads what backward will read
+        n_out = widths[layer + 1]
+        tl.store(
+            out + rows[:, None] * n_out + hs[None, :], h, mask=row_mask & (hs[None, :] < n_out)
+        )
+
+
+@triton.jit
+def _accumulate(ptr, value, mask, again):
+    """*ptr += value, or *ptr = value on a program's first row block (no zeroing pass)."""
+    previous = tl.where(again, tl.load(ptr, mask=mask, other=0.0), 0.0)
+    tl.store(ptr, (previous + value).to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mlp_backward_kernel(
+    g_ptr, x_ptr, weights, outputs, dx_ptr, grads_ptr, widths, offsets,
+    M, T, stride_gm, stride_gn, stride_xm, stride_xk,
+    L: tl.constexpr, ACTS: tl.constexpr, NEEDS_DX: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, H: tl.constexpr,
+):  # fmt: skip
+    """Every layer's backward for BM rows at a time, ∂L/∂aₗ carried in registers.
+
+    Program p walks row blocks p, p + P, … and accumulates its parameter
+    gradients into row p of grads (P, T); ``offsets[l]`` is where layer l's
+    [∂Wₗ | ∂bₗ] starts in a row.
+    """
+    hs = tl.arange(0, H)
+    ks = tl.arange(0, BK)
+    programs = tl.num_programs(0)
+    grads = grads_ptr + tl.program_id(0) * T
+    for block in range(tl.program_id(0), tl.cdiv(M, BM), programs):
+        again = block != tl.program_id(0)
+        rows = block * BM + tl.arange(0, BM)
+        row_mask = rows[:, None] < M
+        n_last = widths[L]
+        g = tl.load(
+            g_ptr + rows[:, None] * stride_gm + hs[None, :] * stride_gn,
+            mask=row_mask & (hs[None, :] < n_last), other=0.0,
+        ).to(ACC)  # fmt: skip
+        for layer in tl.static_range(L - 1, -1, -1):
+            n_in, n_out = widths[layer], widths[layer + 1]
+            out_mask = row_mask & (hs[None, :] < n_out)
+            a = tl.load(
+                outputs[layer] + rows[:, None] * n_out + hs[None, :], mask=out_mask, other=0.0
+            )
+            delta = _delta(g, a.to(ACC), (ACTS >> (2 * layer)) & 3)
+            _accumulate(
+                grads + offsets[layer] + n_out * n_in + hs, tl.sum(delta, axis=0), hs < n_out, again
+            )
+            delta = delta.to(a.dtype)
+            if layer > 0:
+                a_in = tl.load(
+                    outputs[layer - 1] + rows[:, None] * n_in + hs[None, :],
+                    mask=row_mask & (hs[None, :] < n_in), other=0.0,
+                )  # fmt: skip
+                w_mask = (hs[:, None] < n_out) & (hs[None, :] < n_in)
+                grad_w = tl.dot(
+                    tl.trans(delta),
+                    a_in,
+                    tl.zeros((H, H), ACC),
+                    input_precision=PRECISION,
+                    out_dtype=ACC,
+                )
+                _accumulate(
+                    grads + offsets[layer] + hs[:, None] * n_in + hs[None, :], grad_w, w_mask, again
+                )
+                w = tl.load(
+                    weights[layer] + hs[:, None] * n_in + hs[None, :], mask=w_mask, other=0.0
+                )
+                g = tl.dot(
+                    delta, w, tl.zeros((BM, H), ACC), input_precision=PRECISION, out_dtype=ACC
+                )
+            else:
+                for k0 in range(0, n_in, BK):
+                    k = k0 + ks
+                    x = tl.load(
+                        x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                        mask=row_mask & (k[None, :] < n_in), other=0.0,
+                    )  # fmt: skip
+                    # names of their own: a name the unrolled layers above used
+                    # would become a loop-carried variable of another shape
+                    chunk_mask = (hs[:, None] < n_out) & (k[None, :] < n_in)
+                    grad_chunk = tl.dot(
+                        tl.trans(delta),
+                        x,
+                        tl.zeros((H, BK), ACC),
+                        input_precision=PRECISION,
+                        out_dtype=ACC,
+                    )
+                    _accumulate(
+                        grads + offsets[0] + hs[:, None] * n_in + k[None, :],
+                        grad_chunk,
+                        chunk_mask,
+                        again,
+                    )
+                    if NEEDS_DX:
+                        w_chunk = tl.load(
+                            weights[0] + hs[:, None] * n_in + k[None, :], mask=chunk_mask, other=0.0
+                        )
+                        dx = tl.dot(
+                            delta,
+                            w_chunk,
+                            tl.zeros((BM, BK), ACC),
+                            input_precision=PRECISION,
+                            out_dtype=ACC,
+                        )
+                        dx_mask = row_mask & (k[None, :] < n_in)
+                        tl.store(
+                            dx_ptr + rows[:, None] * n_in + k[None, :],
+                            dx.to(dx_ptr.dtype.element_ty),
+                            mask=dx_mask,
+                        )
+
+
+# ---------------------------------------------------------------------------
+# Launch plans: block sizes, grids and offsets, computed once per shape
+# ---------------------------------------------------------------------------
+def _next_power_of_2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def _interpreted(device: torch.device) -> bool:
+    """Whether tensors on ``device`` run in the interpreter: it gets small blocks."""
+    return device.type != "cuda"
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if _interpreted(device):
+        return 2  # the interpreter: few programs, so small tests reach every partial-sum path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class Blocks(NamedTuple):
+    BM: int
+    BN: int
+    BK: int
+    num_warps: int
+
+
+def _layer_blocks(dtype: torch.dtype, interpreting: bool) -> Blocks:
+    if interpreting:
+        return Blocks(16, 32, 16, 1)
+    return Blocks(64, 64, 64 if dtype.itemsize == 2 else 32, 4)
+
+
+class FusedPlan(NamedTuple):
+    widths: tuple[int, ...]
+    offsets: tuple[int, ...]  # where layer l's [∂W | ∂b] starts in a gradient row
+    size: int  # T, every parameter's gradient (every bias slot included)
+    H: int
+    BM: int
+    BK: int
+    programs: int  # backward programs: each sums its own row of the workspace
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _fused_plan(widths: tuple[int, ...], batch: int, device: torch.device) -> FusedPlan:
+    interpreting = _interpreted(device)
+    H = _next_power_of_2(max(widths[1:]))
+    BM = 16 if interpreting else (32 if batch <= 32 or H > 64 else 64)
+    offsets, size = [], 0
+    for n_in, n_out in zip(widths, widths[1:], strict=False):
+        offsets.append(size)
+        size += n_out * n_in + n_out
+    blocks = triton.cdiv(batch, BM)
+    programs = min(blocks, _multiprocessors(device))
+    num_warps = 1 if interpreting else (8 if H > 64 else 4)
+    return FusedPlan(
+        widths, tuple(offsets), size, H, BM, 16 if interpreting else 32, programs, num_warps
+    )
+
+
+class SplitPlan(NamedTuple):
+    splits: int
+    rows_per_split: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_plan(M: int, N: int, K: int, blocks: Blocks, device: torch.device) -> SplitPlan:
+    """Split ∂W = δᵀx over the batch until the tiles fill the GPU twice over."""
+    tiles = triton.cdiv(N, blocks.BN) * triton.cdiv(K, blocks.BK)
+    row_blocks = triton.cdiv(M, blocks.BM)
+    splits = max(1, min(row_blocks, (2 * _multiprocessors(device)) // tiles))
+    rows_per_split = triton.cdiv(row_blocks, splits) * blocks.BM
+    return SplitPlan(triton.cdiv(M, rows_per_split), rows_per_split)
+
+
+# ---------------------------------------------------------------------------
+# Launchers: check, allocate, launch
+# ---------------------------------------------------------------------------
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _precision(dtype: torch.dtype, tf32: bool) -> str:
+    return "tf32" if tf32 and dtype == torch.float32 else "ieee"
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRETING):
+        return
+    raise ValueError(
+        f"the Triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1, "
+        f"set before triton is imported), got x on {x.device}"
+    )
+
+
+def _checked(x, weights, biases, activations):
+    """(x, contiguous weights, contiguous biases, activation codes) after checking shapes."""
+    _check_device(x)
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must be one of {DTYPES}, got {x.dtype}")
+    if not len(weights) == len(biases) == len(activations) > 0:
+        raise ValueError(
+            "weights, biases and activations must have one entry per layer, got "
+            f"{len(weights)}, {len(biases)} and {len(activations)}"
+        )
+    width = x.shape[1]
+    for layer, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        if w.dim() != 2 or w.shape[1] != width or w.dtype != x.dtype or w.device != x.device:
+            raise ValueError(
+                f"weights[{layer}] must be ({'*'}, {width}) {x.dtype} on {x.device}, got "
+                f"{tuple(w.shape)} {w.dtype} on {w.device}"
+            )
+        width = w.shape[0]
+        if b is not None and (b.shape != (width,) or b.dtype != x.dtype or b.device != x.device):
+            raise ValueError(
+                f"biases[{layer}] must be ({width},) {x.dtype} on {x.device}, got "
+                f"{tuple(b.shape)} {b.dtype} on {b.device}"
+            )
+    codes = tuple(_activation_code(a) for a in activations)
+    weights = [w.contiguous() for w in weights]
+    biases = [None if b is None else b.contiguous() for b in biases]
+    return weights, biases, codes
+
+
+def _activation_code(activation: str) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return ACTIVATIONS.index(activation)
+
+
+def _packed(values, bits: int) -> int:
+    return sum(int(v) << (bits * layer) for layer, v in enumerate(values))
+
+
+def fusable(weights) -> bool:
+    """Whether a network fits the fused kernels: every layer output ≤ FUSED_MAX_WIDTH."""
+    return all(w.shape[0] <= FUSED_MAX_WIDTH for w in weights)
+
+
+def mlp_forward(x, weights, biases, activations, *, tf32=False, fused=None) -> list[torch.Tensor]:
+    """Outputs ``[a₁, …, a_L]`` of every layer (``reference.mlp_forward``).
+
+    ``fused``: None picks the fused kernel when ``fusable(weights)``; True or
+    False forces a path (the tests run both).
+    """
+    weights, biases, codes = _checked(x, weights, biases, activations)
+    fused = fusable(weights) if fused is None else fused
+    acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
+    outputs = [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
+    if fused:
+        _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision)
+    else:
+        layer_input = x
+        for w, b, code, out in zip(weights, biases, codes, outputs, strict=True):
+            _launch_layer_forward(layer_input, w, b, code, out, acc, precision)
+            layer_input = out
+    return outputs
+
+
+def _launch_layer_forward(x, w, b, code, out, acc, precision) -> None:
+    (M, K), N = x.shape, w.shape[0]
+    blocks = _layer_blocks(x.dtype, _interpreted(x.device))
+    grid = (triton.cdiv(M, blocks.BM), triton.cdiv(N, blocks.BN))
+    _layer_forward_kernel[grid](
+        x, w, *_bias_pointers([w], [b]), out, M, N, K, x.stride(0), x.stride(1),
+        HAS_BIAS=b is not None, ACT=code, ACC=acc, PRECISION=precision,
+        BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, num_warps=blocks.num_warps,
+    )  # fmt: skip
+
+
+def _bias_pointers(weights, biases) -> tuple[torch.Tensor, ...]:
+    """Every layer's bias; a layer without one passes its weight, never read (HAS_BIAS is 0)."""
+    return tuple(w if b is None else b for w, b in zip(weights, biases, strict=True))
+
+
+def _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision) -> None:
+    widths = (x.shape[1], *(w.shape[0] for w in weights))
+    plan = _fused_plan(widths, x.shape[0], x.device)
+    _mlp_forward_kernel[(triton.cdiv(x.shape[0], plan.BM),)](
+        x, tuple(weights), _bias_pointers(weights, biases), tuple(outputs), widths,
+        x.shape[0], x.stride(0), x.stride(1),
+        L=len(weights), ACTS=_packed(codes, 2),
+        BIASES=_packed((b is not None for b in biases), 1),
+        ACC=acc, PRECISION=precision, BM=plan.BM, BK=plan.BK, H=plan.H, num_warps=plan.num_warps,
+    )  # fmt: skip
+
+
+def mlp_backward(
+    g, x, weights, biases, activations, outputs, needs_input_grad=True, *, tf32=False, fused=None
+) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor | None]]:
+    """``(∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ])`` (see ``reference.mlp_backward``).
+
+    ``biases`` only says which layers have one (None or not); ``fused`` as in
+    ``mlp_forward``.
+    """
+    has_bias = [b is not None for b in biases]
+    weights, _, codes = _checked(x, weights, [None] * len(weights), activations)
+    for layer, (w, a) in enumerate(zip(weights, outputs, strict=True)):
+        if a.shape != (x.shape[0], w.shape[0]) or not a.is_contiguous():
+            want = (x.shape[0], w.shape[0])
+            raise ValueError(f"outputs[{layer}] must be contiguous {want}, got {tuple(a.shape)}")
+    if g.shape != outputs[-1].shape:
+        raise ValueError(f"g must have shape {tuple(outputs[-1].shape)}, got {tuple(g.shape)}")
+    fused = fusable(weights) if fused is None else fused
+    acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
+    grad_x = (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else None
+    )
+    if fused:
+        grad_weights, grad_biases = _launch_fused_backward(
+            g, x, weights, codes, outputs, grad_x, acc, precision
+        )
+    else:
+        grad_weights, grad_biases = _layered_backward(
+            g, x, weights, codes, outputs, grad_x, acc, precision
+        )
+    return (
+        grad_x,
+        grad_weights,
+        [gb if has else None for gb, has in zip(grad_biases, has_bias, strict=True)],
+    )
+
+
+def _views(
+    flat: torch.Tensor, offset: int, n_out: int, n_in: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂W, ∂b) of one layer, views of a flat [∂W | ∂b] gradient buffer."""
+    end = offset + n_out * n_in
+    return flat[offset:end].view(n_out, n_in), flat[end : end + n_out]
+
+
+def _reduced(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Σ over the rows of partials (P, T), into a new (T,) buffer of dtype."""
+    P, T = partials.shape
+    if P == 1 and partials.dtype == dtype:
+        return partials[0]
+    out = partials.new_empty(T, dtype=dtype)
+    BLOCK = 1024
+    _sum_partials_kernel[(triton.cdiv(T, BLOCK),)](partials, out, P, T, BLOCK=BLOCK)
+    return out
+
+
+def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision):
+    widths = (x.shape[1], *(w.shape[0] for w in weights))
+    plan = _fused_plan(widths, x.shape[0], x.device)
+    # One program writes final gradients in place; several sum partials in acc's dtype.
+    direct = plan.programs == 1 and triton.cdiv(x.shape[0], plan.BM) == 1
+    work_dtype = (
+        x.dtype if direct else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    )
+    partials = x.new_empty(plan.programs, plan.size, dtype=work_dtype)
+    _mlp_backward_kernel[(plan.programs,)](
+        g, x, tuple(weights), tuple(outputs), x if grad_x is None else grad_x, partials,
+        widths, plan.offsets, x.shape[0], plan.size,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+        L=len(weights), ACTS=_packed(codes, 2), NEEDS_DX=grad_x is not None,
+        ACC=acc, PRECISION=precision, BM=plan.BM, BK=plan.BK, H=plan.H, num_warps=plan.num_warps,
+    )  # fmt: skip
+    flat = _reduced(partials, x.dtype)
+    views = [
+        _views(flat, o, n_out, n_in)
+        for o, n_in, n_out in zip(plan.offsets, widths, widths[1:], strict=False)
+    ]
+    return [w for w, _ in views], [b for _, b in views]
+
+
+def _layered_backward(g, x, weights, codes, outputs, grad_x, acc, precision):
+    grad_weights, grad_biases = [None] * len(weights), [None] * len(weights)
+    blocks = _layer_blocks(x.dtype, _interpreted(x.device))
+    for layer in reversed(range(len(weights))):
+        w, a, code = weights[layer], outputs[layer], codes[layer]
+        layer_input = x if layer == 0 else outputs[layer - 1]
+        grad_weights[layer], grad_biases[layer] = _launch_grad_weight(
+            g, a, layer_input, code, acc, precision, blocks
+        )
+        if layer > 0 or grad_x is not None:
+            dx = grad_x if layer == 0 else torch.empty_like(layer_input)
+            _launch_grad_input(g, a, w, code, dx, acc, precision, blocks)
+            g = dx
+    return grad_weights, grad_biases
+
+
+def _launch_grad_input(g, a, w, code, dx, acc, precision, blocks: Blocks) -> None:
+    (M, N), K = a.shape, w.shape[1]
+    grid = (triton.cdiv(M, blocks.BM), triton.cdiv(K, blocks.BK))
+    _layer_grad_input_kernel[grid](
+        g, a, w, dx, M, N, K, g.stride(0), g.stride(1),
+        ACT=code, ACC=acc, PRECISION=precision,
+        BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, num_warps=blocks.num_warps,
+    )  # fmt: skip
+
+
+def _launch_grad_weight(g, a, x, code, acc, precision, blocks: Blocks):
+    (M, N), K = a.shape, x.shape[1]
+    plan = _split_plan(M, N, K, blocks, x.device)
+    work_dtype = (
+        x.dtype
+        if plan.splits == 1
+        else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    )
+    partials = x.new_empty(plan.splits, N * K + N, dtype=work_dtype)
+    grid = (triton.cdiv(N, blocks.BN), triton.cdiv(K, blocks.BK), plan.splits)
+    _layer_grad_weight_kernel[grid](
+        g, a, x, partials, M, N, K, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+        plan.rows_per_split, ACT=code, ACC=acc, PRECISION=precision,
+        BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, num_warps=blocks.num_warps,
+    )  # fmt: skip
+    return _views(_reduced(partials, x.dtype), 0, N, K)
+
+
+def linear_act_forward(x, weight, bias, activation, *, tf32=False, fused=None) -> torch.Tensor:
+    """``act(x Wᵀ + b)`` (see ``reference.linear_act_forward``)."""
+    return mlp_forward(x, [weight], [bias], [activation], tf32=tf32, fused=fused)[0]
+
+
+def linear_act_backward(
+    g, x, weight, a, activation, has_bias=True, needs_input_grad=True, *, tf32=False, fused=None
+):
+    """``(∂L/∂x, ∂L/∂W, ∂L/∂b)`` of one layer (see ``reference.linear_act_backward``)."""
+    grad_x, (grad_weight,), (grad_bias,) = mlp_backward(
+        g, x, [weight], [weight if has_bias else None], [activation], [a], needs_input_grad,
+        tf32=tf32, fused=fused,
+    )  # fmt: skip
+    return grad_x, grad_weight, grad_bias
