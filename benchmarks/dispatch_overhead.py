@@ -37,7 +37,7 @@ def _tiny_calls() -> dict:
     names = ("relu", "identity")
 
     def function(x):
-        return F._NumbaMLP.apply(x, names, 2, *weights, *biases)
+        return F._KernelMLP.apply(x, F.KERNELS["numba"], names, 2, *weights, *biases)
 
     def op(x):
         return F._custom_op_mlp(x, weights, biases, names)

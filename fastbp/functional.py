@@ -6,15 +6,21 @@ boundary, because the kernels below do not check bounds, then dispatch on
 ``backend``:
 
 - ``"numba"``: fastbp's CPU kernels (``fastbp.kernels.cpu``);
+- ``"triton"``: fastbp's GPU kernels (``fastbp.kernels.gpu``), for CUDA tensors
+  (CPU tensors only under ``TRITON_INTERPRET=1``); needs the ``gpu`` extra;
 - ``"torch"``: native torch ops under torch's autograd, the baseline;
-- ``"auto"``: numba for float32/float64 CPU tensors, torch for the rest
-  (CUDA, float16, bfloat16), so a model moved with ``.cuda()`` or
-  ``.to(torch.bfloat16)`` keeps working.
+- ``"auto"``: numba for float32/float64 CPU tensors, triton for float32,
+  float16 and bfloat16 CUDA tensors when Triton is installed, torch for the rest,
+  so a model moved with ``.cuda()`` or ``.to(torch.bfloat16)`` keeps working.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -22,8 +28,10 @@ from . import activations as _activations
 from . import threads
 from .kernels import cpu
 
-BACKENDS = ("auto", "numba", "torch")
+BACKENDS = ("auto", "numba", "triton", "torch")
 CPU_DTYPES = (torch.float32, torch.float64)
+# float64 runs on CUDA too with backend="triton" (gradcheck), but cuBLAS is the faster choice
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------
@@ -87,19 +95,51 @@ def check_backend(backend: str) -> str:
 
 
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The backend that runs ``x``: "auto" falls back to torch where numba cannot."""
-    if check_backend(backend) == "torch":
-        return backend
-    if backend == "auto":
-        return "numba" if x.device.type == "cpu" and x.dtype in CPU_DTYPES else "torch"
-    if x.device.type != "cpu":
-        raise ValueError(
-            f"backend {backend!r} runs on CPU tensors only, got x on {x.device}; "
-            "use backend='torch' for tensors on other devices"
+    """The backend that runs ``x``: "auto" falls back to torch where fastbp's kernels cannot."""
+    if check_backend(backend) == "auto":
+        if x.device.type == "cpu":
+            return "numba" if x.dtype in CPU_DTYPES else "torch"
+        if x.device.type == "cuda" and x.dtype in CUDA_DTYPES and _triton_installed():
+            return "triton"
+        return "torch"
+    if backend == "numba":
+        if x.device.type != "cpu":
+            raise ValueError(
+                f"backend 'numba' runs on CPU tensors only, got x on {x.device}; "
+                "use backend='triton' or 'torch' for CUDA tensors"
+            )
+        if x.dtype not in CPU_DTYPES:
+            raise TypeError(f"backend 'numba' needs float32 or float64 tensors, got x of {x.dtype}")
+    if backend == "triton":
+        _gpu()  # a clear error when Triton is missing
+        if x.device.type != "cuda" and not (x.device.type == "cpu" and _gpu().INTERPRETING):
+            raise ValueError(
+                f"backend 'triton' runs on CUDA tensors, got x on {x.device} (CPU tensors "
+                "run only in Triton's interpreter: TRITON_INTERPRET=1, set before triton "
+                "is imported)"
+            )
+        if x.dtype not in (*CUDA_DTYPES, torch.float64):
+            raise TypeError(
+                "backend 'triton' needs float32, float16, bfloat16 or float64 tensors, "
+                f"got x of {x.dtype}"
+            )
+    return backend
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _gpu():
+    """``fastbp.kernels.gpu``, imported on first use: Triton is an optional extra."""
+    if not _triton_installed():
+        raise RuntimeError(
+            "backend 'triton' needs Triton, which is not installed: "
+            "pip install 'fastbp[gpu]' (Linux with an NVIDIA GPU)"
         )
-    if x.dtype not in CPU_DTYPES:
-        raise TypeError(f"backend 'numba' needs float32 or float64 tensors, got x of {x.dtype}")
-    return "numba"
+    return importlib.import_module("fastbp.kernels.gpu")
 
 
 def _check_network(x, weights, biases, activations) -> list[_activations.Activation]:
@@ -159,6 +199,35 @@ def _numba_backward(grad_output, x, weights, has_bias, activations, outputs, nee
     return as_tensor(grad_x), [*map(as_tensor, grad_weights)], [*map(as_tensor, grad_biases)]
 
 
+def _tf32() -> bool:
+    """Whether float32 matmuls may use TF32, as torch's own CUDA matmuls decide."""
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+def _triton_forward(x, weights, biases, activations) -> list[torch.Tensor]:
+    """Every layer's output ``[a₁, …, a_L]``: one launch for a narrow network."""
+    return _gpu().mlp_forward(x, weights, biases, list(activations), tf32=_tf32())
+
+
+def _triton_backward(grad_output, x, weights, has_bias, activations, outputs, needs_input_grad):
+    """``(∂L/∂x or None, [∂L/∂Wₗ], [∂L/∂bₗ or None])``: one launch for a narrow network."""
+    return _gpu().mlp_backward(
+        grad_output, x, weights, [True if has else None for has in has_bias], list(activations),
+        outputs, needs_input_grad, tf32=_tf32(),
+    )  # fmt: skip
+
+
+class _Kernels(NamedTuple):
+    forward: object  # (x, weights, biases, activations) -> every layer's output
+    backward: object  # (g, x, weights, has_bias, activations, outputs, needs_input_grad)
+
+
+KERNELS = {
+    "numba": _Kernels(_numba_forward, _numba_backward),
+    "triton": _Kernels(_triton_forward, _triton_backward),
+}
+
+
 def _saved(ctx) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """``(x, weights, every layer's output)``, as both wirings below save them."""
     num_layers = len(ctx.has_bias)
@@ -166,20 +235,20 @@ def _saved(ctx) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     return x, saved[:num_layers], saved[num_layers:]
 
 
-class _NumbaMLP(torch.autograd.Function):
+class _KernelMLP(torch.autograd.Function):
     """The whole network as one eager autograd node: the lowest per-call overhead.
 
-    Forward saves each layer's output, nothing else.
+    Forward saves each layer's output, nothing else; ``kernels`` is a ``KERNELS`` entry.
     """
 
     @staticmethod
-    def forward(ctx, x, activations, num_layers, *parameters):
+    def forward(ctx, x, kernels, activations, num_layers, *parameters):
         # Old-style forward (ctx first, one output): ~30 µs cheaper per call than
         # setup_context with every layer's output returned. torch.func transforms
         # would need setup_context, but cannot use this backward anyway (see below).
         weights, biases = parameters[:num_layers], parameters[num_layers:]
-        outputs = _numba_forward(x, weights, biases, activations)
-        ctx.activations = activations
+        outputs = kernels.forward(x, weights, biases, activations)
+        ctx.kernels, ctx.activations = kernels, activations
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x, *weights, *outputs)
         return outputs[-1]
@@ -188,18 +257,26 @@ class _NumbaMLP(torch.autograd.Function):
     def backward(ctx, grad_output):
         _refuse_double_backward()
         x, weights, outputs = _saved(ctx)
-        grad_x, grad_weights, grad_biases = _numba_backward(
+        grad_x, grad_weights, grad_biases = ctx.kernels.backward(
             grad_output, x, weights, ctx.has_bias, ctx.activations, outputs,
             ctx.needs_input_grad[0],
         )  # fmt: skip
-        return grad_x, None, None, *grad_weights, *grad_biases
+        return grad_x, None, None, None, *grad_weights, *grad_biases
 
 
 # The same kernels as torch.library custom ops: opaque to torch.compile and
 # torch.export (which trace them through their fake implementations instead of
-# breaking the graph on numpy), at a few µs more dispatch per call than the
-# autograd.Function above.
-@torch.library.custom_op("fastbp::mlp_forward", mutates_args=(), device_types="cpu")
+# breaking the graph on numpy or Triton launches), at a few µs more dispatch per
+# call than the autograd.Function above. The device picks the kernels: numba on
+# CPU (also for backend="triton" in the interpreter), Triton on CUDA.
+_OP_DEVICES = ("cpu", "cuda")
+
+
+def _op_kernels(x: torch.Tensor) -> _Kernels:
+    return KERNELS["numba" if x.device.type == "cpu" else "triton"]
+
+
+@torch.library.custom_op("fastbp::mlp_forward", mutates_args=(), device_types=_OP_DEVICES)
 def mlp_forward_op(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -213,7 +290,8 @@ def mlp_forward_op(
     op autograd drops gradients of a tensor list holding None), and
     ``activations`` is comma-separated, "relu,identity" (a schema has no list of str).
     """
-    return _numba_forward(x, weights, _with_nones(biases, has_bias), activations.split(","))
+    kernels = _op_kernels(x)
+    return kernels.forward(x, weights, _with_nones(biases, has_bias), activations.split(","))
 
 
 def _with_nones(present: Sequence[torch.Tensor], has_bias: Sequence[bool]) -> list:
@@ -226,7 +304,7 @@ def _(x, weights, biases, has_bias, activations):
     return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
 
 
-@torch.library.custom_op("fastbp::mlp_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("fastbp::mlp_backward", mutates_args=(), device_types=_OP_DEVICES)
 def mlp_backward_op(
     grad_output: torch.Tensor,
     x: torch.Tensor,
@@ -238,7 +316,7 @@ def mlp_backward_op(
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """``(∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ of the layers with a bias])``;
     ``∂L/∂x`` is empty unless ``needs_input_grad``."""
-    grad_x, grad_weights, grad_biases = _numba_backward(
+    grad_x, grad_weights, grad_biases = _op_kernels(x).backward(
         grad_output, x, weights, has_bias, activations.split(","), outputs, needs_input_grad
     )
     if grad_x is None:
@@ -278,18 +356,18 @@ def _functorch_active() -> bool:
     return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
 
 
-def _numba_mlp(x, weights, biases, names: tuple[str, ...]) -> torch.Tensor:
+def _kernel_mlp(x, weights, biases, names: tuple[str, ...], backend: str) -> torch.Tensor:
     """The autograd.Function in eager mode (about 100 µs less per forward+backward,
     ``benchmarks/dispatch_overhead.py``); the custom op where torch.compile or
-    torch.export traces, since they cannot trace into numpy."""
+    torch.export traces, since they cannot trace into numpy or a Triton launcher."""
     if _functorch_active():
         raise RuntimeError(
-            "torch.func transforms (grad, vjp, jacrev, vmap) cannot run fastbp's numba "
+            f"torch.func transforms (grad, vjp, jacrev, vmap) cannot run fastbp's {backend} "
             "kernels: use backend='torch' for them (torch.func.functional_call works)"
         )
     if torch.compiler.is_compiling():
         return _custom_op_mlp(x, weights, biases, names)
-    return _NumbaMLP.apply(x, names, len(weights), *weights, *biases)
+    return _KernelMLP.apply(x, KERNELS[backend], names, len(weights), *weights, *biases)
 
 
 def _custom_op_mlp(x, weights, biases, names: Sequence[str]) -> torch.Tensor:
@@ -317,18 +395,19 @@ def mlp(
         weights: one (out, in) tensor per layer, ``nn.Linear``'s layout.
         biases: one (out,) tensor or None per layer.
         activations: one of "identity", "relu", "sigmoid", "tanh" per layer.
-        backend: "auto", "numba" or "torch".
+        backend: "auto", "numba", "triton" or "torch" (see the module docstring).
 
     Returns:
         The last layer's output, (batch, out_features of the last layer).
     """
     weights, biases, activations = list(weights), list(biases), list(activations)
     table = _check_network(x, weights, biases, activations)
-    if _resolve_backend(backend, x) == "torch":
+    backend = _resolve_backend(backend, x)
+    if backend == "torch":
         for weight, bias, activation in zip(weights, biases, table, strict=True):
             x = activation.function(torch.nn.functional.linear(x, weight, bias))
         return x
-    return _numba_mlp(x, weights, biases, tuple(a.name for a in table))
+    return _kernel_mlp(x, weights, biases, tuple(a.name for a in table), backend)
 
 
 def linear_act(
@@ -347,6 +426,7 @@ def linear_act(
     x = _check_tensor("x", x, 2)
     _check_layer(x, x.shape[1], weight, bias)
     act = _activations.get(activation)
-    if _resolve_backend(backend, x) == "torch":
+    backend = _resolve_backend(backend, x)
+    if backend == "torch":
         return act.function(torch.nn.functional.linear(x, weight, bias))
-    return _numba_mlp(x, [weight], [bias], (act.name,))
+    return _kernel_mlp(x, [weight], [bias], (act.name,), backend)

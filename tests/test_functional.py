@@ -184,7 +184,7 @@ BAD_LINEAR_INPUTS = {
     "unknown backend": (
         dict(backend="cuda"),
         ValueError,
-        r"backend must be one of \('auto', 'numba', 'torch'\), got 'cuda'",
+        r"backend must be one of \('auto', 'numba', 'triton', 'torch'\), got 'cuda'",
     ),
 }
 
