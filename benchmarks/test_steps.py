@@ -42,6 +42,8 @@ def test_train_step(benchmark, workload, name):
     implementation, workload = STEP_IMPLEMENTATIONS[name], WORKLOADS[workload]
     if implementation.device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU; none on this machine")
+    if implementation.device not in workload.devices:
+        pytest.skip(f"{workload.name} is a GPU-sized batch, timed on CUDA only")
     check_step(name, workload, implementation.device)
     step = implementation.make(workload, implementation.device)
     step.run()  # compile outside the timing
@@ -54,6 +56,8 @@ def test_train_step(benchmark, workload, name):
 @pytest.mark.parametrize("name", list(INFERENCE_IMPLEMENTATIONS))
 def test_inference(benchmark, workload, name):
     workload = WORKLOADS[workload]
+    if "cpu" not in workload.devices:
+        pytest.skip(f"{workload.name} is a GPU-sized batch, timed on CUDA only")
     forward = INFERENCE_IMPLEMENTATIONS[name](workload, "cpu")
     expected = INFERENCE_IMPLEMENTATIONS["torch-eager"](workload, "cpu")()
     torch.testing.assert_close(forward(), expected, rtol=1e-4, atol=1e-5)

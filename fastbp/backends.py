@@ -32,11 +32,17 @@ Runner = Callable[
 
 @dataclass(frozen=True)
 class Implementation:
-    """One way of computing an MLP's forward pass and gradients."""
+    """One way of computing an MLP's forward pass and gradients.
+
+    ``device``: "any" runs wherever its tensors are; "cuda" needs CUDA tensors
+    (or, for Triton, CPU tensors in its interpreter, slow enough that tests
+    give it small shapes only).
+    """
 
     name: str
     run: Runner
     description: str
+    device: str = "any"
 
 
 def _with_autograd(forward: Callable[..., torch.Tensor]) -> Runner:
@@ -110,6 +116,12 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             _with_autograd(_layer_by_layer("numba")),
             "fastbp.functional.linear_act per layer, numba kernels",
         ),
+        Implementation(
+            "fastbp-triton",
+            _with_autograd(_whole_network("triton")),
+            "fastbp.functional.mlp: the network as one autograd node, Triton kernels",
+            "cuda",
+        ),
     )
 }
 
@@ -129,6 +141,7 @@ class Workload:
     lr: float
     momentum: float = 0.0
     reduction: str = "mean"
+    devices: tuple[str, ...] = ("cpu", "cuda")  # GPU-sized batches are timed on CUDA only
 
     def flops(self, training: bool = True) -> int:
         """Multiply-adds ×2 of the step's GEMMs (the first layer's ∂x is skipped)."""
@@ -187,16 +200,37 @@ WORKLOADS: dict[str, Workload] = {
             )  # fmt: skip
             for b in (64, 128, 1024)
         ),
+        *(
+            Workload(
+                f"mnist-784x256x128x10-b{b}",
+                (784, 256, 128, 10),
+                b,
+                True,
+                "cross_entropy",
+                0.01,
+                0.9,
+                devices=("cuda",),
+            )  # fmt: skip
+            for b in (4096, 65536)
+        ),
     )
 }
 
 
 class Step:
     """A ready-to-time training step: ``run()`` does one step, ``parameters()`` reads
-    the current weights (W₁, b₁, W₂, … as torch tensors on the CPU)."""
+    the current weights (W₁, b₁, W₂, … as torch tensors on the CPU). Steps of a
+    torch training loop also keep their ``model`` and ``optimizer``."""
 
-    def __init__(self, run: Callable[[], object], parameters: Callable[[], Tensors]) -> None:
+    def __init__(
+        self,
+        run: Callable[[], object],
+        parameters: Callable[[], Tensors],
+        model=None,
+        optimizer=None,
+    ) -> None:
         self.run, self.parameters = run, parameters
+        self.model, self.optimizer = model, optimizer
 
 
 def _torch_eager(workload: Workload, device: str, model=None) -> Step:
@@ -211,7 +245,39 @@ def _torch_eager(workload: Workload, device: str, model=None) -> Step:
         optimizer.step()
         return loss
 
-    return Step(run, lambda: [p.detach().cpu() for p in model.parameters()])
+    return Step(run, lambda: [p.detach().cpu() for p in model.parameters()], model, optimizer)
+
+
+def _cuda_graphed(make: Callable[[Workload, str], Step]) -> Callable[[Workload, str], Step]:
+    """``make``'s torch-loop step captured once in a CUDA graph, then replayed.
+
+    Warm-up steps on a side stream (as ``torch.cuda.graph`` requires) allocate the
+    gradients and optimizer state; the parameters are then put back and the
+    momentum zeroed (SGD's first step sets buf = d, as buf = μ·0 + d does), so the
+    graphed step starts where every other implementation does.
+    """
+
+    def make_graphed(workload: Workload, device: str) -> Step:
+        step = make(workload, device)
+        initial = [p.detach().clone() for p in step.model.parameters()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step.run()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for parameter, value in zip(step.model.parameters(), initial, strict=True):
+                parameter.copy_(value)
+            for state in step.optimizer.state.values():
+                if state.get("momentum_buffer") is not None:
+                    state["momentum_buffer"].zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step.run()
+        return Step(graph.replay, step.parameters, step.model, step.optimizer)
+
+    return make_graphed
 
 
 def _torch_compile(workload: Workload, device: str) -> Step:
@@ -314,11 +380,27 @@ STEP_IMPLEMENTATIONS: dict[str, StepImplementation] = {
         ),  # fmt: skip
         StepImplementation("gemm-floor-cuda", _gemm_floor, "cuda", "the step's GEMMs alone"),
         StepImplementation("torch-eager-cuda", _torch_eager, "cuda", "torch-eager on CUDA"),
+        StepImplementation("torch-compile-cuda", _torch_compile, "cuda", "torch-compile on CUDA"),
+        StepImplementation(
+            "torch-cudagraph", _cuda_graphed(_torch_eager), "cuda", "torch-eager in a CUDA graph"
+        ),  # fmt: skip
+        StepImplementation(
+            "fastbp-triton",
+            _fastbp_autograd,
+            "cuda",
+            "fastbp.nn.MLP (Triton) in torch-eager's loop",
+        ),  # fmt: skip
+        StepImplementation(
+            "fastbp-triton-cudagraph",
+            _cuda_graphed(_fastbp_autograd),
+            "cuda",
+            "fastbp-triton's step in a CUDA graph",
+        ),  # fmt: skip
         StepImplementation(
             "fastbp-fused-cuda",
             _fastbp_fused("auto"),
             "cuda",
-            "FusedTrainer on CUDA (torch ops until the Triton backend)",
+            "FusedTrainer on CUDA: hand-derived step in torch ops",
         ),  # fmt: skip
     )
 }
@@ -369,5 +451,5 @@ def _inference_numpy(workload: Workload, device: str) -> Callable[[], torch.Tens
 INFERENCE_IMPLEMENTATIONS: dict[str, Callable[[Workload, str], Callable[[], torch.Tensor]]] = {
     "torch-eager": _inference_torch,
     "numpy-manual": _inference_numpy,
-    "fastbp-numba": _inference_fastbp,
+    "fastbp-numba": _inference_fastbp,  # on CUDA tensors: the Triton kernels ("auto")
 }

@@ -206,7 +206,7 @@ def run(
         if not names:
             progress(f"{device}: no implementation available on this machine, skipped")
             continue
-        for workload in workloads:
+        for workload in (w for w in workloads if device in WORKLOADS[w].devices):
             rows += bench_workload(
                 WORKLOADS[workload], device, names, rounds, round_seconds, progress
             )

@@ -365,9 +365,21 @@ def _kernel_mlp(x, weights, biases, names: tuple[str, ...], backend: str) -> tor
             f"torch.func transforms (grad, vjp, jacrev, vmap) cannot run fastbp's {backend} "
             "kernels: use backend='torch' for them (torch.func.functional_call works)"
         )
+    if backend == "triton":
+        x, weights, biases = _autocast(x, weights, biases)
     if torch.compiler.is_compiling():
         return _custom_op_mlp(x, weights, biases, names)
     return _KernelMLP.apply(x, KERNELS[backend], names, len(weights), *weights, *biases)
+
+
+def _autocast(x, weights, biases):
+    """Under ``torch.autocast``, the inputs cast to its dtype, as ``F.linear`` casts them:
+    autocast casts the inputs of its listed ops only, not of a custom Function."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, weights, biases
+    dtype = torch.get_autocast_dtype(x.device.type)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(x), [cast(w) for w in weights], [cast(b) for b in biases]
 
 
 def _custom_op_mlp(x, weights, biases, names: Sequence[str]) -> torch.Tensor:

@@ -31,7 +31,7 @@ class Linear(nn.Module):
         in_features, out_features: sizes; ``weight`` is (out_features, in_features).
         bias: whether the layer has a ``bias`` of shape (out_features,).
         activation: "identity", "relu", "sigmoid" or "tanh", fused into the layer.
-        backend: "auto", "numba" or "torch" (see ``fastbp.functional``).
+        backend: "auto", "numba", "triton" or "torch" (see ``fastbp.functional``).
     """
 
     def __init__(
@@ -87,7 +87,7 @@ class MLP(nn.Module):
         activation: activation after each hidden layer, one name or one per hidden layer.
         output_activation: activation after the last layer.
         bias: whether layers have a bias, one flag or one per layer.
-        backend: "auto", "numba" or "torch" (see ``fastbp.functional``).
+        backend: "auto", "numba", "triton" or "torch" (see ``fastbp.functional``).
 
     ``MLP([1000, 100, 10])`` has the children, parameter names and initial
     weights (for the same seed) of ``nn.Sequential(nn.Linear(1000, 100),

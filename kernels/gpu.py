@@ -534,6 +534,8 @@ def mlp_forward(x, weights, biases, activations, *, tf32=False, fused=None) -> l
     fused = fusable(weights) if fused is None else fused
     acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
     outputs = [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
+    if x.shape[0] == 0:
+        return outputs  # no rows: nothing to launch (a grid of 0 programs is an error)
     if fused:
         _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision)
     else:
@@ -588,6 +590,12 @@ def mlp_backward(
             raise ValueError(f"outputs[{layer}] must be contiguous {want}, got {tuple(a.shape)}")
     if g.shape != outputs[-1].shape:
         raise ValueError(f"g must have shape {tuple(outputs[-1].shape)}, got {tuple(g.shape)}")
+    if x.shape[0] == 0:  # no rows: every gradient is an empty sum
+        grad_biases = [
+            w.new_zeros(len(w)) if has else None for w, has in zip(weights, has_bias, strict=True)
+        ]
+        grad_x = x.new_empty(x.shape) if needs_input_grad else None
+        return grad_x, [w.new_zeros(w.shape) for w in weights], grad_biases
     fused = fusable(weights) if fused is None else fused
     acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
     grad_x = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,11 @@ import pytest
 import torch
 
 import fastbp
+
+# Without a GPU, the Triton kernels run on CPU tensors in Triton's interpreter,
+# which is chosen when triton is first imported: set it before anything does.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_sessionstart(session):
@@ -57,7 +63,7 @@ def make_network(sizes, batch, bias=True, dtype=torch.float64, seed=0, scale=1.0
 
 def max_abs_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     """Largest absolute difference, NaN-aware: a NaN where the reference has none is infinite."""
-    value, reference = value.double(), reference.double()
+    value, reference = value.double().cpu(), reference.double().cpu()
     mismatch = torch.isnan(value) != torch.isnan(reference)
     if mismatch.any():
         return math.inf

@@ -30,8 +30,13 @@ NETWORKS = [
     [784, 256, 128, 10],
 ]
 BATCHES = [1, 3, 64, 127]
-# The numpy oracle is validated in test_reference.py; here fastbp's own backends are judged.
-UNDER_TEST = [name for name in IMPLEMENTATIONS if name.startswith("fastbp")]
+# The numpy oracle is validated in test_reference.py; here fastbp's own CPU backends
+# are judged (test_triton.py judges the Triton kernels the same way).
+UNDER_TEST = [
+    name
+    for name, impl in IMPLEMENTATIONS.items()
+    if name.startswith("fastbp") and impl.device == "any"
+]
 
 
 def _tensors(result):
@@ -49,7 +54,7 @@ def _tensors(result):
 
 def _higher_precision(x, weights, biases, activations, grad_output):
     """The reference result, computed in a wider float than the inputs."""
-    if x.dtype == torch.float32:
+    if x.dtype != torch.float64:
         up = lambda t: None if t is None else t.double()  # noqa: E731
         run = IMPLEMENTATIONS["torch-eager"].run
     else:
@@ -74,14 +79,24 @@ def _longdouble_reference(x, weights, biases, activations, grad_output):
     )
 
 
-def assert_as_accurate_as_torch(name, sizes, batch, activation, bias, dtype, seed=0):
+def assert_as_accurate_as_torch(
+    name, sizes, batch, activation, bias, dtype, seed=0, *, device="cpu", run=None
+):
+    """Implementation ``name`` (or the runner ``run``, reported as ``name``) has at most
+    twice torch's error in ``dtype`` on ``device``, plus a few units in the last place.
+
+    The reference is computed on the CPU in a wider float from the same inputs.
+    """
     x, weights, biases, grad_output = make_network(sizes, batch, bias, dtype=dtype, seed=seed)
     activations = [activation] * (len(sizes) - 2) + [activation]
     exact = _tensors(_higher_precision(x, weights, biases, activations, grad_output))
-    torchs = _tensors(
-        IMPLEMENTATIONS["torch-eager"].run(x, weights, biases, activations, grad_output)
-    )
-    ours = _tensors(IMPLEMENTATIONS[name].run(x, weights, biases, activations, grad_output))
+    on_device = lambda t: None if t is None else t.to(device)  # noqa: E731
+    inputs = (
+        on_device(x), [on_device(w) for w in weights], [on_device(b) for b in biases],
+        activations, on_device(grad_output),
+    )  # fmt: skip
+    torchs = _tensors(IMPLEMENTATIONS["torch-eager"].run(*inputs))
+    ours = _tensors((run or IMPLEMENTATIONS[name].run)(*inputs))
     tiny = 4 * torch.finfo(dtype).eps
     for key, expected in exact.items():
         assert ours[key].dtype == dtype, key

@@ -1,0 +1,248 @@
+"""fastbp.kernels.gpu and backend="triton", judged against a float64 reference.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest before triton is imported), on small
+shapes with tails: batch 1, 3, 17; widths 1, 10, 33, 100, below and above the
+interpreter's 16- and 32-wide blocks. On a CUDA machine the same tests run on
+the GPU, plus real sizes, half precision, CUDA graphs and torch.compile.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbp import functional as F
+from fastbp.kernels.reference import ACTIVATIONS
+
+from .conftest import make_network, max_abs_error
+from .test_accuracy import _higher_precision, _tensors, assert_as_accurate_as_torch
+
+pytest.importorskip(
+    "triton", reason="Triton is not installed (pip install -e '.[test]' on Linux x86-64)"
+)
+from fastbp.kernels import gpu  # noqa: E402  (needs triton)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none on this machine")
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not INTERPRETED, reason="TRITON_INTERPRET is off (a CUDA GPU is present): see cuda"
+        ),
+    ),
+    pytest.param("cuda", marks=needs_cuda),
+]
+SMALL = [(1, [3, 10]), (3, [33, 100, 10]), (17, [100, 1, 33]), (17, [10, 33, 17, 1])]
+
+
+def _kernel_runner(fused: bool):
+    """A backends.Runner over the kernels directly, forcing the fused or layered path."""
+
+    def run(x, weights, biases, activations, grad_output):
+        outputs = gpu.mlp_forward(x, weights, biases, activations, fused=fused)
+        grads = gpu.mlp_backward(grad_output, x, weights, biases, activations, outputs, fused=fused)
+        return outputs[-1], *grads
+
+    return run
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "layered"])
+@pytest.mark.parametrize("batch,sizes", SMALL, ids=lambda v: str(v))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_kernels_as_accurate_as_torch(device, fused, batch, sizes, activation, bias):
+    run = _kernel_runner(fused)
+    for dtype in (torch.float32, torch.float64):
+        assert_as_accurate_as_torch(
+            f"triton-{'fused' if fused else 'layered'}", sizes, batch, activation, bias, dtype,
+            device=device, run=run,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_partial_gradient_sums_cover_every_row_block(device):
+    # More row blocks than backward programs: each program sums several blocks.
+    block = gpu._fused_plan((5, 7, 3), 10**6, torch.device(device)).BM
+    batch = (3 * gpu._multiprocessors(torch.device(device)) + 1) * block
+    assert_as_accurate_as_torch(
+        "triton-fused", [5, 7, 3], batch, "tanh", True, torch.float32, device=device,
+        run=_kernel_runner(True),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backend_triton_through_autograd(device):
+    assert_as_accurate_as_torch(
+        "fastbp-triton", [33, 10, 3], 17, "sigmoid", True, torch.float32, device=device
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gradcheck_float64(device, bias):
+    x, weights, biases, _ = make_network([4, 6, 3], 3, bias, seed=2)
+    tensors = [x, *weights, *(b for b in biases if b is not None)]
+    leaves = [t.to(device).requires_grad_() for t in tensors]
+
+    def network(x, *params):
+        ws, bs = list(params[:2]), list(params[2:]) if bias else [None, None]
+        return F.mlp(x, ws, bs, ["tanh", "sigmoid"], backend="triton")
+
+    assert torch.autograd.gradcheck(network, leaves)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_as_in_torch(device, activation, value):
+    x, weights, biases, grad_output = make_network([5, 4], 3, dtype=torch.float32, seed=7)
+    x[0, 1] = value
+    weights[0][2, 0] = -1.0
+    results = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.to(device).requires_grad_() for t in (x, weights[0], biases[0])]
+        out = F.linear_act(*leaves, activation, backend=backend)
+        out.backward(grad_output.to(device))
+        results[backend] = [out.detach(), *(t.grad for t in leaves)]
+    for ours, theirs in zip(results["triton"], results["torch"], strict=True):
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.equal(ours.isinf(), theirs.isinf())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_rows_and_no_input_gradient(device):
+    x, weights, biases, _ = make_network([6, 4, 2], 0, dtype=torch.float32)
+    weights = [w.to(device).requires_grad_() for w in weights]
+    out = F.mlp(
+        x.to(device), weights, [b.to(device) for b in biases], ["relu"] * 2, backend="triton"
+    )
+    out.sum().backward()
+    assert out.shape == (0, 2)
+    assert all(torch.equal(w.grad, torch.zeros_like(w)) for w in weights)
+
+
+def test_other_devices_are_refused_with_the_device_named():
+    x, weights, biases, _ = make_network([6, 4], 3, dtype=torch.float32)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors, got x on meta"):
+        F.mlp(
+            meta(x),
+            [meta(w) for w in weights],
+            [meta(b) for b in biases],
+            ["relu"],
+            backend="triton",
+        )
+
+
+def test_missing_triton_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(F, "_triton_installed", lambda: False)
+    F._gpu.cache_clear()
+    try:
+        x, weights, biases, _ = make_network([6, 4], 3, dtype=torch.float32)
+        with pytest.raises(RuntimeError, match=r"pip install 'fastbp\[gpu\]'"):
+            F.mlp(x, weights, biases, ["relu"], backend="triton")
+    finally:
+        F._gpu.cache_clear()
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment
+    )
+
+
+def test_cpu_tensors_need_the_interpreter():
+    result = _python(
+        "import torch, fastbp\n"
+        "x = torch.ones(2, 3)\n"
+        "try:\n"
+        "    fastbp.functional.linear_act(x, torch.ones(4, 3), backend='triton')\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    assert "backend 'triton' runs on CUDA tensors, got x on cpu" in result.stdout, result.stderr
+
+
+def test_import_and_cpu_training_never_import_triton():
+    result = _python(
+        "import sys, torch, fastbp\n"
+        "model = fastbp.nn.MLP([4, 8, 2])\n"
+        "model(torch.ones(3, 4)).sum().backward()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'))\n"
+    )
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the real tests compile every kernel")
+def test_every_kernel_compiles_for_an_h100():
+    # The interpreter accepts what a GPU compiler refuses (tl.dot blocks < 16,
+    # loop-carried shape changes, shared memory): compile for sm_90 here.
+    worker = Path(__file__).with_name("triton_compile_worker.py")
+    result = subprocess.run(
+        [sys.executable, str(worker)], capture_output=True, text=True,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "compiled" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# CUDA only: real sizes, half precision, TF32, CUDA graphs, torch.compile
+# ---------------------------------------------------------------------------
+REAL = [(64, [1000, 100, 10]), (4096, [784, 256, 128, 10]), (1, [784, 256, 128, 10])]
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch,sizes", REAL, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_real_sizes_on_cuda(batch, sizes, dtype, activation, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert_as_accurate_as_torch(
+        "fastbp-triton", sizes, batch, activation, True, dtype, device="cuda"
+    )
+
+
+@needs_cuda
+def test_tf32_follows_torch_setting(monkeypatch):
+    x, weights, biases, grad = make_network([1000, 100, 10], 64, seed=3)
+    exact = _tensors(_higher_precision(x, weights, biases, ["relu", "identity"], grad))
+    errors = {}
+    for tf32 in (False, True):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+        result = _tensors(
+            _kernel_runner(True)(
+                x.float().cuda(), [w.float().cuda() for w in weights],
+                [b.float().cuda() for b in biases], ["relu", "identity"], grad.float().cuda(),
+            )
+        )  # fmt: skip
+        errors[tf32] = max_abs_error(result["output"], exact["output"])
+    assert errors[False] < errors[True], errors  # TF32 keeps 10 mantissa bits, not 23
+
+
+@needs_cuda
+def test_training_step_captured_in_a_cuda_graph():
+    from fastbp.backends import WORKLOADS, check_step
+
+    check_step("fastbp-triton-cudagraph", WORKLOADS["docs-64x1000x100x10"], "cuda", steps=3)
+
+
+@needs_cuda
+def test_torch_compile_runs_the_triton_kernels():
+    from fastbp.nn import MLP
+
+    model = MLP([33, 16, 4]).cuda()
+    x = torch.randn(5, 33, device="cuda")
+    expected = model(x)
+    torch.testing.assert_close(torch.compile(model)(x), expected)
