@@ -400,7 +400,7 @@ STEP_IMPLEMENTATIONS: dict[str, StepImplementation] = {
             "fastbp-fused-cuda",
             _fastbp_fused("auto"),
             "cuda",
-            "FusedTrainer on CUDA: hand-derived step in torch ops",
+            "FusedTrainer on CUDA: Triton forward/backward, torch loss gradient and SGD",
         ),  # fmt: skip
     )
 }

@@ -9,7 +9,11 @@ update of a ``fastbp.nn.MLP`` with the gradients derived by hand
   the update into the weight-gradient GEMM, so ∂W is never written out.
 - ``backend="torch"``: the same hand-derived step in native torch ops, with the
   update done by ``torch.optim`` itself; it runs on any device.
-- ``backend="auto"``: numba for float32/float64 CPU tensors, torch otherwise.
+- ``backend="triton"`` (CUDA tensors): Triton's forward and backward kernels
+  (one launch each for a narrow network) around the loss gradient in torch
+  ops; the update is ``torch.optim``'s.
+- ``backend="auto"``: numba for float32/float64 CPU tensors, triton for CUDA
+  tensors when Triton is installed, torch otherwise.
 
 The parameters stay the model's own tensors, updated in place, so the model
 can be evaluated, saved or handed to ``torch.optim`` at any time; the
@@ -40,7 +44,7 @@ class FusedTrainer:
         reduction: "mean" or "sum", as in ``torch.nn.functional``'s losses.
         optimizer: "sgd" (``torch.optim.SGD``: momentum, weight_decay) or
             "adam" (``torch.optim.Adam``: betas, eps, weight_decay).
-        backend: "auto", "numba" (CPU) or "torch" (any device).
+        backend: "auto", "numba" (CPU), "triton" (CUDA) or "torch" (any device).
 
     ``step(x, y)`` returns the 0-dim loss of the forward pass before the update.
     """
@@ -81,9 +85,10 @@ class FusedTrainer:
         x = F._check_tensor("x", x, 2)
         F._check_network(x, weights, biases, self.model.activations)
         self._check_target(x, y, weights[-1].shape[0])
-        if F._resolve_backend(self.backend, x) == "torch":
-            return self._torch_step(x, y, weights, biases)
-        return self._numba_step(x, y, weights, biases)
+        backend = F._resolve_backend(self.backend, x)
+        if backend == "numba":
+            return self._numba_step(x, y, weights, biases)
+        return self._torch_step(x, y, weights, biases, F.KERNELS.get(backend))
 
     def _check_target(self, x: torch.Tensor, y, classes: int) -> None:
         """Reject a bad ``y`` before any parameter changes."""
@@ -138,25 +143,27 @@ class FusedTrainer:
         return kernel
 
     @torch.no_grad()
-    def _torch_step(self, x, y, weights, biases) -> torch.Tensor:
+    def _torch_step(self, x, y, weights, biases, kernels=None) -> torch.Tensor:
+        """The step in torch ops, or with ``kernels``' forward and backward (Triton's,
+        ``functional.KERNELS``) around the torch loss gradient; torch.optim updates."""
         if self._kernel is not None:  # switching backends: carry the state over
             self._load_torch_state(self._export_state())
             self._kernel = None
-        table = [_activations.get(a) for a in self.model.activations]
-        inputs, outputs = [x], []
-        for weight, bias, activation in zip(weights, biases, table, strict=True):
-            outputs.append(
-                activation.function(torch.nn.functional.linear(inputs[-1], weight, bias))
-            )
-            inputs.append(outputs[-1])
+        activations = self.model.activations
+        if kernels is None:
+            outputs = _torch_forward(x, weights, biases, activations)
+        else:
+            outputs = kernels.forward(x, weights, biases, activations)
         value, g = _torch_loss_and_grad(outputs[-1], y, self.loss, self.reduction == "mean")
-        for layer in reversed(range(len(weights))):
-            delta = table[layer].grad(g, outputs[layer])
-            weights[layer].grad = delta.T @ inputs[layer]
-            if biases[layer] is not None:
-                biases[layer].grad = delta.sum(dim=0)
-            if layer > 0:
-                g = delta @ weights[layer]
+        if kernels is None:
+            grads = _torch_backward(g, x, weights, biases, activations, outputs)
+        else:
+            has_bias = [b is not None for b in biases]
+            _, *grads = kernels.backward(g, x, weights, has_bias, activations, outputs, False)
+        for parameters, gradients in zip((weights, biases), grads, strict=True):
+            for parameter, gradient in zip(parameters, gradients, strict=True):
+                if parameter is not None:
+                    parameter.grad = gradient
         self._torch_optimizer.step()
         for parameter in self._params:
             parameter.grad = None
@@ -202,6 +209,28 @@ class FusedTrainer:
                 if key in saved:
                     array[...] = saved[key].numpy()
                     kernel.steps = int(saved.get("step", 1))
+
+
+def _torch_forward(x, weights, biases, activations) -> list[torch.Tensor]:
+    """Every layer's output, in torch ops."""
+    outputs = []
+    for weight, bias, name in zip(weights, biases, activations, strict=True):
+        x = _activations.get(name).function(torch.nn.functional.linear(x, weight, bias))
+        outputs.append(x)
+    return outputs
+
+
+def _torch_backward(g, x, weights, biases, activations, outputs):
+    """``([∂L/∂Wₗ], [∂L/∂bₗ or None])`` in torch ops, as ``reference.mlp_backward``."""
+    grad_weights, grad_biases = [None] * len(weights), [None] * len(weights)
+    for layer in reversed(range(len(weights))):
+        delta = _activations.get(activations[layer]).grad(g, outputs[layer])
+        grad_weights[layer] = delta.T @ (x if layer == 0 else outputs[layer - 1])
+        if biases[layer] is not None:
+            grad_biases[layer] = delta.sum(dim=0)
+        if layer > 0:
+            g = delta @ weights[layer]
+    return grad_weights, grad_biases
 
 
 def _torch_loss_and_grad(output, y, loss: str, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -130,6 +130,28 @@ def test_zero_rows_and_no_input_gradient(device):
     assert all(torch.equal(w.grad, torch.zeros_like(w)) for w in weights)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_fused_trainer_with_triton_follows_the_torch_step(device, loss):
+    from fastbp.nn import MLP
+    from fastbp.train import FusedTrainer
+
+    torch.manual_seed(0)
+    models = [MLP([7, 16, 5], activation="tanh").to(device)]
+    models.append(MLP.from_torch(models[0].to_torch()))
+    x = torch.randn(9, 7, device=device)
+    y = torch.randint(0, 5, (9,), device=device) if loss == "cross_entropy" else x[:, :5].clone()
+    trainers = [
+        FusedTrainer(model, loss, lr=0.1, momentum=0.9, backend=backend)
+        for model, backend in zip(models, ("triton", "torch"), strict=True)
+    ]
+    for _ in range(3):
+        losses = [trainer.step(x, y) for trainer in trainers]
+        torch.testing.assert_close(*losses)
+    for ours, theirs in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
 def test_other_devices_are_refused_with_the_device_named():
     x, weights, biases, _ = make_network([6, 4], 3, dtype=torch.float32)
     meta = lambda t: t.to("meta")  # noqa: E731
