@@ -197,21 +197,9 @@ WORKLOADS: dict[str, Workload] = {
                 "cross_entropy",
                 0.01,
                 0.9,
+                devices=("cpu", "cuda") if b <= 1024 else ("cuda",),
             )  # fmt: skip
-            for b in (64, 128, 1024)
-        ),
-        *(
-            Workload(
-                f"mnist-784x256x128x10-b{b}",
-                (784, 256, 128, 10),
-                b,
-                True,
-                "cross_entropy",
-                0.01,
-                0.9,
-                devices=("cuda",),
-            )  # fmt: skip
-            for b in (4096, 65536)
+            for b in (64, 128, 1024, 4096, 65536)
         ),
     )
 }
