@@ -121,8 +121,11 @@ def mnist(arguments: argparse.Namespace) -> int:
     from fastbp.nn import MLP
     from fastbp.train import FusedTrainer
 
-    if arguments.backend == "triton":
-        raise _UsageError("the triton backend is not available yet; use numba or torch")
+    if {"triton": "cpu", "numba": "cuda"}.get(arguments.backend) == arguments.device:
+        raise _UsageError(
+            f"--backend {arguments.backend} does not run on --device {arguments.device}: "
+            "triton runs on cuda, numba on cpu, torch on either"
+        )
     if arguments.device == "cuda" and not torch.cuda.is_available():
         raise _UsageError("--device cuda: no CUDA GPU on this machine")
     train_x, train_y, test_x, test_y, description = _mnist_data(
@@ -136,7 +139,7 @@ def mnist(arguments: argparse.Namespace) -> int:
     model = MLP([784, *arguments.hidden, 10], device=device)
     trainer = FusedTrainer(
         model, "cross_entropy", optimizer="sgd", lr=arguments.lr, momentum=0.9,
-        backend="numba" if arguments.backend == "numba" else "torch",
+        backend=arguments.backend,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(arguments.seed)
     # The first step compiles or loads the kernels: timed apart, so that the

@@ -268,7 +268,7 @@ def test_fastbp_mnist_on_a_tiny_synthetic_set(tmp_path):
 @pytest.mark.parametrize(
     "arguments, words",
     [
-        (["--backend", "triton"], "triton backend is not available"),
+        (["--backend", "triton"], "--backend triton does not run on --device cpu"),
         (["--no-download"], "missing t10k-images-idx3-ubyte.gz"),
         (["--no-download", "corrupt"], "md5 mismatch"),
     ],
