@@ -153,6 +153,7 @@ def mnist(arguments: argparse.Namespace) -> int:
             loss = trainer.step(train_x[batch], train_y[batch])
             if warmup is None:
                 warmup, start = time.perf_counter() - start, time.perf_counter()
+                tqdm.write(f"first step: {warmup:.2f} s (kernel compile or cache load)", sys.stderr)
                 continue
             seen += len(batch)
             rate = seen / (time.perf_counter() - start)
