@@ -111,8 +111,8 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
         if x.dtype not in CPU_DTYPES:
             raise TypeError(f"backend 'numba' needs float32 or float64 tensors, got x of {x.dtype}")
     if backend == "triton":
-        _gpu()  # a clear error when Triton is missing
-        if x.device.type != "cuda" and not (x.device.type == "cpu" and _gpu().INTERPRETING):
+        interpreting = _gpu().INTERPRETING  # _gpu(): a clear error when Triton is missing
+        if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting):
             raise ValueError(
                 f"backend 'triton' runs on CUDA tensors, got x on {x.device} (CPU tensors "
                 "run only in Triton's interpreter: TRITON_INTERPRET=1, set before triton "
@@ -197,6 +197,16 @@ def _numba_backward(grad_output, x, weights, has_bias, activations, outputs, nee
     )
     as_tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
     return as_tensor(grad_x), [*map(as_tensor, grad_weights)], [*map(as_tensor, grad_biases)]
+
+
+def _torch_forward(x, weights, biases, activations) -> list[torch.Tensor]:
+    """Every layer's output in native torch ops (the "torch" backend, under autograd
+    or not; ``FusedTrainer``'s torch step uses it too)."""
+    outputs = []
+    for weight, bias, name in zip(weights, biases, activations, strict=True):
+        x = _activations.get(name).function(torch.nn.functional.linear(x, weight, bias))
+        outputs.append(x)
+    return outputs
 
 
 def _tf32() -> bool:
@@ -416,9 +426,7 @@ def mlp(
     table = _check_network(x, weights, biases, activations)
     backend = _resolve_backend(backend, x)
     if backend == "torch":
-        for weight, bias, activation in zip(weights, biases, table, strict=True):
-            x = activation.function(torch.nn.functional.linear(x, weight, bias))
-        return x
+        return _torch_forward(x, weights, biases, [a.name for a in table])[-1]
     return _kernel_mlp(x, weights, biases, tuple(a.name for a in table), backend)
 
 

@@ -151,7 +151,7 @@ class FusedTrainer:
             self._kernel = None
         activations = self.model.activations
         if kernels is None:
-            outputs = _torch_forward(x, weights, biases, activations)
+            outputs = F._torch_forward(x, weights, biases, activations)
         else:
             outputs = kernels.forward(x, weights, biases, activations)
         value, g = _torch_loss_and_grad(outputs[-1], y, self.loss, self.reduction == "mean")
@@ -209,15 +209,6 @@ class FusedTrainer:
                 if key in saved:
                     array[...] = saved[key].numpy()
                     kernel.steps = int(saved.get("step", 1))
-
-
-def _torch_forward(x, weights, biases, activations) -> list[torch.Tensor]:
-    """Every layer's output, in torch ops."""
-    outputs = []
-    for weight, bias, name in zip(weights, biases, activations, strict=True):
-        x = _activations.get(name).function(torch.nn.functional.linear(x, weight, bias))
-        outputs.append(x)
-    return outputs
 
 
 def _torch_backward(g, x, weights, biases, activations, outputs):

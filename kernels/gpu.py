@@ -494,7 +494,7 @@ def _checked(x, weights, biases, activations):
     for layer, (w, b) in enumerate(zip(weights, biases, strict=True)):
         if w.dim() != 2 or w.shape[1] != width or w.dtype != x.dtype or w.device != x.device:
             raise ValueError(
-                f"weights[{layer}] must be ({'*'}, {width}) {x.dtype} on {x.device}, got "
+                f"weights[{layer}] must be (*, {width}) {x.dtype} on {x.device}, got "
                 f"{tuple(w.shape)} {w.dtype} on {w.device}"
             )
         width = w.shape[0]
@@ -624,6 +624,13 @@ def _views(
     return flat[offset:end].view(n_out, n_in), flat[end : end + n_out]
 
 
+def _workspace(x: torch.Tensor, rows: int, size: int, direct: bool) -> torch.Tensor:
+    """Rows of partial gradient sums: in x's dtype when the one row is the final result,
+    else in the accumulation dtype (float32, float64 for float64), summed by ``_reduced``."""
+    dtype = x.dtype if direct else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x.new_empty(rows, size, dtype=dtype)
+
+
 def _reduced(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Σ over the rows of partials (P, T), into a new (T,) buffer of dtype."""
     P, T = partials.shape
@@ -640,10 +647,7 @@ def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision
     plan = _fused_plan(widths, x.shape[0], x.device)
     # One program writes final gradients in place; several sum partials in acc's dtype.
     direct = plan.programs == 1 and triton.cdiv(x.shape[0], plan.BM) == 1
-    work_dtype = (
-        x.dtype if direct else (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    )
-    partials = x.new_empty(plan.programs, plan.size, dtype=work_dtype)
+    partials = _workspace(x, plan.programs, plan.size, direct)
     _mlp_backward_kernel[(plan.programs,)](
         g, x, tuple(weights), tuple(outputs), x if grad_x is None else grad_x, partials,
         widths, plan.offsets, x.shape[0], plan.size,
@@ -688,12 +692,7 @@ def _launch_grad_input(g, a, w, code, dx, acc, precision, blocks: Blocks) -> Non
 def _launch_grad_weight(g, a, x, code, acc, precision, blocks: Blocks):
     (M, N), K = a.shape, x.shape[1]
     plan = _split_plan(M, N, K, blocks, x.device)
-    work_dtype = (
-        x.dtype
-        if plan.splits == 1
-        else (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    )
-    partials = x.new_empty(plan.splits, N * K + N, dtype=work_dtype)
+    partials = _workspace(x, plan.splits, N * K + N, direct=plan.splits == 1)
     grid = (triton.cdiv(N, blocks.BN), triton.cdiv(K, blocks.BK), plan.splits)
     _layer_grad_weight_kernel[grid](
         g, a, x, partials, M, N, K, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
