@@ -379,7 +379,15 @@ def _kernel_mlp(x, weights, biases, names: tuple[str, ...], backend: str) -> tor
         x, weights, biases = _autocast(x, weights, biases)
     if torch.compiler.is_compiling():
         return _custom_op_mlp(x, weights, biases, names)
+    if not _needs_graph(x, weights, biases):  # inference: no autograd node to build
+        return KERNELS[backend].forward(x, weights, biases, names)[-1]
     return _KernelMLP.apply(x, KERNELS[backend], names, len(weights), *weights, *biases)
+
+
+def _needs_graph(x, weights, biases) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(t is not None and t.requires_grad for t in (*weights, *biases))
 
 
 def _autocast(x, weights, biases):

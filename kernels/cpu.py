@@ -28,6 +28,7 @@ arrays, all of one dtype; x (N, in), W (out, in), b (out,) or None, outputs
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numba
 import numpy as np
@@ -43,6 +44,8 @@ IDENTITY, RELU, SIGMOID, TANH = (
     ACTIVATION_CODES[n] for n in ("identity", "relu", "sigmoid", "tanh")
 )
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# A layer without bias gets an empty bias array: one shared per dtype, as it holds nothing.
+_NO_BIAS = {dtype: np.empty(0, dtype) for dtype in DTYPES}
 
 # Below this many elements a fused pass is cheaper than waking numba's thread pool.
 PARALLEL_MIN_ELEMENTS = 1 << 16
@@ -51,6 +54,7 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 # GEMM: a Fortran BLAS ?gemm, called through an address passed at run time.
 # ---------------------------------------------------------------------------
 _gemm_binding: tuple[str, int, int] | None = None  # (provider, sgemm address, dgemm address)
+_pool_started = False  # numba's thread pool, once started, stays for the process
 
 
 def bind_gemm(provider: str, sgemm_address: int, dgemm_address: int) -> None:
@@ -81,7 +85,10 @@ def _prepare_launch(dtype: np.dtype) -> int:
     thread pool was never started (numba/numba#8578): only compiling, not
     loading from the cache, starts it. ``get_num_threads`` starts it.
     """
-    numba.get_num_threads()
+    global _pool_started
+    if not _pool_started:
+        numba.get_num_threads()
+        _pool_started = True
     gemm_provider()
     _, sgemm_address, dgemm_address = _gemm_binding  # type: ignore[misc]
     return sgemm_address if dtype == np.float32 else dgemm_address
@@ -445,16 +452,29 @@ def _train_step(
 # ---------------------------------------------------------------------------
 # Launchers: check, allocate, launch
 # ---------------------------------------------------------------------------
-def _matrix(name: str, array: np.ndarray, dtype: np.dtype, shape: tuple) -> np.ndarray:
-    """A C-contiguous view of ``array`` after checking dtype and shape (None matches any)."""
+def _matrix(name: str, array: np.ndarray, dtype: np.dtype, shape: tuple, index=None):
+    """A C-contiguous view of ``array`` after checking dtype and shape (None matches any).
+
+    ``index`` names a list entry, as in ``weights[1]``; the name is only built for
+    the error message, since launchers check every array on every call.
+    """
     if array.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {array.dtype}")
-    if array.ndim != len(shape) or any(
-        want is not None and got != want for got, want in zip(array.shape, shape, strict=True)
-    ):
-        want = ", ".join("*" if n is None else str(n) for n in shape)
-        raise ValueError(f"{name} must have shape ({want}), got {tuple(array.shape)}")
-    return np.ascontiguousarray(array)
+        raise TypeError(f"{_entry(name, index)} must have dtype {dtype}, got {array.dtype}")
+    if array.ndim != len(shape):
+        _wrong_shape(_entry(name, index), array, shape)
+    for got, want in zip(array.shape, shape, strict=True):
+        if want is not None and got != want:
+            _wrong_shape(_entry(name, index), array, shape)
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
+def _entry(name: str, index) -> str:
+    return name if index is None else f"{name}[{index}]"
+
+
+def _wrong_shape(name: str, array: np.ndarray, shape: tuple):
+    want = ", ".join("*" if n is None else str(n) for n in shape)
+    raise ValueError(f"{name} must have shape ({want}), got {tuple(array.shape)}")
 
 
 def _dtype_of(x: np.ndarray) -> np.dtype:
@@ -470,6 +490,13 @@ def _activation_code(activation: str) -> int:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}") from None
 
 
+@functools.lru_cache(maxsize=256)
+def _activation_codes(activations: tuple[str, ...]) -> np.ndarray:
+    """The kernels' int64 codes of a network's activations, shared between calls
+    (the kernels only read them; a read-only flag would change their numba type)."""
+    return np.array([_activation_code(a) for a in activations], dtype=np.int64)
+
+
 def _checked_layers(x, weights, biases, activations):
     """Contiguous, shape-checked (x, weights, biases, activation codes) for a chain of layers."""
     dtype = _dtype_of(x)
@@ -482,16 +509,13 @@ def _checked_layers(x, weights, biases, activations):
     width = x.shape[1]
     checked_weights, checked_biases = [], []
     for layer, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-        weight = _matrix(f"weights[{layer}]", weight, dtype, (None, width))
+        weight = _matrix("weights", weight, dtype, (None, width), layer)
         width = weight.shape[0]
         checked_weights.append(weight)
         checked_biases.append(
-            np.empty(0, dtype)
-            if bias is None
-            else _matrix(f"biases[{layer}]", bias, dtype, (width,))
+            _NO_BIAS[dtype] if bias is None else _matrix("biases", bias, dtype, (width,), layer)
         )
-    codes = np.array([_activation_code(a) for a in activations], dtype=np.int64)
-    return x, tuple(checked_weights), tuple(checked_biases), codes
+    return x, tuple(checked_weights), tuple(checked_biases), _activation_codes(tuple(activations))
 
 
 def mlp_forward(x, weights, biases, activations) -> list[np.ndarray]:
@@ -506,7 +530,7 @@ def _backward(g, x, weights, has_bias, activations, outputs, needs_input_grad):
     x, weights, _, codes = _checked_layers(x, weights, [None] * len(weights), activations)
     dtype, batch = x.dtype, x.shape[0]
     outputs = tuple(
-        _matrix(f"outputs[{layer}]", a, dtype, (batch, w.shape[0]))
+        _matrix("outputs", a, dtype, (batch, w.shape[0]), layer)
         for layer, (w, a) in enumerate(zip(weights, outputs, strict=True))
     )
     g = _matrix("g", g, dtype, outputs[-1].shape)

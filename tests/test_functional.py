@@ -97,6 +97,17 @@ def test_input_without_requires_grad_gets_no_gradient():
     assert x.grad is None and weight.grad is not None
 
 
+def test_nothing_requiring_grad_builds_no_node_and_computes_the_same():
+    x, weights, biases, _ = make_network([6, 5, 4], 3, seed=7)
+    activations = ["tanh", "sigmoid"]
+    frozen = F.mlp(x, weights, biases, activations, backend="numba")
+    weights = [w.requires_grad_() for w in weights]
+    trained = F.mlp(x, weights, biases, activations, backend="numba")
+    assert frozen.grad_fn is None and not frozen.requires_grad
+    assert trained.grad_fn is not None
+    torch.testing.assert_close(frozen, trained.detach(), rtol=0, atol=0)
+
+
 def test_frozen_weights_still_give_input_gradient():
     x, (weight,), (bias,), _ = make_network([6, 4], 3, seed=6)
     x.requires_grad_()
