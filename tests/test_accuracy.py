@@ -28,6 +28,7 @@ NETWORKS = [
     [3, 33, 1, 17],
     [1000, 100, 10],
     [784, 256, 128, 10],
+    [3, 600],  # at batch 127, 76 200 outputs: the parallel passes, in uneven row blocks
 ]
 BATCHES = [1, 3, 64, 127]
 # The numpy oracle is validated in test_reference.py; here fastbp's own CPU backends
