@@ -105,11 +105,10 @@ class FusedTrainer:
                     f"y must be int64 class indices of shape ({batch},) for cross_entropy, "
                     f"got {F._describe(y)}"
                 )
-            outside = (y < 0) | (y >= classes)
-            if outside.any():
-                raise ValueError(
-                    f"y holds class index {y[outside][0].item()}, outside [0, {classes})"
-                )
+            low, high = torch.aminmax(y)  # one pass; the offender is found only on error
+            if low < 0 or high >= classes:
+                bad = y[(y < 0) | (y >= classes)][0].item()
+                raise ValueError(f"y holds class index {bad}, outside [0, {classes})")
         elif y.shape != (batch, classes) or y.dtype != x.dtype:
             raise ValueError(
                 f"y must have shape ({batch}, {classes}) and dtype {x.dtype} for {self.loss}, "
@@ -123,7 +122,7 @@ class FusedTrainer:
         if self._kernel is None or self._kernel.dtype != inputs.dtype:
             self._kernel = self._build_kernel(*arrays)
         value = self._kernel(inputs, y.detach().numpy(), *arrays)
-        return torch.tensor(value, dtype=x.dtype)
+        return torch.scalar_tensor(value, dtype=x.dtype)
 
     def _build_kernel(self, weights, biases) -> cpu.TrainStep:
         kernel = cpu.TrainStep(
