@@ -42,6 +42,12 @@ def _tiny_calls() -> dict:
     def op(x):
         return F._custom_op_mlp(x, weights, biases, names)
 
+    def public(x, backend="numba"):  # F.mlp: the checks, then the Function
+        return F.mlp(x, weights, biases, names, backend=backend)
+
+    def torch_ops(x):  # torch's own layers, for scale
+        return public(x, "torch")
+
     def forward_only(forward):
         def run():
             with torch.no_grad():
@@ -57,6 +63,9 @@ def _tiny_calls() -> dict:
         "custom op, forward (no_grad)": forward_only(op),
         "autograd.Function, forward+backward": forward_backward(function),
         "custom op, forward+backward": forward_backward(op),
+        "fastbp.functional.mlp, forward (no_grad)": forward_only(public),
+        "fastbp.functional.mlp, forward+backward": forward_backward(public),
+        "torch ops (backend='torch'), forward+backward": forward_backward(torch_ops),
     }
 
 
