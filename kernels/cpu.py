@@ -47,8 +47,10 @@ DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # A layer without bias gets an empty bias array: one shared per dtype, as it holds nothing.
 _NO_BIAS = {dtype: np.empty(0, dtype) for dtype in DTYPES}
 
-# Below this many elements a fused pass is cheaper than waking numba's thread pool.
+# Below this many elements a fused pass is cheaper than waking numba's thread pool;
+# above it, the pass runs in blocks of about PARALLEL_BLOCK_ELEMENTS, one per task.
 PARALLEL_MIN_ELEMENTS = 1 << 16
+PARALLEL_BLOCK_ELEMENTS = 1 << 14
 
 # ---------------------------------------------------------------------------
 # GEMM: a Fortran BLAS ?gemm, called through an address passed at run time.
@@ -263,7 +265,7 @@ def _delta_and_bias_grad(g, a, activation, delta, grad_bias):
     """
     width = grad_bias.shape[0]
     if g.size >= PARALLEL_MIN_ELEMENTS:
-        rows = max(1, PARALLEL_MIN_ELEMENTS // 4 // g.shape[1])
+        rows = max(1, PARALLEL_BLOCK_ELEMENTS // g.shape[1])
         partials = np.zeros(((g.shape[0] + rows - 1) // rows, width))
         _delta_parallel(g, a, activation, delta, partials, rows)
     else:
@@ -400,7 +402,7 @@ def _update_serial(param, grad, state_a, state_b, optimizer, hyper, step):
 def _update_parallel(param, grad, state_a, state_b, optimizer, hyper, step):
     # Slices, each updated by a call of the serial kernel: inlined into the
     # parallel loop with index bounds instead, the loops ran 4x slower (not vectorized).
-    size = 1 << 14
+    size = PARALLEL_BLOCK_ELEMENTS
     for c in prange((param.shape[0] + size - 1) // size):
         lo, hi = c * size, (c + 1) * size
         _update_serial(
