@@ -86,8 +86,10 @@ class FusedTrainer:
         F._check_network(x, weights, biases, self.model.activations)
         self._check_target(x, y, weights[-1].shape[0])
         backend = F._resolve_backend(self.backend, x)
-        if backend == "numba":
+        if backend == "numba":  # cpu.TrainStep checks the class range before any update
             return self._numba_step(x, y, weights, biases)
+        if self.loss == "cross_entropy":
+            _check_class_range(y, weights[-1].shape[0])
         return self._torch_step(x, y, weights, biases, F.KERNELS.get(backend))
 
     def _check_target(self, x: torch.Tensor, y, classes: int) -> None:
@@ -105,10 +107,6 @@ class FusedTrainer:
                     f"y must be int64 class indices of shape ({batch},) for cross_entropy, "
                     f"got {F._describe(y)}"
                 )
-            low, high = torch.aminmax(y)  # one pass; the offender is found only on error
-            if low < 0 or high >= classes:
-                bad = y[(y < 0) | (y >= classes)][0].item()
-                raise ValueError(f"y holds class index {bad}, outside [0, {classes})")
         elif y.shape != (batch, classes) or y.dtype != x.dtype:
             raise ValueError(
                 f"y must have shape ({batch}, {classes}) and dtype {x.dtype} for {self.loss}, "
@@ -208,6 +206,13 @@ class FusedTrainer:
                 if key in saved:
                     array[...] = saved[key].numpy()
                     kernel.steps = int(saved.get("step", 1))
+
+
+def _check_class_range(y: torch.Tensor, classes: int) -> None:
+    """Class indices in [0, classes), as ``cpu.TrainStep`` checks them (one host sync on CUDA)."""
+    outside = (y < 0) | (y >= classes)
+    if outside.any():
+        raise ValueError(f"y holds class index {y[outside][0].item()}, outside [0, {classes})")
 
 
 def _torch_backward(g, x, weights, biases, activations, outputs):

@@ -149,10 +149,11 @@ def test_state_round_trips_through_torch_optim(configuration):
         ("bce_with_logits", lambda y: [0.0], TypeError, "torch.Tensor"),
     ],
 )
-def test_bad_targets_fail_before_any_parameter_changes(loss, bad_y, error, words):
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_bad_targets_fail_before_any_parameter_changes(loss, bad_y, error, words, backend):
     model, x, y = _problem([6, 5, 3], 4, loss, torch.float32)
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = FusedTrainer(model, loss)
+    trainer = FusedTrainer(model, loss, backend=backend)
     with pytest.raises(error) as raised:
         trainer.step(x, bad_y(y))
     assert words in str(raised.value)
