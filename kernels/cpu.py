@@ -388,13 +388,16 @@ def _update_serial(param, grad, state_a, state_b, optimizer, hyper, step):
                 state_a[k] = d
             param[k] -= lr * d
         return
-    beta1, beta2, eps = real(hyper[BETA1]), real(hyper[BETA2]), real(hyper[EPS])
+    # Coefficients formed in float64 and rounded once, as torch.optim forms them
+    # in Python: 1 − float32(β₂) is 8 ulp away from float32(1 − β₂) for β₂ = 0.99.
+    beta2, eps = real(hyper[BETA2]), real(hyper[EPS])
+    weight1, weight2 = real(1 - hyper[BETA1]), real(1 - hyper[BETA2])
     step_size = real(hyper[LR] / (1 - hyper[BETA1] ** step))
     correction = real(np.sqrt(1 - hyper[BETA2] ** step))
     for k in range(param.shape[0]):
         d = grad[k] + decay * param[k] if decay != 0 else grad[k]
-        state_a[k] += (1 - beta1) * (d - state_a[k])
-        state_b[k] = beta2 * state_b[k] + (1 - beta2) * d * d
+        state_a[k] += weight1 * (d - state_a[k])
+        state_b[k] = beta2 * state_b[k] + weight2 * d * d
         param[k] -= step_size * state_a[k] / (np.sqrt(state_b[k]) / correction + eps)
 
 
@@ -501,9 +504,9 @@ def _wrong_shape(name: str, array: np.ndarray, shape: tuple):
     raise ValueError(f"{name} must have shape ({want}), got {tuple(array.shape)}")
 
 
-def _dtype_of(x: np.ndarray) -> np.dtype:
+def _dtype_of(x: np.ndarray, name: str = "x") -> np.dtype:
     if x.dtype not in DTYPES:
-        raise TypeError(f"x must be float32 or float64, got {x.dtype}")
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
     return x.dtype
 
 
@@ -633,6 +636,30 @@ def check_hyperparameters(lr, momentum, weight_decay, betas, eps) -> np.ndarray:
     if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
     return np.array([lr, momentum, weight_decay, betas[0], betas[1], eps], np.float64)
+
+
+def update(param, grad, state, optimizer, hyper, step) -> None:
+    """``torch.optim``'s update of one parameter, in place (``reference.SGD``/``Adam``).
+
+    ``param``, ``grad`` and every array of ``state`` are flat arrays of one dtype and
+    size; ``state`` is ``()``, ``(momentum_buffer,)`` or ``(exp_avg, exp_avg_sq)``;
+    ``hyper`` comes from ``check_hyperparameters``; ``step`` counts from 1.
+    """
+    code = _code("optimizer", optimizer, OPTIMIZERS)
+    wanted = 2 if code == ADAM else int(hyper[MOMENTUM] != 0)
+    if len(state) != wanted:
+        raise ValueError(f"state must hold {wanted} arrays for {optimizer}, got {len(state)}")
+    for name, array in (("param", param), *(("state", a) for a in state)):
+        if not (array.flags.c_contiguous and array.flags.writeable):
+            raise ValueError(f"{name} must be a writeable C-contiguous array, updated in place")
+    dtype = _dtype_of(param, "param")
+    param = _matrix("param", param, dtype, (None,))
+    grad = _matrix("grad", grad, dtype, param.shape)
+    state = [_matrix("state", a, dtype, param.shape, index) for index, a in enumerate(state)]
+    empty = np.empty(0, dtype)
+    state_a, state_b = (*state, empty, empty)[:2]
+    _prepare_launch(dtype)
+    _update(param, grad, state_a, state_b, code, hyper, step)
 
 
 class TrainStep:

@@ -71,6 +71,22 @@ def max_abs_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return (value[both] - reference[both]).abs().max().item() if both.any() else 0.0
 
 
+def assert_no_less_accurate(name: str, ours, torchs, exact, dtype: torch.dtype, slack=None):
+    """fastbp's error against ``exact`` is at most twice torch's own error in ``dtype``,
+    plus ``slack`` (default: 4 units in the last place of the largest exact value).
+
+    The criterion of every accuracy test (flash-attention's): judged against a wider
+    float, relative to what torch itself achieves on the same case, never a fixed atol.
+    """
+    if slack is None:
+        slack = 4 * torch.finfo(dtype).eps * (1 + exact.double().abs().max().item())
+    error, torch_error = max_abs_error(ours, exact), max_abs_error(torchs, exact)
+    bound = 2 * torch_error + slack
+    assert error <= bound, (
+        f"{name}: error {error:.3g} > bound {bound:.3g} (torch: {torch_error:.3g})"
+    )
+
+
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
     """``fastbp ARGUMENTS`` in a subprocess, as a user runs it."""
     command = [sys.executable, "-m", "fastbp.cli", *arguments]
