@@ -44,6 +44,8 @@ def test_train_step(benchmark, workload, name):
         pytest.skip("needs a CUDA GPU; none on this machine")
     if implementation.device not in workload.devices:
         pytest.skip(f"{workload.name} is a GPU-sized batch, timed on CUDA only")
+    if "compile" in name:  # fresh caches, as fastbp bench gives each workload (see bench_workload)
+        torch._dynamo.reset()
     check_step(name, workload, implementation.device)
     step = implementation.make(workload, implementation.device)
     step.run()  # compile outside the timing
