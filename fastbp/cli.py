@@ -92,19 +92,33 @@ def _mnist_data(data_dir, download: bool):
 
     try:
         test = mnist.load_mnist(data_dir, "test", download)
+    except mnist.MissingFiles as error:
+        raise _UsageError(_missing(error, data_dir)) from None
     except (FileNotFoundError, mnist.IDXError) as error:
         raise _UsageError(str(error)) from None
     try:
         train = mnist.load_mnist(data_dir, "train", download)
     except mnist.IDXError as error:
         raise _UsageError(str(error)) from None
-    except FileNotFoundError:
+    except mnist.MissingFiles as error:
         images, labels = test
         cut = len(images) * 4 // 5  # 8 000 / 2 000 for the real test set
         split = (images[:cut], labels[:cut], images[cut:], labels[cut:])
-        return (*split, f"train images missing: training on the first {cut:,} test images, "
-                f"evaluating on the last {len(images) - cut:,}")  # fmt: skip
+        return (*split, f"no train split in {error.root} (missing {', '.join(error.missing)}): "
+                f"training on the first {cut:,} test images, evaluating on the last "
+                f"{len(images) - cut:,}")  # fmt: skip
     return (*train, *test, "the standard 60 000 / 10 000 split")
+
+
+def _missing(error, data_dir) -> str:
+    """What is missing, and the options that fix it."""
+    where = "point --data-dir at a folder that holds them"
+    if data_dir is not None:
+        where += ", or add --download to fetch them into it"
+    return (
+        f"MNIST {error.split} split: missing {', '.join(error.missing)} in {error.root}; "
+        f"put the files there or {where}"
+    )
 
 
 def _normalise(images):
@@ -128,9 +142,9 @@ def mnist(arguments: argparse.Namespace) -> int:
         )
     if arguments.device == "cuda" and not torch.cuda.is_available():
         raise _UsageError("--device cuda: no CUDA GPU on this machine")
-    train_x, train_y, test_x, test_y, description = _mnist_data(
-        arguments.data_dir, not arguments.no_download
-    )
+    # A folder the user names is read, never written, unless they ask for a download.
+    download = arguments.download if arguments.data_dir else not arguments.no_download
+    train_x, train_y, test_x, test_y, description = _mnist_data(arguments.data_dir, download)
     print(f"MNIST: {description}", file=sys.stderr)
     device = arguments.device
     train_x, test_x = _normalise(train_x).to(device), _normalise(test_x).to(device)
@@ -238,8 +252,16 @@ def _parser() -> argparse.ArgumentParser:
     mnist_parser.add_argument("--lr", type=float, default=0.05)
     mnist_parser.add_argument("--hidden", type=_hidden_sizes, default=[256, 128])
     mnist_parser.add_argument("--seed", type=int, default=0)
-    mnist_parser.add_argument("--data-dir", help="folder with the IDX files (default: cache)")
-    mnist_parser.add_argument("--no-download", action="store_true", help="never download")
+    mnist_parser.add_argument(
+        "--data-dir", help="folder with the IDX files, read only (default: the cache)"
+    )
+    downloads = mnist_parser.add_mutually_exclusive_group()
+    downloads.add_argument(
+        "--download", action="store_true", help="fetch missing files into --data-dir"
+    )
+    downloads.add_argument(
+        "--no-download", action="store_true", help="never download, not even into the cache"
+    )
     mnist_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     mnist_parser.add_argument("--save", help="write the trained state_dict here")
     mnist_parser.set_defaults(run=mnist)

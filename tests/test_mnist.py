@@ -254,15 +254,44 @@ def test_fastbp_mnist_trains_to_90_percent_and_saves(tmp_path):
     sequential.load_state_dict(torch.load(saved))
 
 
-def test_fastbp_mnist_on_a_tiny_synthetic_set(tmp_path):
+def _learnable_split(folder: Path, count: int = 200) -> None:
+    """A test split where class c lights its own band of rows: a linear model separates it."""
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, 200)
-    images = np.zeros((200, 28, 28)) + labels[:, None, None] * 20  # separable
-    write_split(tmp_path, images, labels, compress=False)
-    result = run_cli("mnist", "--data-dir", str(tmp_path), "--epochs", "1", "--no-download")
+    labels = rng.integers(0, 10, count)
+    images = rng.integers(0, 40, (count, 28, 28))
+    for image, label in zip(images, labels, strict=True):
+        image[2 * label + 4 : 2 * label + 6] = 255
+    write_split(folder, images, labels, compress=False)
+
+
+def test_fastbp_mnist_learns_a_separable_synthetic_set(tmp_path):
+    _learnable_split(tmp_path)
+    result = run_cli("mnist", "--data-dir", str(tmp_path), "--epochs", "15", "--lr", "0.1")
     assert result.returncode == 0, result.stderr
     assert "first 160 test images" in result.stderr
     assert "on 40 images" in result.stdout and "samples/s" in result.stdout
+    accuracy = float(result.stdout.split("test accuracy ")[1].split()[0])
+    assert accuracy >= 0.9, result.stdout  # chance is 0.1
+
+
+def test_a_named_data_dir_is_read_never_written(tmp_path):
+    _learnable_split(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli("mnist", "--data-dir", str(tmp_path), "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert "Downloading" not in result.stderr
+    assert f"no train split in {tmp_path} (missing train-images-idx3-ubyte.gz" in result.stderr
+
+
+def test_a_missing_split_names_the_options_that_fix_it(tmp_path):
+    result = run_cli("mnist", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert f"missing t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz in {tmp_path}" in (
+        result.stderr
+    )
+    assert "--data-dir" in result.stderr and "--download" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,17 @@ class IDXError(ValueError):
     """A file that is not the IDX data it should be; the message names the file."""
 
 
+class MissingFiles(FileNotFoundError):
+    """Files of a split that are not in ``root`` (and were not, or could not be, downloaded)."""
+
+    def __init__(self, split: str, root: Path, missing: list[str]) -> None:
+        self.split, self.root, self.missing = split, root, missing
+        super().__init__(
+            f"MNIST {split} split: missing {', '.join(missing)} in {root}; put the files "
+            "there, pass another root= or set FASTBP_DATA"
+        )
+
+
 # deflate's best ratio is about 1032:1, so a gzip file of n bytes holds at most this many
 DEFLATE_MAX_RATIO = 1032
 
@@ -133,9 +144,9 @@ def _fetch(root: Path, name: str, download: bool, mirrors) -> Path:
 def load_mnist(root=None, split: str = "train", download: bool = True, *, mirrors=MIRRORS):
     """``(images uint8 (N, 28, 28), labels int64 (N,))`` as torch tensors.
 
-    ``root`` defaults to ``default_root()``. Missing files are downloaded from
-    ``mirrors`` in order when ``download`` is true; offline, a
-    ``FileNotFoundError`` names the files and the folder to put them in.
+    ``root`` defaults to ``default_root()``. Missing files are downloaded into it from
+    ``mirrors`` in order when ``download`` is true; otherwise, or when no mirror answers,
+    ``MissingFiles`` (a ``FileNotFoundError``) names the files and the folder.
     """
     import torch
 
@@ -150,10 +161,7 @@ def load_mnist(root=None, split: str = "train", download: bool = True, *, mirror
         except FileNotFoundError as error:
             missing.append(str(error))
     if missing:
-        raise FileNotFoundError(
-            f"MNIST {split} split: missing {', '.join(missing)}; put the files in {root} "
-            "(or pass another root / set FASTBP_DATA)"
-        )
+        raise MissingFiles(split, root, missing)
     images, labels = read_idx(paths[0], IMAGES_MAGIC), read_idx(paths[1], LABELS_MAGIC)
     if len(images) != len(labels):
         raise IDXError(f"{paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} labels")
