@@ -80,11 +80,13 @@ def test_e4_headline_workload_follows_torchs_trajectory():
     torchs = examples.e4_losses("torch")
     ours = examples.e4_losses("fastbp")
     assert ours[-1] < 1e-3
-    # Along the whole trajectory, fastbp strays from the float64 run no further
-    # than torch's own float32 run does (2×, plus float32 rounding of the loss).
+    # At every iteration, fastbp strays from the float64 run no further than torch's
+    # own float32 run does at that iteration (2×, plus float32 rounding of the loss).
+    # torch's error grows smoothly from 4e-8 to 20x of the loss, so each iteration is
+    # held to its own figure; a running maximum would let any late loss pass.
     ours_error = np.abs(ours - exact)
     torch_error = np.abs(torchs - exact)
-    bound = 2 * np.maximum.accumulate(torch_error) + 1e-6 * np.abs(exact)
+    bound = 2 * torch_error + 1e-6 * np.abs(exact)
     assert np.all(ours_error <= bound), np.flatnonzero(ours_error > bound)[:5]
 
 
@@ -119,7 +121,17 @@ def test_examples_command_fails_on_a_mismatch(monkeypatch, capsys):
     wrong = examples.Published("E2", "loss", "0.4")
     monkeypatch.setattr(examples, "PUBLISHED", [wrong])
     assert cli.main(["examples", "E2"]) == 1
-    assert "| E2 | loss | 0.4 | 0.298 | 0.298 | NO |" in capsys.readouterr().out
+    assert "| E2 | loss | 0.4 | 0.298 | 0.298 | NO (±0.05) |" in capsys.readouterr().out
+
+
+def test_a_value_that_does_not_round_to_the_published_digits_shows_its_tolerance():
+    # E3's prediction as an AVX-512 Intel machine computes it: one float32 ulp below
+    published = examples.Published("E3", "quadratic: predict(4)", "8.544171333312988")
+    value = float(np.nextafter(np.float32(8.544171333312988), np.float32(0)))
+    exact = examples.Check(published, float(published.value), float(published.value))
+    table = examples.format_table([examples.Check(published, value, value), exact])
+    assert "| 8.54417037963867188 | 8.54417037963867188 | yes (±9.5e-07) |" in table
+    assert table.splitlines()[3].endswith("| yes |")
 
 
 def test_examples_command_names_an_unknown_example():
