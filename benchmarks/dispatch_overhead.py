@@ -40,7 +40,7 @@ def _tiny_calls() -> dict:
         return F._KernelMLP.apply(x, F.KERNELS["numba"], names, 2, *weights, *biases)
 
     def op(x):
-        return F._custom_op_mlp(x, weights, biases, names)
+        return F.custom_op_mlp(x, weights, biases, names)
 
     def public(x, backend="numba"):  # F.mlp: the checks, then the Function
         return F.mlp(x, weights, biases, names, backend=backend)

@@ -79,6 +79,17 @@ def _significant(digits: int) -> Rule:
     return Rule(f"to {digits} significant digits", accepts, tolerance)
 
 
+def _float32_ulps(count: int) -> Rule:
+    def tolerance(published: str) -> float:
+        return count * float(np.spacing(np.float32(abs(float(published)))))
+
+    return Rule(
+        f"within {count} float32 ulps (a float32 result sensitive to rounding order)",
+        lambda value, published: abs(value - float(published)) <= tolerance(published),
+        lambda published: f"±{tolerance(published):.2g}",
+    )
+
+
 DIGITS = Rule(
     "to the published digits",
     lambda value, published: abs(value - float(published)) <= _digits_tolerance(published),
@@ -209,15 +220,21 @@ def _e1_published() -> list[Published]:
         "10 steps, lr 1": "0.3273 -0.4547 0.5764 0.5672 -0.1985 -1.2127 -0.5561 0.1883",
         "10 steps, lr 10": "0.9458 -0.2734 0.9475 0.6759 -0.8954 -2.9388 -1.1210 -1.2041",
     }
-    # float32 for the lr-10 loss: the write-up's 0.010307400487363338 is float64's
     last = {"10 steps, lr 1": ("0.4109 0.3647", "0.11082295328378677"),
-            "10 steps, lr 10": ("0.2363 0.0734", "0.0103073986")}  # fmt: skip
+            "10 steps, lr 10": ("0.2363 0.0734", None)}  # fmt: skip
     for run, published in weights.items():
         if run in last:
             output, loss = last[run]
-            rows += [(f"{run}, 10th forward: o", output), (f"{run}, 10th forward: loss", loss)]
+            rows.append((f"{run}, 10th forward: o", output))
+            if loss is not None:
+                rows.append((f"{run}, 10th forward: loss", loss))
         rows.append((f"{run}: w", published))
-    return _expand("E1", rows)
+    # The write-up's lr-10 loss is the float32 nearest the float64 run's 0.0103074002;
+    # a float32 run lands a few ulp either side of it, by the rounding of its sigmoids
+    # (torch's here: 0.0103073986, 1.7 ulp below).
+    loss = Published("E1", "10 steps, lr 10, 10th forward: loss", "0.010307400487363338",
+                     _float32_ulps(2))  # fmt: skip
+    return [*_expand("E1", rows), loss]
 
 
 def _expand(example: str, rows, rule: Rule = DIGITS) -> list[Published]:

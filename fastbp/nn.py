@@ -1,21 +1,32 @@
 """Modules built on fastbp's kernels, with ``nn.Linear``'s parameter layout.
 
-``MLP`` is a drop-in for ``nn.Sequential(nn.Linear, nn.ReLU, …, nn.Linear)``:
-its children are that same sequence (fastbp ``Linear`` layers and the torch
-activation modules) under the same names, so ``state_dict`` keys, parameter
-order and initialisation match the ``nn.Sequential`` it replaces, while its
-forward runs the whole network as one fused autograd node.
+``MLP`` is a drop-in for ``nn.Sequential(nn.Linear, nn.ReLU, …, nn.Linear)``, and
+is one: an ``nn.Sequential`` whose children are that same sequence (``Linear``
+layers and the torch activation modules) under the same names, so ``state_dict``
+keys, parameter order, initialisation, indexing and iteration match the
+``nn.Sequential`` it replaces. Its forward runs the whole network as one fused
+autograd node while its children are layers and activations fastbp runs; when
+they are not (a child replaced by another module, a hook on a child), it runs
+its children one by one, as ``nn.Sequential`` does, so that every edit and hook
+takes effect.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from . import activations as _activations
 from . import functional as F
+
+# Bumped whenever a Linear's activation is set: MLP re-reads its layout then.
+_activation_edits = itertools.count()
+_last_edit = [0]
 
 
 def _positive_int(name: str, value) -> int:
@@ -24,7 +35,27 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-class Linear(nn.Module):
+class _Planned(nn.Module):
+    """Keeps the ``functional.Plan`` of its last forward and reuses it while it holds."""
+
+    def _run(self, x, weights, biases, activations) -> torch.Tensor:
+        if F.tracing():  # torch.compile, torch.export, torch.func: no memory to plan on
+            return F.mlp(x, weights, biases, activations, backend=self.backend)
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan.activations != activations or not plan.current(weights, biases):
+            plan = F.plan(x, weights, biases, activations, self.backend)
+            self.__dict__["_plan"] = plan
+        return plan(x)
+
+    def __getstate__(self):
+        # A plan holds views of these parameters' memory: a copy must make its own.
+        state = dict(super().__getstate__())
+        state.pop("_plan", None)
+        state.pop("_layout_cache", None)
+        return state
+
+
+class Linear(_Planned):
     """``act(x Wᵀ + b)`` with fastbp's kernels; parameters and init as ``nn.Linear``'s.
 
     Args:
@@ -32,6 +63,8 @@ class Linear(nn.Module):
         bias: whether the layer has a ``bias`` of shape (out_features,).
         activation: "identity", "relu", "sigmoid" or "tanh", fused into the layer.
         backend: "auto", "numba", "triton" or "torch" (see ``fastbp.functional``).
+
+    Inputs are ``(*, in_features)``, as for ``nn.Linear``.
     """
 
     def __init__(
@@ -52,14 +85,24 @@ class Linear(nn.Module):
         self.backend = F.check_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        bias_ = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_parameter("bias", bias_)  # None registered too, as nn.Linear does
         self.reset_parameters()
 
     # nn.Linear's own initialisation, so the same seed gives the same weights.
     reset_parameters = nn.Linear.reset_parameters
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "activation":  # checked when set, never ignored when run
+            value = _activations.get(value).name
+            _last_edit[0] = next(_activation_edits)
+        elif name == "backend":
+            value = F.check_backend(value)
+        super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear_act(x, self.weight, self.bias, self.activation, backend=self.backend)
+        parameters = self._parameters
+        return self._run(x, (parameters["weight"],), (parameters["bias"],), (self.activation,))
 
     def extra_repr(self) -> str:
         return (
@@ -79,11 +122,32 @@ def _per_layer(name: str, value, count: int) -> list:
     return values
 
 
-class MLP(nn.Module):
+def _hooked(children) -> bool:
+    """Whether calling the children would run hooks (``nn.Module.__call__``'s own test)."""
+    if (
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    ):
+        return True
+    for child in children:
+        if (
+            child._forward_hooks
+            or child._forward_pre_hooks
+            or child._backward_hooks
+            or child._backward_pre_hooks
+        ):
+            return True
+    return False
+
+
+class MLP(_Planned, nn.Sequential):
     """A dense network whose forward and backward each run as one fastbp kernel call.
 
     Args:
-        sizes: layer widths ``[in, hidden…, out]``, at least two.
+        sizes: layer widths ``[in, hidden…, out]``, at least two; or, as for
+            ``nn.Sequential``, an ``OrderedDict`` of the children themselves.
         activation: activation after each hidden layer, one name or one per hidden layer.
         output_activation: activation after the last layer.
         bias: whether layers have a bias, one flag or one per layer.
@@ -91,12 +155,18 @@ class MLP(nn.Module):
 
     ``MLP([1000, 100, 10])`` has the children, parameter names and initial
     weights (for the same seed) of ``nn.Sequential(nn.Linear(1000, 100),
-    nn.ReLU(), nn.Linear(100, 10))``.
+    nn.ReLU(), nn.Linear(100, 10))``. Inputs are ``(*, in_features)``.
+
+    Editing it is editing an ``nn.Sequential``: while its children are ``Linear``
+    layers (fastbp's or ``torch.nn``'s), each followed by at most one of ``nn.ReLU``,
+    ``nn.Sigmoid``, ``nn.Tanh`` or ``nn.Identity``, with no hooks on them, forward
+    runs them as one fused node; otherwise it runs the children one by one, as
+    ``nn.Sequential`` does.
     """
 
     def __init__(
         self,
-        sizes: Sequence[int],
+        sizes: Sequence[int] | OrderedDict,
         activation: str | Sequence[str] = "relu",
         output_activation: str = "identity",
         bias: bool | Sequence[bool] = True,
@@ -105,7 +175,12 @@ class MLP(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
+        self.backend = F.check_backend(backend)
+        if isinstance(sizes, OrderedDict):  # nn.Sequential's form: slicing makes one
+            for name, child in sizes.items():
+                self.add_module(name, child)
+            return
         sizes = [_positive_int(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
         if len(sizes) < 2:
             raise ValueError(f"sizes must list at least [in, out], got {sizes}")
@@ -113,34 +188,62 @@ class MLP(nn.Module):
         hidden = _per_layer("activation", activation, num_layers - 1)
         names = [_activations.get(a).name for a in [*hidden, output_activation]]
         biases = _per_layer("bias", bias, num_layers)
-        self.backend = F.check_backend(backend)
-        self.activations = tuple(names)
-        self._linear_names = []
         for layer, name in enumerate(names):
             linear = Linear(
                 sizes[layer], sizes[layer + 1], biases[layer], backend=backend,
                 device=device, dtype=dtype,
             )  # fmt: skip
-            self._linear_names.append(str(len(self._modules)))
-            self.add_module(self._linear_names[-1], linear)
+            self.add_module(str(len(self._modules)), linear)
             module = _activations.ACTIVATIONS[name].module
             if module is not None:
                 self.add_module(str(len(self._modules)), module())
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "backend":
+            value = F.check_backend(value)
+        super().__setattr__(name, value)
+
     @property
-    def linears(self) -> list[Linear]:
+    def linears(self) -> list[nn.Module]:
         """The ``Linear`` layers, input to output."""
-        return [self._modules[name] for name in self._linear_names]
+        return [m for m in self._modules.values() if isinstance(m, (Linear, nn.Linear))]
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        """The activation after each ``Linear``, as names (``ValueError`` if the children
+        are not a network fastbp runs fused)."""
+        return _layout(self._modules.values())[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers = self.linears
-        return F.mlp(
-            x,
-            [layer.weight for layer in layers],
-            [layer.bias for layer in layers],
-            self.activations,
-            backend=self.backend,
-        )
+        children = tuple(self._modules.values())
+        if _hooked(children):
+            return nn.Sequential.forward(self, x)  # every hook fires, as in nn.Sequential
+        layout = self._fused_layout(children)
+        if layout is None:
+            return nn.Sequential.forward(self, x)  # children fastbp does not fuse
+        linears, names = layout
+        weights = tuple(linear._parameters["weight"] for linear in linears)
+        biases = tuple(linear._parameters["bias"] for linear in linears)
+        return self._run(x, weights, biases, names)
+
+    def _fused_layout(self, children):
+        """``_layout(children)``, or None where they do not fuse; kept until a child is
+        replaced or a Linear's activation is set."""
+        key = (children, _last_edit[0])
+        cached = self.__dict__.get("_layout_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            layout = _layout(children)
+        except ValueError:
+            layout = None
+        self.__dict__["_layout_cache"] = (key, layout)
+        return layout
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # nn.Sequential's slice, as an MLP sharing the children
+            return MLP(OrderedDict(list(self._modules.items())[index]), backend=self.backend)
+        return super().__getitem__(index)
 
     @classmethod
     def from_torch(cls, sequential: nn.Sequential, *, backend: str = "auto") -> MLP:
@@ -149,7 +252,9 @@ class MLP(nn.Module):
         Each ``nn.Linear`` may be followed by one of ``nn.ReLU``, ``nn.Sigmoid``,
         ``nn.Tanh`` or ``nn.Identity``; anything else raises ``ValueError``.
         """
-        linears, names = _parse_sequential(sequential)
+        if not isinstance(sequential, nn.Sequential):
+            raise TypeError(f"sequential must be an nn.Sequential, got {type(sequential).__name__}")
+        linears, names = _layout(sequential, "sequential")
         sizes = [linears[0].in_features] + [linear.out_features for linear in linears]
         weight = linears[0].weight
         mlp = cls(
@@ -161,8 +266,9 @@ class MLP(nn.Module):
 
     def to_torch(self) -> nn.Sequential:
         """The equivalent ``nn.Sequential`` (``nn.Linear`` and activations), weights copied."""
+        linears, names = _layout(self._modules.values())
         modules = []
-        for layer, name in zip(self.linears, self.activations, strict=True):
+        for layer, name in zip(linears, names, strict=True):
             weight = layer.weight
             modules.append(
                 nn.Linear(
@@ -177,15 +283,15 @@ class MLP(nn.Module):
             if module is not None:
                 modules.append(module())
         sequential = nn.Sequential(*modules)
-        _copy_parameters(self.linears, [m for m in sequential if isinstance(m, nn.Linear)])
+        _copy_parameters(linears, [m for m in sequential if isinstance(m, nn.Linear)])
         return sequential
 
 
-def _parse_sequential(sequential: nn.Sequential) -> tuple[list[nn.Linear], list[str]]:
-    if not isinstance(sequential, nn.Sequential):
-        raise TypeError(f"sequential must be an nn.Sequential, got {type(sequential).__name__}")
+def _layout(children, name: str = "MLP") -> tuple[list[nn.Module], tuple[str, ...]]:
+    """``(linears, activation names)`` of children ``Linear, act, Linear, act, …``;
+    a ``ValueError`` naming the first child that does not fit."""
     linears, names = [], []
-    for index, module in enumerate(sequential):
+    for index, module in enumerate(children):
         if isinstance(module, (nn.Linear, Linear)):
             linears.append(module)
             names.append(getattr(module, "activation", "identity"))
@@ -193,13 +299,13 @@ def _parse_sequential(sequential: nn.Sequential) -> tuple[list[nn.Linear], list[
         activation = _activations.from_module(module)
         if activation is None or not linears or names[-1] != "identity":
             raise ValueError(
-                f"sequential[{index}] is {module!r}; fastbp.nn.MLP takes Linear layers, each "
+                f"{name}[{index}] is {module!r}; fastbp.nn.MLP fuses Linear layers, each "
                 "followed by at most one of nn.ReLU, nn.Sigmoid, nn.Tanh or nn.Identity"
             )
         names[-1] = activation.name
     if not linears:
-        raise ValueError("sequential must contain at least one nn.Linear")
-    return linears, names
+        raise ValueError(f"{name} must contain at least one nn.Linear")
+    return linears, tuple(names)
 
 
 @torch.no_grad()

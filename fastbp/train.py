@@ -82,10 +82,10 @@ class FusedTrainer:
         """One training step on the batch ``(x, y)``; returns the loss before the update."""
         layers = self.model.linears
         weights, biases = [layer.weight for layer in layers], [layer.bias for layer in layers]
-        x = F._check_tensor("x", x, 2)
-        F._check_network(x, weights, biases, self.model.activations)
+        x = F.check_tensor("x", x, 2)
+        F.check_network(x, weights, biases, self.model.activations)
         self._check_target(x, y, weights[-1].shape[0])
-        backend = F._resolve_backend(self.backend, x)
+        backend = F.resolve_backend(self.backend, x)
         if backend == "numba":  # cpu.TrainStep checks the class range before any update
             return self._numba_step(x, y, weights, biases)
         if self.loss == "cross_entropy":
@@ -105,17 +105,17 @@ class FusedTrainer:
             if y.dtype != torch.int64 or y.shape != (batch,):
                 raise TypeError(
                     f"y must be int64 class indices of shape ({batch},) for cross_entropy, "
-                    f"got {F._describe(y)}"
+                    f"got {F.describe(y)}"
                 )
         elif y.shape != (batch, classes) or y.dtype != x.dtype:
             raise ValueError(
                 f"y must have shape ({batch}, {classes}) and dtype {x.dtype} for {self.loss}, "
-                f"got {F._describe(y)}"
+                f"got {F.describe(y)}"
             )
 
     def _numba_step(self, x, y, weights, biases) -> torch.Tensor:
         threads.ensure_policy()
-        arrays = [w.detach().numpy() for w in weights], [F._array(b) for b in biases]
+        arrays = [w.detach().numpy() for w in weights], [_array(b) for b in biases]
         inputs = x.detach().numpy()
         if self._kernel is None or self._kernel.dtype != inputs.dtype:
             self._kernel = self._build_kernel(*arrays)
@@ -148,15 +148,16 @@ class FusedTrainer:
             self._kernel = None
         activations = self.model.activations
         if kernels is None:
-            outputs = F._torch_forward(x, weights, biases, activations)
+            outputs = F.torch_forward(x, weights, biases, activations)
         else:
-            outputs = kernels.forward(x, weights, biases, activations)
+            plan = F.Plan(weights, biases, activations, "triton")
+            saved = kernels.forward(plan, x)[1]
+            outputs = kernels.outputs(saved)
         value, g = _torch_loss_and_grad(outputs[-1], y, self.loss, self.reduction == "mean")
         if kernels is None:
             grads = _torch_backward(g, x, weights, biases, activations, outputs)
         else:
-            has_bias = [b is not None for b in biases]
-            _, *grads = kernels.backward(g, x, weights, has_bias, activations, outputs, False)
+            _, *grads = kernels.backward(plan, saved, g, False)
         for parameters, gradients in zip((weights, biases), grads, strict=True):
             for parameter, gradient in zip(parameters, gradients, strict=True):
                 if parameter is not None:
@@ -206,6 +207,10 @@ class FusedTrainer:
                 if key in saved:
                     array[...] = saved[key].numpy()
                     kernel.steps = int(saved.get("step", 1))
+
+
+def _array(tensor: torch.Tensor | None):
+    return None if tensor is None else tensor.detach().numpy()
 
 
 def _check_class_range(y: torch.Tensor, classes: int) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import numba
 import numpy as np
@@ -37,6 +38,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
 
+from . import cpu_math
 from .reference import ACTIVATIONS, LOSSES, OPTIMIZERS, REDUCTIONS
 
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
@@ -51,6 +53,11 @@ _NO_BIAS = {dtype: np.empty(0, dtype) for dtype in DTYPES}
 # above it, the pass runs in blocks of about PARALLEL_BLOCK_ELEMENTS, one per task.
 PARALLEL_MIN_ELEMENTS = 1 << 16
 PARALLEL_BLOCK_ELEMENTS = 1 << 14
+
+# Every kernel: cached on disk, and numpy's error model: a float division by zero gives
+# inf or NaN as in numpy and torch instead of raising, which also lets LLVM vectorize
+# the loops that divide (sigmoid, tanh).
+kernel = functools.partial(njit, cache=True, error_model="numpy")
 
 # ---------------------------------------------------------------------------
 # GEMM: a Fortran BLAS ?gemm, called through an address passed at run time.
@@ -146,7 +153,7 @@ def _by_reference(typingctx, value):
     return types.voidptr(value), codegen
 
 
-@njit(cache=True)
+@kernel
 def _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c):
     """Row-major ``c ← alpha·op(a)·op(b) + beta·c`` on C-contiguous arrays, by ``gemm``.
 
@@ -177,63 +184,62 @@ def _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c):
 
 
 # ---------------------------------------------------------------------------
-# Fused element-wise passes
+# Fused element-wise passes, each from one array into another
 # ---------------------------------------------------------------------------
+# In place, LLVM turns relu's "store z back where z ≥ 0" into masked stores, which
+# AMD's CPUs microcode: an in-place relu ran 4x slower than this out-of-place one.
 @njit(inline="always")
-def _activate(z, activation, zero, one):
+def _map(source, target, function):
+    for k in range(source.shape[0]):
+        target[k] = function(source[k])
+
+
+@kernel
+def _activate_serial(z, activation, out):
+    # One loop per activation: with the choice inside one loop, LLVM kept every branch.
     if activation == RELU:
-        return zero if z < zero else z  # NaN < 0 is False: NaN stays NaN, as in torch
-    if activation == SIGMOID:
-        return one / (one + np.exp(-z))
-    if activation == TANH:
-        return np.tanh(z)
-    return z
+        _map(z, out, cpu_math.relu)
+    elif activation == SIGMOID:
+        _map(z, out, cpu_math.sigmoid)
+    elif activation == TANH:
+        _map(z, out, cpu_math.tanh)
+    else:
+        out[:] = z
+
+
+@kernel(parallel=True)
+def _activate_parallel(z, activation, out):
+    # Blocks, each a call of the serial kernel on contiguous slices: inlined into the
+    # parallel loop with index bounds instead, the loops are not vectorized.
+    size = PARALLEL_BLOCK_ELEMENTS
+    for c in prange((z.shape[0] + size - 1) // size):
+        lo, hi = c * size, (c + 1) * size
+        _activate_serial(z[lo:hi], activation, out[lo:hi])
+
+
+@kernel
+def _activate(z, activation, out):
+    """``out = act(z)``, element by element, for C-contiguous arrays of one shape."""
+    source, target = z.reshape(z.size), out.reshape(out.size)
+    if source.shape[0] >= PARALLEL_MIN_ELEMENTS:
+        _activate_parallel(source, activation, target)
+    else:
+        _activate_serial(source, activation, target)
 
 
 @njit(inline="always")
 def _delta(g, a, activation, zero, one):
+    """g ⊙ act'(z), from the saved output a = act(z)."""
     if activation == RELU:
         return zero if a <= zero else g  # a select, as torch's threshold_backward
     if activation == SIGMOID:
         return g * (one - a) * a
     if activation == TANH:
-        return g * (one - a * a)
+        return g * cpu_math.fma(-a, a, one)  # 1 − a² rounded once, as torch's tanh_backward
     return g
 
 
-@njit(inline="always")
-def _bias_act_row(row, bias, activation):
-    zero, one = row.dtype.type(0), row.dtype.type(1)
-    has_bias = bias.shape[0] > 0
-    for j in range(row.shape[0]):
-        z = row[j] + bias[j] if has_bias else row[j]
-        row[j] = _activate(z, activation, zero, one)
-
-
-@njit(cache=True)
-def _bias_act_serial(z, bias, activation):
-    for i in range(z.shape[0]):
-        _bias_act_row(z[i], bias, activation)
-
-
-@njit(cache=True, parallel=True)
-def _bias_act_parallel(z, bias, activation):
-    for i in prange(z.shape[0]):
-        _bias_act_row(z[i], bias, activation)
-
-
-@njit(cache=True)
-def _bias_act(z, bias, activation):
-    """``z ← act(z + b)`` in place."""
-    if activation == IDENTITY and bias.shape[0] == 0:
-        return
-    if z.size >= PARALLEL_MIN_ELEMENTS:
-        _bias_act_parallel(z, bias, activation)
-    else:
-        _bias_act_serial(z, bias, activation)
-
-
-@njit(cache=True)
+@kernel
 def _delta_rows(g, a, activation, delta, column_sums):
     """δ for these rows; adds Σ_rows δ into the float64 ``column_sums`` unless it is empty."""
     zero, one = a.dtype.type(0), a.dtype.type(1)
@@ -246,19 +252,19 @@ def _delta_rows(g, a, activation, delta, column_sums):
                 column_sums[j] += d
 
 
-@njit(cache=True, parallel=True)
+@kernel(parallel=True)
 def _delta_parallel(g, a, activation, delta, partials, rows):
-    # Row blocks, each a call of the serial kernel on contiguous slices (inlined
-    # with index bounds, the loops lose their vectorization); partials[c] holds
-    # block c's bias sums.
+    # Row blocks, each a call of the serial kernel on contiguous slices; partials[c]
+    # holds block c's bias sums.
     for c in prange((g.shape[0] + rows - 1) // rows):
         lo, hi = c * rows, (c + 1) * rows
         _delta_rows(g[lo:hi], a[lo:hi], activation, delta[lo:hi], partials[c])
 
 
-@njit(cache=True)
+@kernel
 def _delta_and_bias_grad(g, a, activation, delta, grad_bias):
-    """``δ = g ⊙ act'(a)`` (may alias g) and, when ``grad_bias`` is non-empty, ``Σ_batch δ``.
+    """``δ = g ⊙ act'(a)`` into ``delta`` (never g's memory) and, when ``grad_bias`` is
+    non-empty, ``Σ_batch δ``.
 
     The sums run in float64, in row blocks fixed by the shape alone, so the
     result does not depend on the thread count.
@@ -278,52 +284,66 @@ def _delta_and_bias_grad(g, a, activation, delta, grad_bias):
 # ---------------------------------------------------------------------------
 # Layer and network kernels
 # ---------------------------------------------------------------------------
-@njit(cache=True)
-def _layer_forward(gemm, x, weight, bias, activation, out):
-    _gemm(gemm, False, True, 1.0, x, weight, 0.0, out)  # z = x Wᵀ
-    _bias_act(out, bias, activation)
+@njit(inline="always")
+def _rows(space, rows, width):
+    """The first rows·width elements of a flat workspace, as a (rows, width) matrix."""
+    return space[: rows * width].reshape((rows, width))
 
 
-@njit(cache=True)
-def _layer_backward(gemm, g, x, weight, out, activation, delta, grad_weight, grad_bias, grad_input):
-    """Gradients of one layer; ``grad_input`` with zero rows means "not needed"."""
-    _delta_and_bias_grad(g, out, activation, delta, grad_bias)
-    _gemm(gemm, True, False, 1.0, delta, x, 0.0, grad_weight)  # ∂W = δᵀ x
-    if grad_input.shape[0] > 0:
-        _gemm(gemm, False, False, 1.0, delta, weight, 0.0, grad_input)  # ∂x = δ W
+@kernel
+def _layer_forward(gemm, x, weight, bias, activation, out, scratch):
+    """``out = act(x Wᵀ + b)``; z goes through ``scratch`` unless act is the identity."""
+    z = out if activation == IDENTITY else _rows(scratch, out.shape[0], out.shape[1])
+    # z = x Wᵀ + b as torch's addmm computes it: the GEMM adds its sum to rows holding b,
+    # one rounding (an add after the GEMM would be a second, which sums over K=1 amplify).
+    has_bias = bias.shape[0] > 0
+    if has_bias:
+        for i in range(z.shape[0]):
+            z[i] = bias
+    _gemm(gemm, False, True, 1.0, x, weight, 1.0 if has_bias else 0.0, z)
+    if activation != IDENTITY:
+        _activate(z, activation, out)
 
 
-@njit(cache=True)
-def _mlp_forward(gemm, x, weights, biases, activations, outputs):
+@kernel
+def _mlp_forward(gemm, x, weights, biases, activations, outputs, scratch):
     for layer in range(len(weights)):
         source = x if layer == 0 else outputs[layer - 1]
         _layer_forward(
-            gemm, source, weights[layer], biases[layer], activations[layer], outputs[layer]
-        )
+            gemm, source, weights[layer], biases[layer], activations[layer], outputs[layer],
+            scratch,
+        )  # fmt: skip
 
 
-@njit(cache=True)
+@kernel
 def _mlp_backward(
-    gemm, g, x, weights, activations, outputs, deltas, grad_weights, grad_biases, grad_x
-):
+    gemm,          # address of the BLAS ?gemm (bind_gemm)
+    g,             # ∂L/∂a of the last layer, (N, out)
+    x,             # the network's input, (N, in)
+    weights,       # one (out, in) matrix per layer
+    activations,   # one activation code per layer
+    outputs,       # every layer's output a, as forward saved them
+    grad_weights,  # out: ∂L/∂W per layer
+    grad_biases,   # out: ∂L/∂b per layer; empty for a layer without bias
+    grad_x,        # out: ∂L/∂x; zero rows when x needs no gradient
+    delta_space,   # workspace of N·(widest layer) elements: δ of the current layer
+    upstream_space,  # the same size: ∂L/∂a of the layer below, written by ∂x = δ W
+):  # fmt: skip
     top = len(weights) - 1
+    batch = x.shape[0]
+    upstream = g
     for layer in range(top, -1, -1):
-        # Layer l+1 wrote ∂L/∂aₗ into deltas[l]; δ is then computed in place.
-        upstream = g if layer == top else deltas[layer]
-        source = x if layer == 0 else outputs[layer - 1]
-        grad_source = grad_x if layer == 0 else deltas[layer - 1]
-        _layer_backward(
-            gemm,
-            upstream,
-            source,
-            weights[layer],
-            outputs[layer],
-            activations[layer],
-            deltas[layer],
-            grad_weights[layer],
-            grad_biases[layer],
-            grad_source,
+        delta = _rows(delta_space, batch, weights[layer].shape[0])
+        _delta_and_bias_grad(
+            upstream, outputs[layer], activations[layer], delta, grad_biases[layer]
         )
+        source = x if layer == 0 else outputs[layer - 1]
+        _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer])  # ∂W = δᵀ x
+        if layer > 0:
+            upstream = _rows(upstream_space, batch, weights[layer].shape[1])
+            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)  # ∂x = δ W
+        elif grad_x.shape[0] > 0:
+            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, grad_x)
 
 
 # ---------------------------------------------------------------------------
@@ -337,10 +357,10 @@ SGD_BUFFERED = 2
 LR, MOMENTUM, WEIGHT_DECAY, BETA1, BETA2, EPS = range(6)
 
 
-@njit(cache=True)
+@kernel
 def _loss_and_grad(output, targets, labels, loss, scale, g):
     """Write ``scale·∂L/∂ŷ`` into g and return ``scale·L``, summed in float64."""
-    zero, one = output.dtype.type(0), output.dtype.type(1)
+    zero = output.dtype.type(0)
     total = 0.0
     for i in range(output.shape[0]):
         row = output[i]
@@ -350,10 +370,11 @@ def _loss_and_grad(output, targets, labels, loss, scale, g):
                 top = max(top, row[j])
             norm = zero
             for j in range(row.shape[0]):
-                norm += np.exp(row[j] - top)
+                g[i, j] = cpu_math.exp(row[j] - top)
+                norm += g[i, j]
             total += np.log(norm) + top - row[labels[i]]
             for j in range(row.shape[0]):
-                g[i, j] = np.exp(row[j] - top) / norm * scale
+                g[i, j] = g[i, j] / norm * scale
             g[i, labels[i]] -= scale
             continue
         for j in range(row.shape[0]):
@@ -362,12 +383,12 @@ def _loss_and_grad(output, targets, labels, loss, scale, g):
                 total += (z - y) * (z - y)
                 g[i, j] = 2 * (z - y) * scale
             else:  # BCE with logits, in the overflow-free form
-                total += max(z, zero) - z * y + np.log1p(np.exp(-abs(z)))
-                g[i, j] = (_activate(z, SIGMOID, zero, one) - y) * scale
+                total += max(z, zero) - z * y + np.log1p(cpu_math.exp(-abs(z)))
+                g[i, j] = (cpu_math.sigmoid(z) - y) * scale
     return total * scale
 
 
-@njit(cache=True)
+@kernel
 def _update_serial(param, grad, state_a, state_b, optimizer, hyper, step):
     """``torch.optim``'s update of ``param`` (see ``reference.SGD``/``Adam``), in
     the parameter's dtype as torch computes it; one loop per rule, so that each
@@ -401,7 +422,7 @@ def _update_serial(param, grad, state_a, state_b, optimizer, hyper, step):
         param[k] -= step_size * state_a[k] / (np.sqrt(state_b[k]) / correction + eps)
 
 
-@njit(cache=True, parallel=True)
+@kernel(parallel=True)
 def _update_parallel(param, grad, state_a, state_b, optimizer, hyper, step):
     # Slices, each updated by a call of the serial kernel: inlined into the
     # parallel loop with index bounds instead, the loops ran 4x slower (not vectorized).
@@ -413,7 +434,7 @@ def _update_parallel(param, grad, state_a, state_b, optimizer, hyper, step):
         )
 
 
-@njit(cache=True)
+@kernel
 def _update(param, grad, state_a, state_b, optimizer, hyper, step):
     """Update a flat parameter in place; the state arrays are empty when unused."""
     if param.shape[0] >= PARALLEL_MIN_ELEMENTS:
@@ -422,7 +443,7 @@ def _update(param, grad, state_a, state_b, optimizer, hyper, step):
         _update_serial(param, grad, state_a, state_b, optimizer, hyper, step)
 
 
-@njit(cache=True)
+@kernel
 def _update_weight(gemm, delta, source, weight, grad, state_a, state_b, optimizer, hyper, step):
     """Apply ``∂W = δᵀ x`` to W with as few passes over W as the rule allows.
 
@@ -445,29 +466,34 @@ def _update_weight(gemm, delta, source, weight, grad, state_a, state_b, optimize
     _update(flat_weight, grad.reshape(grad.size), state_a, state_b, optimizer, hyper, step)
 
 
-@njit(cache=True)
+@kernel
 def _train_step(
-    gemm, x, targets, labels, weights, biases, activations, outputs, deltas,
+    gemm, x, targets, labels, weights, biases, activations, outputs, delta_space, upstream_space,
     grad_weights, grad_biases, weight_states, bias_states, loss, scale, optimizer, hyper, step,
 ):  # fmt: skip
     """One step on every layer; returns the loss before the update.
 
     ``weight_states``/``bias_states`` hold two flat state arrays per layer
     (momentum buffer; or Adam's m and v), empty when the optimizer keeps none.
+    The workspaces are as ``_mlp_backward``'s; forward uses ``delta_space`` as its scratch.
     """
-    _mlp_forward(gemm, x, weights, biases, activations, outputs)
+    _mlp_forward(gemm, x, weights, biases, activations, outputs, delta_space)
     top = len(weights) - 1
-    value = _loss_and_grad(outputs[top], targets, labels, loss, scale, deltas[top])
+    batch = x.shape[0]
+    upstream = _rows(upstream_space, batch, weights[top].shape[0])
+    value = _loss_and_grad(outputs[top], targets, labels, loss, scale, upstream)
     for layer in range(top, -1, -1):
         source = x if layer == 0 else outputs[layer - 1]
+        delta = _rows(delta_space, batch, weights[layer].shape[0])
         _delta_and_bias_grad(
-            deltas[layer], outputs[layer], activations[layer], deltas[layer], grad_biases[layer]
+            upstream, outputs[layer], activations[layer], delta, grad_biases[layer]
         )
         if layer > 0:  # ∂L/∂aₗ₋₁ = δ Wₗ, taken before Wₗ moves
-            _gemm(gemm, False, False, 1.0, deltas[layer], weights[layer], 0.0, deltas[layer - 1])
+            upstream = _rows(upstream_space, batch, weights[layer].shape[1])
+            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)
         state_a, state_b = weight_states[2 * layer], weight_states[2 * layer + 1]
         _update_weight(
-            gemm, deltas[layer], source, weights[layer], grad_weights[layer],
+            gemm, delta, source, weights[layer], grad_weights[layer],
             state_a, state_b, optimizer, hyper, step,
         )  # fmt: skip
         if biases[layer].shape[0] > 0:
@@ -524,67 +550,112 @@ def _activation_codes(activations: tuple[str, ...]) -> np.ndarray:
     return np.array([_activation_code(a) for a in activations], dtype=np.int64)
 
 
-def _checked_layers(x, weights, biases, activations):
-    """Contiguous, shape-checked (x, weights, biases, activation codes) for a chain of layers."""
-    dtype = _dtype_of(x)
+def _one_per_layer(weights, biases, activations) -> None:
     if not len(weights) == len(biases) == len(activations) > 0:
         raise ValueError(
             "weights, biases and activations must have one entry per layer, got "
             f"{len(weights)}, {len(biases)} and {len(activations)}"
         )
-    x = _matrix("x", x, dtype, (None, None))
-    width = x.shape[1]
-    checked_weights, checked_biases = [], []
-    for layer, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-        weight = _matrix("weights", weight, dtype, (None, width), layer)
-        width = weight.shape[0]
-        checked_weights.append(weight)
-        checked_biases.append(
-            _NO_BIAS[dtype] if bias is None else _matrix("biases", bias, dtype, (width,), layer)
+
+
+class Network:
+    """A chain of dense layers checked once, then run many times.
+
+    Holds each layer's weight (out, in), bias (out,) or None, and activation, all of
+    one dtype. Arrays that are C-contiguous are held as given, so in-place updates
+    of them show in the next call; others are held as contiguous copies, and
+    ``holds_originals`` says whether any was. ``forward`` and ``backward`` check only
+    what a call brings (x, g, the saved outputs): numba does not check bounds.
+    """
+
+    def __init__(self, weights, biases, activations, in_features: int | None = None) -> None:
+        _one_per_layer(weights, biases, activations)
+        self.dtype = dtype = _dtype_of(weights[0], "weights[0]")
+        width = in_features
+        checked_weights, checked_biases, widths = [], [], [width]
+        for layer, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+            weight = _matrix("weights", weight, dtype, (None, width), layer)
+            width = weight.shape[0]
+            checked_weights.append(weight)
+            widths.append(width)
+            checked_biases.append(
+                _NO_BIAS[dtype] if bias is None else _matrix("biases", bias, dtype, (width,), layer)
+            )
+        self.weights, self.biases = tuple(checked_weights), tuple(checked_biases)
+        self.widths = (self.weights[0].shape[1], *widths[1:])
+        self.has_bias = tuple(bias is not None for bias in biases)
+        self.codes = _activation_codes(tuple(activations))
+        self.holds_originals = all(
+            held is given
+            for held, given in zip((*self.weights, *self.biases), (*weights, *biases), strict=True)
+            if given is not None
         )
-    return x, tuple(checked_weights), tuple(checked_biases), _activation_codes(tuple(activations))
+        self._widest = max(self.widths[1:])  # what the workspaces hold: layer outputs
+        self._workspaces = threading.local()
+
+    def _input(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have dtype {self.dtype}, got {x.dtype}")
+        if x.ndim == 2 and x.shape[1] == self.widths[0] and x.flags.c_contiguous:
+            return x  # the common case, checked first
+        return _matrix("x", x, self.dtype, (None, self.widths[0]))
+
+    def _space(self, batch: int, which: int = 0) -> np.ndarray:
+        """Workspace ``which`` (0 or 1) for ``batch`` rows, kept per thread between calls:
+        a fresh one of 100s of KB costs more than a small network's whole step."""
+        kept = getattr(self._workspaces, "arrays", None)
+        size = batch * self._widest
+        if kept is None or kept[0].shape[0] < size:
+            kept = self._workspaces.arrays = [np.empty(size, self.dtype) for _ in "dg"]
+        return kept[which]
+
+    def forward(self, x: np.ndarray) -> list[np.ndarray]:
+        """Outputs ``[a₁, …, a_L]`` of every layer in one kernel call."""
+        x = self._input(x)
+        batch, dtype = x.shape[0], self.dtype
+        outputs = tuple([np.empty((batch, w), dtype) for w in self.widths[1:]])
+        gemm = _prepare_launch(dtype)
+        _mlp_forward(gemm, x, self.weights, self.biases, self.codes, outputs, self._space(batch))
+        return list(outputs)
+
+    def backward(self, g, x, outputs, needs_input_grad: bool = True):
+        """``(∂L/∂x or None, [∂L/∂Wₗ], [∂L/∂bₗ or None])`` from ``g = ∂L/∂a_L`` and the
+        ``outputs`` forward returned for ``x``, in one kernel call."""
+        x = self._input(x)
+        batch, dtype = x.shape[0], self.dtype
+        if len(outputs) != len(self.weights):
+            raise ValueError(f"outputs must hold {len(self.weights)} arrays, got {len(outputs)}")
+        outputs = tuple(
+            [
+                _exactly("outputs", a, dtype, (batch, w), layer)
+                for layer, (a, w) in enumerate(zip(outputs, self.widths[1:], strict=True))
+            ]
+        )
+        g = _exactly("g", g, dtype, (batch, self.widths[-1]))
+        grad_weights = tuple([np.empty(w.shape, dtype) for w in self.weights])
+        grad_biases = tuple([np.empty(b.shape, dtype) for b in self.biases])  # empty: no bias
+        grad_x = np.empty((batch if needs_input_grad else 0, self.widths[0]), dtype)
+        _mlp_backward(
+            _prepare_launch(dtype), g, x, self.weights, self.codes, outputs, grad_weights,
+            grad_biases, grad_x, self._space(batch), self._space(batch, 1),
+        )  # fmt: skip
+        return (
+            grad_x if needs_input_grad else None,
+            list(grad_weights),
+            [b if has else None for b, has in zip(grad_biases, self.has_bias, strict=True)],
+        )
+
+
+def _exactly(name: str, array: np.ndarray, dtype: np.dtype, shape: tuple, index=None):
+    """``_matrix`` for a fully known shape, with the common case (already right) first."""
+    if array.dtype == dtype and array.shape == shape and array.flags.c_contiguous:
+        return array
+    return _matrix(name, array, dtype, shape, index)
 
 
 def mlp_forward(x, weights, biases, activations) -> list[np.ndarray]:
     """Outputs ``[a₁, …, a_L]`` of every layer in one kernel call (``reference.mlp_forward``)."""
-    x, weights, biases, codes = _checked_layers(x, weights, biases, activations)
-    outputs = tuple(np.empty((x.shape[0], w.shape[0]), x.dtype) for w in weights)
-    _mlp_forward(_prepare_launch(x.dtype), x, weights, biases, codes, outputs)
-    return list(outputs)
-
-
-def _backward(g, x, weights, has_bias, activations, outputs, needs_input_grad):
-    x, weights, _, codes = _checked_layers(x, weights, [None] * len(weights), activations)
-    dtype, batch = x.dtype, x.shape[0]
-    outputs = tuple(
-        _matrix("outputs", a, dtype, (batch, w.shape[0]), layer)
-        for layer, (w, a) in enumerate(zip(weights, outputs, strict=True))
-    )
-    g = _matrix("g", g, dtype, outputs[-1].shape)
-    deltas = tuple(np.empty_like(a) for a in outputs)
-    grad_weights = tuple(np.empty_like(w) for w in weights)
-    grad_biases = tuple(
-        np.empty(w.shape[0] if wants else 0, dtype)
-        for w, wants in zip(weights, has_bias, strict=True)
-    )
-    grad_x = np.empty(x.shape if needs_input_grad else (0, x.shape[1]), dtype)
-    _mlp_backward(
-        _prepare_launch(dtype),
-        g,
-        x,
-        weights,
-        codes,
-        outputs,
-        deltas,
-        grad_weights,
-        grad_biases,
-        grad_x,
-    )
-    return (
-        grad_x if needs_input_grad else None,
-        list(grad_weights),
-        [gb if wants else None for gb, wants in zip(grad_biases, has_bias, strict=True)],
-    )
+    return Network(weights, biases, activations, _width(x)).forward(x)
 
 
 def mlp_backward(
@@ -592,26 +663,30 @@ def mlp_backward(
 ) -> tuple[np.ndarray | None, list[np.ndarray], list[np.ndarray | None]]:
     """``(∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ])`` in one kernel call (see ``reference.mlp_backward``).
 
-    ``biases`` only says which layers have one (None or not).
+    ``biases`` says which layers have one (an array or None); their values are not read.
     """
-    has_bias = [b is not None for b in biases]
-    return _backward(g, x, weights, has_bias, activations, outputs, needs_input_grad)
+    network = Network(weights, biases, activations, _width(x))
+    return network.backward(g, x, outputs, needs_input_grad)
+
+
+def _width(x: np.ndarray) -> int:
+    """x's features, after checking what the layers are then checked against."""
+    _dtype_of(x)
+    return _matrix("x", x, x.dtype, (None, None)).shape[1]
 
 
 def linear_act_forward(x, weight, bias, activation) -> np.ndarray:
     """``act(x Wᵀ + b)`` (see ``reference.linear_act_forward``)."""
-    x, (weight,), (bias,), (code,) = _checked_layers(x, [weight], [bias], [activation])
-    out = np.empty((x.shape[0], weight.shape[0]), x.dtype)
-    _layer_forward(_prepare_launch(x.dtype), x, weight, bias, code, out)
-    return out
+    return mlp_forward(x, [weight], [bias], [activation])[0]
 
 
 def linear_act_backward(
     g, x, weight, a, activation, has_bias=True, needs_input_grad=True
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
     """``(∂L/∂x, ∂L/∂W, ∂L/∂b)`` of one layer (see ``reference.linear_act_backward``)."""
-    grad_x, (grad_weight,), (grad_bias,) = _backward(
-        g, x, [weight], [has_bias], [activation], [a], needs_input_grad
+    bias = np.empty(weight.shape[0], weight.dtype) if has_bias else None
+    grad_x, (grad_weight,), (grad_bias,) = mlp_backward(
+        g, x, [weight], [bias], [activation], [a], needs_input_grad
     )
     return grad_x, grad_weight, grad_bias
 
@@ -678,9 +753,9 @@ class TrainStep:
         self, weights, biases, activations, *, loss="mse", reduction="mean", optimizer="sgd",
         lr=0.01, momentum=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
     ) -> None:  # fmt: skip
-        x = np.empty((0, weights[0].shape[1]), _dtype_of(weights[0]))
-        _, weights, biases, self._codes = _checked_layers(x, weights, biases, activations)
-        self.dtype = x.dtype
+        network = Network(weights, biases, activations)
+        weights, biases, self._codes = network.weights, network.biases, network.codes
+        self.dtype = network.dtype
         self.activations = list(activations)
         self.loss = _code("loss", loss, LOSSES)
         self.scale_by_mean = _code("reduction", reduction, REDUCTIONS) == 0
@@ -729,21 +804,24 @@ class TrainStep:
 
     def __call__(self, x, y, weights, biases) -> float:
         """One step on batch ``(x, y)``; returns the loss before the update."""
-        # Checked before _checked_layers, which would update a contiguous copy instead.
+        # Checked before Network, which would update a contiguous copy instead.
         for name, arrays in (("weights", weights), ("biases", biases)):
             for layer, array in enumerate(arrays):
                 if array is not None and not array.flags.c_contiguous:
                     raise ValueError(f"{name}[{layer}] must be C-contiguous to be updated in place")
-        x, weights, biases, _ = _checked_layers(x, weights, biases, self.activations)
-        if x.shape[0] == 0:
-            raise ValueError("x must hold at least one sample, got a batch of 0")
+        network = Network(weights, biases, self.activations)
+        weights, biases = network.weights, network.biases
         if x.dtype != self.dtype:
             raise TypeError(f"x must have dtype {self.dtype}, got {x.dtype}")
+        x = network._input(x)
+        if x.shape[0] == 0:
+            raise ValueError("x must hold at least one sample, got a batch of 0")
         batch, width = x.shape[0], weights[-1].shape[0]
         targets, labels = self._targets(y, batch, width)
         if not self._workspaces or self._workspaces[0][0].shape[0] != batch:
-            shapes = [(batch, w.shape[0]) for w in weights]
-            self._workspaces = tuple(tuple(np.empty(s, x.dtype) for s in shapes) for _ in "od")
+            outputs = tuple(np.empty((batch, w.shape[0]), x.dtype) for w in weights)
+            spaces = [np.empty(batch * max(w.shape[0] for w in weights), x.dtype) for _ in "dg"]
+            self._workspaces = (outputs, *spaces)
         terms = batch if self.loss == CROSS_ENTROPY else batch * width
         scale = 1.0 / terms if self.scale_by_mean else 1.0
         self.steps += 1

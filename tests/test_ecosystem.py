@@ -64,7 +64,7 @@ def test_custom_op_and_autograd_function_agree_bit_for_bit(network):
         grads = [t.grad for t in leaves] + [b.grad for b in bias_leaves if b is not None]
         return [output.detach(), *grads]
 
-    via_op = lambda x, w, b: F._custom_op_mlp(x, w, b, activations)  # noqa: E731
+    via_op = lambda x, w, b: F.custom_op_mlp(x, w, b, activations)  # noqa: E731
     via_function = lambda x, w, b: F.mlp(x, w, b, activations, backend="numba")  # noqa: E731
     for ours, theirs in zip(run(via_op), run(via_function), strict=True):
         assert torch.equal(ours, theirs)

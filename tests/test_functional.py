@@ -147,8 +147,12 @@ W = torch.zeros(2, 3)
 B = torch.zeros(2)
 
 BAD_LINEAR_INPUTS = {
-    "1-D x": (dict(x=torch.zeros(3)), ValueError, r"x must be a 2-D tensor .*shape \(3,\)"),
-    "3-D x": (dict(x=torch.zeros(2, 4, 3)), ValueError, r"x must be a 2-D tensor .*\(2, 4, 3\)"),
+    "0-D x": (dict(x=torch.tensor(1.0)), ValueError, r"x must have shape \(\*, in_features\)"),
+    "x of the wrong width": (
+        dict(x=torch.zeros(2, 4, 5)),
+        ValueError,
+        r"weight must have shape \(out_features, 5\) to match its 5 input features",
+    ),
     "integer x": (dict(x=X.long()), TypeError, r"x must be a floating-point tensor.*int64"),
     "complex x": (
         dict(x=X.to(torch.complex64)),
@@ -262,3 +266,36 @@ def test_double_backward_is_refused_clearly():
     out = F.linear_act(x, weight, bias, "tanh", backend="numba")
     with pytest.raises(RuntimeError, match="double backward .* need backend='torch'"):
         torch.autograd.grad(out.sum(), weight, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("leading", [(), (5,), (2, 3), (0,), (2, 0, 4)], ids=str)
+def test_leading_dimensions_are_batch_as_in_nn_linear(leading, backend):
+    """``(*, in_features)``: leading dimensions are flattened into the batch and restored,
+    a 1-D input is one sample, an empty batch gives an empty output; gradients too."""
+    _, weights, biases, _ = make_network([4, 6, 3], 1, dtype=torch.float64, seed=9)
+    x = torch.randn(*leading, 4, dtype=torch.float64, requires_grad=True)
+    weights = [w.requires_grad_() for w in weights]
+    ours = F.mlp(x, weights, biases, ["tanh", "identity"], backend=backend)
+    expected = x
+    for w, b, act in zip(weights, biases, [torch.tanh, lambda t: t], strict=True):
+        expected = act(torch.nn.functional.linear(expected, w, b))
+    assert ours.shape == expected.shape == (*leading, 3)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(ours.sum(), [x, *weights])
+    for mine, theirs in zip(grads, torch.autograd.grad(expected.sum(), [x, *weights]), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_a_contiguous_batch_is_not_copied(monkeypatch):
+    from fastbp.kernels import cpu
+
+    x, weights, biases, _ = make_network([4, 3], 6, dtype=torch.float32, seed=10)
+    x = x.reshape(2, 3, 4)
+    seen = []
+    original = cpu.Network.forward
+    monkeypatch.setattr(
+        cpu.Network, "forward", lambda self, rows: seen.append(rows) or original(self, rows)
+    )
+    F.mlp(x, weights, biases, ["relu"], backend="numba")
+    assert seen[0].ctypes.data == x.data_ptr() and seen[0].shape == (6, 4)
