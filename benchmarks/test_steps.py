@@ -1,68 +1,75 @@
-"""pytest-benchmark groups: one training step (or forward pass) per implementation.
+"""pytest-benchmark groups: one training step or forward pass per registry entry.
 
-Groups are named after the workload (``train docs-64x1000x100x10 cpu``, …).
-Every implementation comes from ``fastbp.backends``, the registry the tests
+Groups are named after the workload and task (``train docs-64x1000x100x10 cpu``, …).
+Every implementation comes from ``fastbp.registry``, the registry the tests
 check; each benchmark first checks, once, that it computes what torch-eager
 computes, then times it. ``extra_info`` holds samples/s, GFLOP/s and the
 two ratios of ``fastbp.bench.figures`` (those baselines run first in each
 group, so their medians are known when the others finish).
+
+A plain ``pytest`` runs each once as a check; the torch.compile entries, whose
+compile alone takes seconds per workload, run there on one workload only
+(``tests/test_train.py`` checks their steps on four).
 """
 
 import pytest
 import torch
 
 import fastbp
-from fastbp.backends import (
-    INFERENCE_IMPLEMENTATIONS,
-    STEP_IMPLEMENTATIONS,
-    WORKLOADS,
-    check_step,
-)
-from fastbp.bench import baseline, figures
+from fastbp.bench import figures
+from fastbp.registry import REGISTRY, WORKLOADS, available, check_step
 
 fastbp.threads.ensure_policy()
 _medians: dict[tuple[str, str], float] = {}
+TRAIN = [key for key, entry in REGISTRY.items() if entry.step is not None]
+INFERENCE = [key for key, entry in REGISTRY.items() if entry.inference is not None]
 
 
-def _record(benchmark, device: str, name: str, workload, training=True) -> None:
+def _record(benchmark, name: str, workload, training=True) -> None:
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # benchmarks disabled: a smoke run, nothing to report
         return
     median = stats.stats.median
     _medians[benchmark.group, name] = median
-    eager = _medians.get((benchmark.group, baseline("torch-eager", device)))
-    floor = _medians.get((benchmark.group, baseline("gemm-floor", device)))
+    eager = _medians.get((benchmark.group, "torch-eager"))
+    floor = _medians.get((benchmark.group, "gemm-floor"))
     found = figures(workload, median, eager, floor, training)
     benchmark.extra_info.update({k: v for k, v in found.items() if v is not None})
 
 
-@pytest.mark.parametrize("workload", list(WORKLOADS))
-@pytest.mark.parametrize("name", list(STEP_IMPLEMENTATIONS))
-def test_train_step(benchmark, workload, name):
-    implementation, workload = STEP_IMPLEMENTATIONS[name], WORKLOADS[workload]
-    if implementation.device == "cuda" and not torch.cuda.is_available():
+def _skip_unless_runnable(request, name: str, device: str, workload) -> None:
+    if not available(device):
         pytest.skip("needs a CUDA GPU; none on this machine")
-    if implementation.device not in workload.devices:
+    if device not in workload.devices:
         pytest.skip(f"{workload.name} is a GPU-sized batch, timed on CUDA only")
-    if "compile" in name:  # fresh caches, as fastbp bench gives each workload (see bench_workload)
-        torch._dynamo.reset()
-    check_step(name, workload, implementation.device)
-    step = implementation.make(workload, implementation.device)
-    step.run()  # compile outside the timing
-    benchmark.group = f"train {workload.name} {implementation.device}"
-    benchmark(step.run)
-    _record(benchmark, implementation.device, name, workload)
+    timing = request.config.getoption("benchmark_only", False)
+    if "compile" in name and not timing and workload.name != "docs-64x1000x100x10":
+        pytest.skip("torch.compile entries are checked on one workload here; all when timed")
+    if "compile" in name:
+        torch._dynamo.reset()  # fresh caches, as fastbp bench gives each workload
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
-@pytest.mark.parametrize("name", list(INFERENCE_IMPLEMENTATIONS))
-def test_inference(benchmark, workload, name):
-    workload = WORKLOADS[workload]
-    if "cpu" not in workload.devices:
-        pytest.skip(f"{workload.name} is a GPU-sized batch, timed on CUDA only")
-    forward = INFERENCE_IMPLEMENTATIONS[name](workload, "cpu")
-    expected = INFERENCE_IMPLEMENTATIONS["torch-eager"](workload, "cpu")()
-    torch.testing.assert_close(forward(), expected, rtol=1e-4, atol=1e-5)
-    benchmark.group = f"inference {workload.name} cpu"
+@pytest.mark.parametrize("key", TRAIN, ids=lambda key: "-".join(key))
+def test_train_step(benchmark, request, workload, key):
+    (name, device), workload = key, WORKLOADS[workload]
+    _skip_unless_runnable(request, name, device, workload)
+    step = REGISTRY[key].step(workload, device)
+    step.run()  # compile outside the timing
+    check_step(name, workload, device, step, done=1)
+    benchmark.group = f"train {workload.name} {device}"
+    benchmark(step.run)
+    _record(benchmark, name, workload)
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("key", INFERENCE, ids=lambda key: "-".join(key))
+def test_inference(benchmark, request, workload, key):
+    (name, device), workload = key, WORKLOADS[workload]
+    _skip_unless_runnable(request, name, device, workload)
+    forward = REGISTRY[key].inference(workload, device)
+    expected = REGISTRY["torch-eager", device].inference(workload, device)()
+    torch.testing.assert_close(forward().float(), expected.float(), rtol=1e-4, atol=1e-5)
+    benchmark.group = f"inference {workload.name} {device}"
     benchmark(forward)
-    _record(benchmark, "cpu", name, workload, training=False)
+    _record(benchmark, name, workload, training=False)

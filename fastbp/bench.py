@@ -1,10 +1,10 @@
-"""``fastbp bench``: the registry's training steps, timed side by side on this machine.
+"""``fastbp bench``: the registry's training steps and forward passes, timed side by side.
 
 Every implementation is first checked against torch-eager (a benchmark of a
 wrong computation is worse than none), then timed in interleaved rounds: each
 round times every implementation once, so a machine that slows down for a
 while slows all of them alike. The figure reported is the median over rounds
-of the time per step, and the ratios are taken within one run.
+of the time per call, and the ratios are taken within one run.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from . import __version__, threads
-from .backends import STEP_IMPLEMENTATIONS, WORKLOADS, Workload, available_steps, check_step
+from .registry import REGISTRY, WORKLOADS, Workload, available, check_step, entries
 
 QUICK_WORKLOADS = ("docs-64x1000x100x10", "mnist-784x256x128x10-b128")
-QUICK_SKIPS = ("torch-compile",)  # its compile alone takes longer than the quick budget
+QUICK_SKIPS = ("torch-compile", "fastbp-compile")  # compiling alone outlasts the quick budget
+TASKS = ("train", "inference")
 
 
 # Log lines torch prints while compiling the torch.compile rows, each understood and
@@ -88,13 +89,8 @@ def watch_compiles():
             logger.removeFilter(watch)
 
 
-def baseline(name: str, device: str) -> str:
-    """The registry name of baseline ``name`` ("torch-eager", "gemm-floor") on ``device``."""
-    return name + "-cuda" if device == "cuda" else name
-
-
 def figures(workload: Workload, seconds: float, eager=None, floor=None, training=True) -> dict:
-    """What one median time per step means: throughput and the two ratios of one run
+    """What one median time per call means: throughput and the two ratios of one run
     (speedup over torch eager, time over the GEMM floor), None without the baseline."""
     return {
         "median_us": seconds * 1e6,
@@ -150,6 +146,27 @@ def time_interleaved(
     return times
 
 
+def _prepare(name: str, workload: Workload, device: str, task: str):
+    """``(the call to time, its first call in seconds, what was checked)`` for one entry."""
+    entry = REGISTRY[name, device]
+    start = time.perf_counter()
+    if task == "train":
+        step = entry.step(workload, device)
+        step.run()
+        _synchronize(device)
+        first_call = time.perf_counter() - start
+        return step.run, first_call, check_step(name, workload, device, step, done=1)
+    forward = entry.inference(workload, device)
+    output = forward()
+    _synchronize(device)
+    first_call = time.perf_counter() - start
+    if name == "torch-eager":
+        return forward, first_call, "the baseline itself"
+    expected = REGISTRY["torch-eager", device].inference(workload, device)()
+    torch.testing.assert_close(output.float(), expected.float(), rtol=1e-4, atol=1e-5)
+    return forward, first_call, "output equals torch-eager's (rtol 1e-4)"
+
+
 def bench_workload(
     workload: Workload,
     device: str,
@@ -157,42 +174,38 @@ def bench_workload(
     rounds: int,
     round_seconds: float,
     progress: Callable[[str], None],
+    task: str = "train",
 ) -> list[dict]:
     """Check, warm up and time ``names`` on one workload; one result row each."""
     # Fresh compile caches per workload: torch.optim's step() is one function for every
     # optimizer, and each new optimizer adds a cache entry until dynamo stops compiling.
     torch._dynamo.reset()
-    prepared, first_calls = {}, {}
+    prepared, first_calls, checks = {}, {}, {}
     with watch_compiles() as watch:
         for name in names:
             watch.current = name
-            progress(f"{device} {workload.name}: checking and warming up {name}")
-            check_step(name, workload, device)
-            start = time.perf_counter()
-            step = STEP_IMPLEMENTATIONS[name].make(workload, device)
-            step.run()
-            _synchronize(device)
-            first_call = time.perf_counter() - start
-            prepared[name] = (step.run, _steps_per_round(step.run, device, round_seconds))
-            first_calls[name] = first_call
+            progress(f"{device} {workload.name} {task}: checking and warming up {name}")
+            call, first_calls[name], checks[name] = _prepare(name, workload, device, task)
+            prepared[name] = (call, _steps_per_round(call, device, round_seconds))
         watch.current = None
         times = time_interleaved(
             prepared,
             rounds,
             device,
-            lambda round_: progress(f"{device} {workload.name}: round {round_ + 1}/{rounds}"),
+            lambda i: progress(f"{device} {workload.name} {task}: round {i + 1}/{rounds}"),
         )
     fell_back = watch.fell_back_names(names)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    eager = medians.get(baseline("torch-eager", device))
-    floor = medians.get(baseline("gemm-floor", device))
+    eager, floor = medians.get("torch-eager"), medians.get("gemm-floor")
     return [
         {
             "workload": workload.name,
             "device": device,
+            "task": task,
             "implementation": name,
-            **figures(workload, median, eager, floor),
+            **figures(workload, median, eager, floor, task == "train"),
             "first_call_s": first_calls[name],
+            "checked": checks[name],
             "fell_back_to_eager": name in fell_back,
             "rounds_us": [t * 1e6 for t in times[name]],
         }
@@ -227,11 +240,11 @@ def _cpu_name() -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown: median time per step, samples/s and the two ratios, per workload."""
+    """Markdown: median time per call, samples/s and the two ratios, per workload and task."""
     lines = [
-        "| workload | device | implementation | µs/step | samples/s "
+        "| workload | device | task | implementation | µs/call | samples/s "
         "| vs torch-eager | vs GEMM floor |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for row in rows:
@@ -239,7 +252,7 @@ def format_table(rows: list[dict]) -> str:
         if row.get("fell_back_to_eager"):
             name += " (ran eagerly: dynamo's recompile limit)"
         lines.append(
-            f"| {row['workload']} | {row['device']} | {name} "
+            f"| {row['workload']} | {row['device']} | {row.get('task', 'train')} | {name} "
             f"| {row['median_us']:.1f} | {row['samples_per_s']:,.0f} "
             f"| {fmt(row['speedup_vs_torch_eager'], '.2f')}× faster "
             f"| {fmt(row['ratio_to_gemm_floor'], '.2f')}× |"
@@ -248,24 +261,34 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Time per step by implementation, one panel per workload, CPU and GPU side by side."""
+    """Time per call by implementation, one panel per workload, task and device."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    panels = sorted({(row["workload"], row["device"]) for row in rows})
-    figure, axes = pyplot.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-    for axis, (workload, device) in zip(axes[0], panels, strict=True):
-        chosen = [r for r in rows if r["workload"] == workload and r["device"] == device]
+    panels = sorted({(row["workload"], row.get("task", "train"), row["device"]) for row in rows})
+    columns = min(4, len(panels))
+    lines = (len(panels) + columns - 1) // columns
+    figure, axes = pyplot.subplots(
+        lines, columns, figsize=(4.5 * columns, 3.2 * lines), squeeze=False
+    )
+    for axis in axes.flat[len(panels) :]:
+        axis.set_visible(False)
+    for axis, (workload, task, device) in zip(axes.flat, panels, strict=False):
+        chosen = [
+            r
+            for r in rows
+            if (r["workload"], r.get("task", "train"), r["device"]) == (workload, task, device)
+        ]
         names = [r["implementation"] for r in chosen]
         colors = ["tab:orange" if n.startswith("fastbp") else "tab:gray" for n in names]
         axis.barh(names, [r["median_us"] for r in chosen], color=colors)
         axis.invert_yaxis()
-        axis.set_xlabel("µs per training step (median)")
-        axis.set_title(f"{workload}\n{device}", fontsize=9)
+        axis.set_xlabel("µs per call (median)")
+        axis.set_title(f"{workload}\n{task}, {device}", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     pyplot.close(figure)
 
 
@@ -276,24 +299,28 @@ def run(
     rounds: int,
     round_seconds: float,
     output_dir: Path,
+    tasks: tuple[str, ...] = TASKS,
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> list[dict]:
     """The whole comparison: rows, printed table, ``bench.json`` and ``bench.png``."""
     threads.ensure_policy()
     rows = []
     for device in devices:
-        names = [
-            name
-            for name in available_steps(device)
-            if implementations is None or name.removesuffix("-cuda") in implementations
-        ]
-        if not names:
-            progress(f"{device}: no implementation available on this machine, skipped")
+        if not available(device):
+            progress(f"{device}: not on this machine, skipped")
             continue
         for workload in (w for w in workloads if device in WORKLOADS[w].devices):
-            rows += bench_workload(
-                WORKLOADS[workload], device, names, rounds, round_seconds, progress
-            )
+            for task in tasks:
+                does = "step" if task == "train" else "inference"
+                names = [
+                    entry.name
+                    for entry in entries(device, does)
+                    if implementations is None or entry.name in implementations
+                ]
+                if names:
+                    rows += bench_workload(
+                        WORKLOADS[workload], device, names, rounds, round_seconds, progress, task
+                    )
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "bench.json").write_text(
         json.dumps({"machine": _machine(), "results": rows}, indent=2)

@@ -38,26 +38,28 @@ def info(_: argparse.Namespace) -> int:
 
 
 def bench(arguments: argparse.Namespace) -> int:
-    """Time every training step of the registry on this machine, CPU and GPU side by side."""
+    """Time every training step and forward pass of the registry, CPU and GPU side by side."""
     from pathlib import Path
 
-    from fastbp import backends
     from fastbp import bench as benchmarks
+    from fastbp import registry
 
     quick = arguments.quick
     workloads = arguments.workloads or list(
-        benchmarks.QUICK_WORKLOADS if quick else backends.WORKLOADS
+        benchmarks.QUICK_WORKLOADS if quick else registry.WORKLOADS
     )
-    unknown = [w for w in workloads if w not in backends.WORKLOADS]
-    known_names = {n.removesuffix("-cuda") for n in backends.STEP_IMPLEMENTATIONS}
+    known_names = sorted({name for name, _ in registry.REGISTRY})
     implementations = arguments.implementations
     if implementations is None and quick:
-        implementations = sorted(known_names - set(benchmarks.QUICK_SKIPS))
+        implementations = [n for n in known_names if n not in benchmarks.QUICK_SKIPS]
+    unknown = [w for w in workloads if w not in registry.WORKLOADS]
     unknown += [n for n in implementations or [] if n not in known_names]
+    unknown += [t for t in arguments.tasks or [] if t not in benchmarks.TASKS]
     if unknown:
         raise _UsageError(
-            f"unknown workload or implementation {unknown[0]!r}; workloads: "
-            f"{', '.join(backends.WORKLOADS)}; implementations: {', '.join(sorted(known_names))}"
+            f"unknown workload, implementation or task {unknown[0]!r}; workloads: "
+            f"{', '.join(registry.WORKLOADS)}; implementations: {', '.join(known_names)}; "
+            f"tasks: {', '.join(benchmarks.TASKS)}"
         )
     devices = ["cpu", "cuda"] if arguments.device == "all" else [arguments.device]
     rows = benchmarks.run(
@@ -67,6 +69,7 @@ def bench(arguments: argparse.Namespace) -> int:
         rounds=arguments.rounds or (5 if quick else 15),
         round_seconds=0.02 if quick else 0.1,
         output_dir=Path(arguments.output_dir),
+        tasks=tuple(arguments.tasks or benchmarks.TASKS),
     )
     print(benchmarks.format_table(rows))
     print(f"\nwrote {Path(arguments.output_dir) / 'bench.json'} and bench.png")
@@ -228,13 +231,16 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("info", help=info.__doc__.splitlines()[0]).set_defaults(run=info)
     bench_parser = commands.add_parser("bench", help=bench.__doc__)
     bench_parser.add_argument(
-        "--quick", action="store_true", help="two workloads, no torch.compile, few rounds (<60 s)"
+        "--quick", action="store_true", help="two workloads, no torch.compile, few rounds"
     )
     bench_parser.add_argument(
         "--workloads", type=_comma_list, help="comma-separated workload names (default: all)"
     )
     bench_parser.add_argument(
         "--implementations", type=_comma_list, help="comma-separated names (default: all)"
+    )
+    bench_parser.add_argument(
+        "--tasks", type=_comma_list, help="train, inference or both (default: both)"
     )
     bench_parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     bench_parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15, quick 5)")

@@ -410,30 +410,42 @@ class _KernelMLP(torch.autograd.Function):
 # breaking the graph on numpy or Triton launches), at a few µs more dispatch per
 # call than the autograd.Function above. The device picks the kernels: numba on
 # CPU (also for backend="triton" in the interpreter), Triton on CUDA.
-_OP_DEVICES = ("cpu", "cuda")
+# The ops' recent plans: a compiled model calls them with its own parameters every
+# time, and building a plan costs as much as a small network's forward. Bounded, since
+# a plan keeps its parameters alive.
+_OP_PLANS: dict[tuple, Plan] = {}
+OP_PLANS_KEPT = 8
 
 
-def _op_plan(x, weights, biases, activations: str) -> Plan:
-    """A plan for tensors the op machinery has already checked against the fakes."""
-    backend = "numba" if x.device.type == "cpu" else "triton"
-    return Plan(weights, biases, activations.split(","), backend)
+def _op_plan(x, weights, has_bias, activations: str, biases=None) -> Plan:
+    """A plan for tensors the op machinery has already checked against the fakes.
 
-
-@torch.library.custom_op("fastbp::mlp_forward", mutates_args=(), device_types=_OP_DEVICES)
-def mlp_forward_op(
-    x: torch.Tensor,
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
-    has_bias: list[bool],
-    activations: str,
-) -> list[torch.Tensor]:
-    """Every layer's output ``[a₁, …, a_L]``; gradients flow from ``a_L`` only.
-
-    ``biases`` holds the biases of the layers whose ``has_bias`` is true (torch's
-    op autograd drops gradients of a tensor list holding None), and
-    ``activations`` is comma-separated, "relu,identity" (a schema has no list of str).
+    ``biases`` are the layers' own (None where ``has_bias`` is false); backward passes
+    none, as it reads no bias, and takes the forward's plan when it still holds.
     """
-    op_plan = _op_plan(x, weights, _with_nones(biases, has_bias), activations)
+    backend = "numba" if x.device.type == "cpu" else "triton"
+    key = (backend, activations, *map(id, weights), *has_bias)
+    plan = _OP_PLANS.get(key)
+    if plan is not None and plan.current(weights, plan.biases if biases is None else biases):
+        return plan
+    if biases is None:
+        pairs = zip(weights, has_bias, strict=True)
+        biases = [w.new_empty(w.shape[0]) if has else None for w, has in pairs]
+    plan = Plan(weights, biases, activations.split(","), backend)
+    if plan.reusable:
+        _OP_PLANS.pop(key, None)
+        while len(_OP_PLANS) >= OP_PLANS_KEPT:
+            _OP_PLANS.pop(next(iter(_OP_PLANS)))
+        _OP_PLANS[key] = plan
+    return plan
+
+
+def _mlp_forward_kernel(x, weights, biases, has_bias, activations):
+    """``fastbp::mlp_forward``: every layer's output ``[a₁, …, a_L]``; gradients flow
+    from ``a_L`` only. ``biases`` holds the biases of the layers whose ``has_bias`` is
+    true (op autograd drops gradients of a tensor list holding None), and ``activations``
+    is comma-separated, "relu,identity" (a schema has no list of str)."""
+    op_plan = _op_plan(x, weights, has_bias, activations, _with_nones(biases, has_bias))
     kernels = op_plan.kernels
     return kernels.outputs(kernels.forward(op_plan, x)[1])
 
@@ -443,26 +455,14 @@ def _with_nones(present: Sequence[torch.Tensor], has_bias: Sequence[bool]) -> li
     return [next(present) if has else None for has in has_bias]
 
 
-@mlp_forward_op.register_fake
-def _(x, weights, biases, has_bias, activations):
+def _mlp_forward_fake(x, weights, biases, has_bias, activations):
     return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
 
 
-@torch.library.custom_op("fastbp::mlp_backward", mutates_args=(), device_types=_OP_DEVICES)
-def mlp_backward_op(
-    grad_output: torch.Tensor,
-    x: torch.Tensor,
-    weights: list[torch.Tensor],
-    has_bias: list[bool],
-    activations: str,
-    outputs: list[torch.Tensor],
-    needs_input_grad: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """``(∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ of the layers with a bias])``;
+def _mlp_backward_kernel(grad_output, x, weights, has_bias, activations, outputs, needs_input_grad):
+    """``fastbp::mlp_backward``: ``(∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ of the layers with a bias])``;
     ``∂L/∂x`` is empty unless ``needs_input_grad``."""
-    # backward reads no bias, only which layers have one
-    biases = [w[:, 0] if has else None for w, has in zip(weights, has_bias, strict=True)]
-    op_plan = _op_plan(x, weights, biases, activations)
+    op_plan = _op_plan(x, weights, has_bias, activations)
     kernels = op_plan.kernels
     grad_x, grad_weights, grad_biases = kernels.backward(
         op_plan, kernels.saved(x, outputs), grad_output, needs_input_grad
@@ -472,8 +472,7 @@ def mlp_backward_op(
     return grad_x, grad_weights, [g for g in grad_biases if g is not None]
 
 
-@mlp_backward_op.register_fake
-def _(grad_output, x, weights, has_bias, activations, outputs, needs_input_grad):
+def _mlp_backward_fake(grad_output, x, weights, has_bias, activations, outputs, needs_input_grad):
     grad_x = torch.empty_like(x) if needs_input_grad else x.new_empty(0)
     grad_biases = [w.new_empty(w.shape[0]) for w, has in zip(weights, has_bias, strict=True) if has]
     return grad_x, [torch.empty_like(w) for w in weights], grad_biases
@@ -490,14 +489,33 @@ def _mlp_forward_op_backward(ctx, grad_outputs):
     _refuse_double_backward()
     x, *saved = ctx.saved_tensors
     weights, outputs = saved[: len(ctx.has_bias)], saved[len(ctx.has_bias) :]
-    grad_x, grad_weights, grad_biases = mlp_backward_op(
+    grad_x, grad_weights, grad_biases = torch.ops.fastbp.mlp_backward(
         grad_outputs[-1], x, weights, ctx.has_bias, ctx.activations, outputs,
         ctx.needs_input_grad[0],
     )  # fmt: skip
     return grad_x if ctx.needs_input_grad[0] else None, grad_weights, grad_biases, None, None
 
 
-mlp_forward_op.register_autograd(_mlp_forward_op_backward, setup_context=_setup_mlp_context)
+# Defined through torch.library.Library rather than @custom_op: the same schema, fake
+# and autograd, at a quarter of the per-call cost (8 µs against 30 for an empty op).
+_LIBRARY = torch.library.Library("fastbp", "DEF")
+_LIBRARY.define(
+    "mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, bool[] has_bias, str activations)"
+    " -> Tensor[]"
+)
+_LIBRARY.define(
+    "mlp_backward(Tensor grad_output, Tensor x, Tensor[] weights, bool[] has_bias,"
+    " str activations, Tensor[] outputs, bool needs_input_grad) -> (Tensor, Tensor[], Tensor[])"
+)
+for _key in ("CPU", "CUDA"):
+    _LIBRARY.impl("mlp_forward", _mlp_forward_kernel, _key)
+    _LIBRARY.impl("mlp_backward", _mlp_backward_kernel, _key)
+torch.library.register_fake("fastbp::mlp_forward", _mlp_forward_fake, lib=_LIBRARY)
+torch.library.register_fake("fastbp::mlp_backward", _mlp_backward_fake, lib=_LIBRARY)
+torch.library.register_autograd(
+    "fastbp::mlp_forward", _mlp_forward_op_backward, setup_context=_setup_mlp_context,
+    lib=_LIBRARY,
+)  # fmt: skip
 
 
 def custom_op_mlp(x, weights, biases, activations: Sequence[str]) -> torch.Tensor:
@@ -505,7 +523,9 @@ def custom_op_mlp(x, weights, biases, activations: Sequence[str]) -> torch.Tenso
     torch.export trace); ``biases`` may hold None."""
     has_bias = [b is not None for b in biases]
     present = [b for b in biases if b is not None]
-    return mlp_forward_op(x, list(weights), present, has_bias, ",".join(activations))[-1]
+    return torch.ops.fastbp.mlp_forward(x, list(weights), present, has_bias, ",".join(activations))[
+        -1
+    ]
 
 
 def _functorch_active() -> bool:

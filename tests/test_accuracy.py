@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastbp.backends import IMPLEMENTATIONS
 from fastbp.kernels import reference
 from fastbp.kernels.reference import ACTIVATIONS
+from fastbp.registry import REGISTRY, entries
 
 from .conftest import make_network, max_abs_error
 
@@ -34,10 +34,9 @@ BATCHES = [1, 3, 64, 127]
 # The numpy oracle is validated in test_reference.py; here fastbp's own CPU backends
 # are judged (test_triton.py judges the Triton kernels the same way).
 UNDER_TEST = [
-    name
-    for name, impl in IMPLEMENTATIONS.items()
-    if name.startswith("fastbp") and impl.device == "any"
+    entry.name for entry in entries("cpu", "gradients") if entry.name.startswith("fastbp")
 ]
+TORCH = REGISTRY["torch-eager", "cpu"].gradients  # runs wherever its tensors are
 
 
 def _tensors(result):
@@ -57,7 +56,7 @@ def _higher_precision(x, weights, biases, activations, grad_output):
     """The reference result, computed in a wider float than the inputs."""
     if x.dtype != torch.float64:
         up = lambda t: None if t is None else t.double()  # noqa: E731
-        run = IMPLEMENTATIONS["torch-eager"].run
+        run = TORCH
     else:
         up = lambda t: None if t is None else t.numpy().astype(np.longdouble)  # noqa: E731
         run = _longdouble_reference
@@ -81,10 +80,12 @@ def _longdouble_reference(x, weights, biases, activations, grad_output):
 
 
 def assert_as_accurate_as_torch(
-    name, sizes, batch, activation, bias, dtype, seed=0, *, device="cpu", run=None
+    name, sizes, batch, activation, bias, dtype, seed=0, *, device="cpu", entry="cpu", run=None
 ):
-    """Implementation ``name`` (or the runner ``run``, reported as ``name``) has at most
-    twice torch's error in ``dtype`` on ``device``, plus a few units in the last place.
+    """Registry entry ``(name, entry)`` (or the runner ``run``, reported as ``name``) has
+    at most twice torch's error in ``dtype`` on ``device``, plus a few units in the last
+    place. ``entry`` is the entry's device: Triton's ("cuda") also runs on CPU tensors
+    in its interpreter.
 
     The reference is computed on the CPU in a wider float from the same inputs.
     """
@@ -96,8 +97,8 @@ def assert_as_accurate_as_torch(
         on_device(x), [on_device(w) for w in weights], [on_device(b) for b in biases],
         activations, on_device(grad_output),
     )  # fmt: skip
-    torchs = _tensors(IMPLEMENTATIONS["torch-eager"].run(*inputs))
-    ours = _tensors((run or IMPLEMENTATIONS[name].run)(*inputs))
+    torchs = _tensors(TORCH(*inputs))
+    ours = _tensors((run or REGISTRY[name, entry].gradients)(*inputs))
     tiny = 4 * torch.finfo(dtype).eps
     for key, expected in exact.items():
         assert ours[key].dtype == dtype, key

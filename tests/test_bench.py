@@ -1,8 +1,12 @@
 """fastbp bench: what it prints, and that a torch.compile row never times eager code unsaid."""
 
+import dataclasses
+
+import pytest
 import torch
 
 from fastbp import bench
+from fastbp.registry import REGISTRY, WORKLOADS, check_step
 
 from .conftest import run_cli
 
@@ -15,7 +19,7 @@ def test_bench_prints_its_progress_and_table_and_nothing_else(tmp_path):
     assert result.returncode == 0, result.stderr
     foreign = [line for line in result.stderr.splitlines() if line and not line.startswith("cpu ")]
     assert not foreign, foreign
-    assert "| docs-64x1000x100x10 | cpu | torch-compile |" in result.stdout
+    assert "| docs-64x1000x100x10 | cpu | train | torch-compile |" in result.stdout
 
 
 def test_a_compiled_row_that_ran_eagerly_is_marked():
@@ -33,3 +37,12 @@ def test_a_compiled_row_that_ran_eagerly_is_marked():
            "samples_per_s": 1.0, "speedup_vs_torch_eager": 1.0, "ratio_to_gemm_floor": None,
            "fell_back_to_eager": True}  # fmt: skip
     assert "torch-compile (ran eagerly: dynamo's recompile limit)" in bench.format_table([row])
+
+
+def test_check_step_catches_an_update_off_by_15_percent():
+    workload = WORKLOADS["docs-64x1000x100x10"]
+    wrong = dataclasses.replace(workload, lr=workload.lr * 1.15)
+    step = REGISTRY["torch-eager", "cpu"].step(wrong, "cpu")
+    with pytest.raises(AssertionError, match="update is off"):
+        check_step("fastbp", workload, "cpu", step)
+    assert "within 1%" in check_step("fastbp", workload, "cpu")

@@ -27,17 +27,18 @@ def test_bench_writes_table_json_and_plot(tmp_path):
         "--output-dir", str(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "| docs-64x1000x100x10 | cpu | fastbp-fused |" in result.stdout
+    assert "| docs-64x1000x100x10 | cpu | train | fastbp-fused |" in result.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
-    rows = {row["implementation"]: row for row in report["results"]}
-    assert set(rows) == {"gemm-floor", "torch-eager", "fastbp-fused"}
-    assert rows["torch-eager"]["speedup_vs_torch_eager"] == 1.0
-    assert all(row["median_us"] > 0 for row in rows.values())
+    rows = {(row["task"], row["implementation"]): row for row in report["results"]}
+    trained = {"gemm-floor", "torch-eager", "fastbp-fused"}
+    assert set(rows) == {("train", n) for n in trained} | {("inference", "torch-eager")}
+    assert rows["train", "torch-eager"]["speedup_vs_torch_eager"] == 1.0
+    assert all(row["median_us"] > 0 and row["checked"] for row in rows.values())
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bench_names_an_unknown_workload():
     result = run_cli("bench", "--workloads", "imagenet")
     assert result.returncode == 2
-    assert "unknown workload or implementation 'imagenet'" in result.stderr
+    assert "unknown workload, implementation or task 'imagenet'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastbp.backends import IMPLEMENTATIONS
 from fastbp.kernels import reference
+from fastbp.registry import REGISTRY
 
 from .conftest import make_network, max_abs_error
 
@@ -19,8 +19,8 @@ SHAPES = [[1, 1], [3, 5], [7, 4, 2], [20, 13, 8, 3]]
 def test_reference_equals_torch_autograd_in_float64(sizes, activation, bias, batch):
     x, weights, biases, grad_output = make_network(sizes, batch, bias)
     activations = [activation] * (len(sizes) - 1)
-    ours = IMPLEMENTATIONS["numpy"].run(x, weights, biases, activations, grad_output)
-    torchs = IMPLEMENTATIONS["torch-eager"].run(x, weights, biases, activations, grad_output)
+    ours = REGISTRY["numpy", "cpu"].gradients(x, weights, biases, activations, grad_output)
+    torchs = REGISTRY["torch-eager", "cpu"].gradients(x, weights, biases, activations, grad_output)
     for mine, theirs in zip(_flatten(ours), _flatten(torchs), strict=True):
         assert max_abs_error(mine, theirs) <= 1e-12
 

@@ -82,7 +82,7 @@ SMALL = [(1, [3, 10]), (3, [33, 100, 10]), (17, [100, 1, 33]), (17, [10, 33, 17,
 
 
 def _kernel_runner(fused: bool):
-    """A backends.Runner over the kernels directly, forcing the fused or layered path."""
+    """A registry.Runner over the kernels directly, forcing the fused or layered path."""
 
     def run(x, weights, biases, activations, grad_output):
         outputs = gpu.mlp_forward(x, weights, biases, activations, fused=fused)
@@ -120,7 +120,7 @@ def test_partial_gradient_sums_cover_every_row_block(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_backend_triton_through_autograd(device):
     assert_as_accurate_as_torch(
-        "fastbp-triton", [33, 10, 3], 17, "sigmoid", True, torch.float32, device=device
+        "fastbp", [33, 10, 3], 17, "sigmoid", True, torch.float32, device=device, entry="cuda"
     )
 
 
@@ -273,7 +273,7 @@ REAL = [(64, [1000, 100, 10]), (4096, [784, 256, 128, 10]), (1, [784, 256, 128, 
 def test_real_sizes_on_cuda(batch, sizes, dtype, activation, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     assert_as_accurate_as_torch(
-        "fastbp-triton", sizes, batch, activation, True, dtype, device="cuda"
+        "fastbp", sizes, batch, activation, True, dtype, device="cuda", entry="cuda"
     )
 
 
@@ -296,9 +296,9 @@ def test_tf32_follows_torch_setting(monkeypatch):
 
 @needs_cuda
 def test_training_step_captured_in_a_cuda_graph():
-    from fastbp.backends import WORKLOADS, check_step
+    from fastbp.registry import WORKLOADS, check_step
 
-    check_step("fastbp-triton-cudagraph", WORKLOADS["docs-64x1000x100x10"], "cuda", steps=3)
+    check_step("fastbp-cudagraph", WORKLOADS["docs-64x1000x100x10"], "cuda", steps=3)
 
 
 @needs_cuda

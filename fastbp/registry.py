@@ -1,0 +1,487 @@
+"""The registry of implementations that the tests and the benchmarks iterate over.
+
+One table, ``REGISTRY``, keyed by ``(implementation, device)`` as numbagg keys its
+comparisons by (function, library). An ``Entry`` can do up to three things:
+
+- ``gradients(x, weights, biases, activations, grad_output)``: the forward pass of an
+  MLP and its gradients (``Gradients``), which the accuracy tests judge;
+- ``step(workload, device)``: a ready-to-time training step (``Step``), which the
+  benchmarks time after ``check_step`` has compared its updates with torch-eager's;
+- ``inference(workload, device)``: the forward pass alone, under ``torch.no_grad``.
+
+Adding a backend is adding entries; every accuracy test and benchmark then covers it.
+``WORKLOADS`` holds the training problems the steps run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import activations as _activations
+from . import functional as F
+from .kernels import reference
+from .nn import MLP
+from .train import FusedTrainer
+
+Tensors = list[torch.Tensor]
+# torch's own loss for each of fastbp's loss names
+TORCH_LOSSES = {
+    "mse": torch.nn.functional.mse_loss,
+    "cross_entropy": torch.nn.functional.cross_entropy,
+    "bce_with_logits": torch.nn.functional.binary_cross_entropy_with_logits,
+}
+# (output, ∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ or None])
+Gradients = tuple[torch.Tensor, torch.Tensor, Tensors, list[torch.Tensor | None]]
+Runner = Callable[
+    [torch.Tensor, Tensors, Sequence[torch.Tensor | None], Sequence[str], torch.Tensor], Gradients
+]
+
+
+# ---------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    """One training problem: network shape and activations, data, loss and optimizer."""
+
+    name: str
+    sizes: tuple[int, ...]
+    batch: int
+    bias: bool
+    loss: str
+    lr: float
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam", as torch.optim's
+    momentum: float = 0.0
+    reduction: str = "mean"
+    activation: str = "relu"  # after every hidden layer
+    output_activation: str = "identity"
+    devices: tuple[str, ...] = ("cpu", "cuda")  # GPU-sized batches are timed on CUDA only
+
+    def flops(self, training: bool = True) -> int:
+        """Multiply-adds ×2 of the step's GEMMs (the first layer's ∂x is skipped)."""
+        pairs = list(zip(self.sizes[:-1], self.sizes[1:], strict=True))
+        forward = sum(2 * self.batch * i * o for i, o in pairs)
+        if not training:
+            return forward
+        return forward + forward + sum(2 * self.batch * i * o for i, o in pairs[1:])
+
+    @property
+    def activations(self) -> list[str]:
+        """The activation names of ``model()``'s layers."""
+        return [self.activation] * (len(self.sizes) - 2) + [self.output_activation]
+
+    def model(self, device: str = "cpu", seed: int = 0) -> torch.nn.Sequential:
+        """The initial network, as ``nn.Sequential``; every implementation starts from it."""
+        torch.manual_seed(seed)
+        layers: list[torch.nn.Module] = []
+        pairs = zip(self.sizes[:-1], self.sizes[1:], self.activations, strict=True)
+        for i, o, name in pairs:
+            layers.append(torch.nn.Linear(i, o, bias=self.bias, device=device))
+            module = _activations.get(name).module
+            if module is not None:
+                layers.append(module())
+        return torch.nn.Sequential(*layers)
+
+    def data(self, device: str = "cpu", seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(self.batch, self.sizes[0], generator=generator)
+        if self.loss == "cross_entropy":
+            y = torch.randint(0, self.sizes[-1], (self.batch,), generator=generator)
+        else:
+            y = torch.randn(self.batch, self.sizes[-1], generator=generator)
+        return x.to(device), y.to(device)
+
+    def numpy_parameters(self) -> tuple[list, list]:
+        """``model()``'s weights and biases (None without bias) as numpy copies."""
+        layers = [m for m in self.model() if isinstance(m, torch.nn.Linear)]
+        weights = [layer.weight.detach().numpy().copy() for layer in layers]
+        biases = [None if m.bias is None else m.bias.detach().numpy().copy() for m in layers]
+        return weights, biases
+
+    def torch_loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return TORCH_LOSSES[self.loss](output, y, reduction=self.reduction)
+
+    def torch_optimizer(self, parameters) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(parameters, lr=self.lr)
+        return torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum)
+
+    def numpy_optimizer(self):
+        if self.optimizer == "adam":
+            return reference.Adam(self.lr)
+        return reference.SGD(self.lr, self.momentum)
+
+
+def _mnist(batch: int, **changes) -> Workload:
+    options = dict(
+        name=f"mnist-784x256x128x10-b{batch}", sizes=(784, 256, 128, 10), batch=batch,
+        bias=True, loss="cross_entropy", lr=0.01, momentum=0.9,
+        devices=("cpu", "cuda") if batch <= 1024 else ("cuda",),
+    )  # fmt: skip
+    return Workload(**(options | changes))
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("docs-64x1000x100x10", (1000, 100, 10), 64, False, "mse", 1e-6, reduction="sum"),
+        *(_mnist(b) for b in (64, 128, 1024, 4096, 65536)),
+        _mnist(128, name="mnist-sigmoid-b128", activation="sigmoid"),
+        _mnist(128, name="mnist-adam-b128", optimizer="adam", lr=1e-3, momentum=0.0),
+        # a policy/value network of the size RL libraries train on CPU
+        Workload(
+            "rl-8x64x64x2-tanh-b64",
+            (8, 64, 64, 2),
+            64,
+            True,
+            "mse",
+            1e-3,
+            "adam",
+            activation="tanh",
+        ),  # fmt: skip
+        # the seeds' network (E2): 2-2-2 sigmoid, one sample
+        Workload(
+            "seeds-2x2x2-sigmoid-b1",
+            (2, 2, 2),
+            1,
+            True,
+            "mse",
+            0.5,
+            reduction="sum",
+            activation="sigmoid",
+            output_activation="sigmoid",
+        ),  # fmt: skip
+    )
+}
+
+
+# ---------------------------------------------------------------------------
+# Gradients: the forward pass and every gradient, judged by the accuracy tests
+# ---------------------------------------------------------------------------
+def _with_autograd(forward: Callable[..., torch.Tensor]) -> Runner:
+    """A runner that calls ``forward`` on fresh leaves and backpropagates ``grad_output``."""
+
+    def run(x, weights, biases, activations, grad_output) -> Gradients:
+        leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
+        x, weights, biases = leaf(x), [leaf(w) for w in weights], [leaf(b) for b in biases]
+        output = forward(x, weights, biases, activations)
+        output.backward(grad_output)
+        return (
+            output.detach(),
+            x.grad,
+            [w.grad for w in weights],
+            [None if b is None else b.grad for b in biases],
+        )
+
+    return run
+
+
+def _numpy_reference(x, weights, biases, activations, grad_output) -> Gradients:
+    as_array = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
+    arrays = [as_array(w) for w in weights], [as_array(b) for b in biases]
+    outputs = reference.mlp_forward(as_array(x), *arrays, list(activations))
+    grad_x, grad_weights, grad_biases = reference.mlp_backward(
+        as_array(grad_output), as_array(x), *arrays, list(activations), outputs
+    )
+    as_tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+    return (
+        as_tensor(outputs[-1]),
+        as_tensor(grad_x),
+        [as_tensor(g) for g in grad_weights],
+        [as_tensor(g) for g in grad_biases],
+    )
+
+
+def _layer_by_layer(backend: str) -> Callable[..., torch.Tensor]:
+    def forward(x, weights, biases, activations):
+        for weight, bias, activation in zip(weights, biases, activations, strict=True):
+            x = F.linear_act(x, weight, bias, activation, backend=backend)
+        return x
+
+    return forward
+
+
+def _whole_network(backend: str) -> Callable[..., torch.Tensor]:
+    def forward(x, weights, biases, activations):
+        return F.mlp(x, weights, biases, activations, backend=backend)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------
+# Training steps: what the benchmarks time and check_step compares
+# ---------------------------------------------------------------------------
+@dataclass
+class Step:
+    """A ready-to-time training step: ``run()`` does one step, ``parameters()`` reads the
+    current weights (W₁, b₁, W₂, … as CPU tensors). ``trains`` is False for what only
+    stands beside a step (the GEMM floor): it has no update to check."""
+
+    run: Callable[[], object]
+    parameters: Callable[[], Tensors]
+    model: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    trains: bool = True
+
+
+def _parameters_of(model) -> Callable[[], Tensors]:
+    return lambda: [p.detach().cpu().clone() for p in model.parameters()]
+
+
+def _torch_loop(workload: Workload, device: str, model=None, dtype=torch.float32) -> Step:
+    """``nn.Sequential`` (or ``model``) in the plain loop: torch's loss and optimizer."""
+    model = workload.model(device).to(dtype) if model is None else model
+    x, y = workload.data(device)
+    x, y = x.to(dtype), (y if y.dtype == torch.int64 else y.to(dtype))
+    optimizer = workload.torch_optimizer(model.parameters())
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        loss = workload.torch_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return Step(run, _parameters_of(model), model, optimizer)
+
+
+def _fastbp_loop(workload: Workload, device: str) -> Step:
+    """``fastbp.nn.MLP`` in the same plain loop: the drop-in."""
+    return _torch_loop(workload, device, MLP.from_torch(workload.model(device)))
+
+
+def _compiled(make: Callable[[Workload, str], Step]) -> Callable[[Workload, str], Step]:
+    """``make``'s loop under ``torch.compile``."""
+
+    def make_compiled(workload: Workload, device: str) -> Step:
+        eager = make(workload, device)
+        return Step(torch.compile(eager.run), eager.parameters, eager.model, eager.optimizer)
+
+    return make_compiled
+
+
+def _cuda_graphed(make: Callable[[Workload, str], Step]) -> Callable[[Workload, str], Step]:
+    """``make``'s torch-loop step captured once in a CUDA graph, then replayed.
+
+    Warm-up steps on a side stream (as ``torch.cuda.graph`` requires) allocate the
+    gradients and optimizer state; the parameters are then put back and the state
+    zeroed (SGD's first step sets buf = d, as buf = μ·0 + d does), so the graphed
+    step starts where every other implementation does.
+    """
+
+    def make_graphed(workload: Workload, device: str) -> Step:
+        step = make(workload, device)
+        initial = [p.detach().clone() for p in step.model.parameters()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step.run()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for parameter, value in zip(step.model.parameters(), initial, strict=True):
+                parameter.copy_(value)
+            for state in step.optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        value.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step.run()
+        return Step(graph.replay, step.parameters, step.model, step.optimizer)
+
+    return make_graphed
+
+
+def _fused(backend: str) -> Callable[[Workload, str], Step]:
+    def make(workload: Workload, device: str) -> Step:
+        model = MLP.from_torch(workload.model(device))
+        trainer = FusedTrainer(
+            model, workload.loss, workload.reduction, workload.optimizer, workload.lr,
+            workload.momentum, backend=backend,
+        )  # fmt: skip
+        x, y = workload.data(device)
+        return Step(lambda: trainer.step(x, y), _parameters_of(model))
+
+    return make
+
+
+def _numpy_manual(workload: Workload, device: str) -> Step:
+    weights, biases = workload.numpy_parameters()
+    x, y = (t.numpy() for t in workload.data())
+    activations = workload.activations
+    optimizer = workload.numpy_optimizer()
+
+    def run():
+        return reference.train_step(
+            x, y, weights, biases, activations, workload.loss, workload.reduction, optimizer
+        )
+
+    def parameters():  # in nn.Sequential's order: W₁, b₁, W₂, …
+        pairs = zip(weights, biases, strict=True)
+        return [torch.from_numpy(p.copy()) for pair in pairs for p in pair if p is not None]
+
+    return Step(run, parameters)
+
+
+def _gemm_floor(workload: Workload, device: str) -> Step:
+    """The step's GEMMs alone, on preallocated tensors: what no implementation can beat."""
+    x, _ = workload.data(device)
+    weights = [p.detach() for p in workload.model(device).parameters() if p.dim() == 2]
+    outputs = [torch.empty(workload.batch, w.shape[0], device=device) for w in weights]
+    grads = [torch.empty_like(w) for w in weights]
+
+    def run():
+        source = x
+        for weight, output in zip(weights, outputs, strict=True):
+            torch.mm(source, weight.T, out=output)
+            source = output
+        for layer in reversed(range(len(weights))):
+            inputs = x if layer == 0 else outputs[layer - 1]
+            torch.mm(outputs[layer].T, inputs, out=grads[layer])
+            if layer > 0:
+                torch.mm(outputs[layer], weights[layer], out=outputs[layer - 1])
+        return None
+
+    return Step(run, lambda: [w.cpu() for w in weights], trains=False)
+
+
+def check_step(
+    name: str, workload: Workload, device: str = "cpu", step: Step | None = None,
+    steps: int = 2, done: int = 0,
+) -> str:  # fmt: skip
+    """Check the next ``steps`` updates of ``step`` (default: a fresh one of entry
+    ``name``), which has run ``done`` steps already, and say what was checked.
+
+    The updates themselves, ``p_after − p_before``, are judged against torch-eager's
+    in float64 from the same point: the norm of the error at most 1% of the update's,
+    plus twice torch-eager's own float32 error. A wrong rule (lr, momentum, decay, a
+    missing term) is off by far more; float32 noise is not, even where a step's
+    gradient cancels (a random-label batch of 1024 loses 3 digits of its first-layer
+    gradient to it, in torch as in numpy). Comparing the parameters instead would pass
+    an update off by 15%, since with lr 1e-6 they hardly move.
+    """
+    step = REGISTRY[name, device].step(workload, device) if step is None else step
+    if not step.trains:
+        return "not a training step: nothing to compare"
+    if name == "torch-eager":
+        return "the baseline itself"
+    runs = [step, _torch_loop(workload, device), _torch_loop(workload, device, dtype=torch.float64)]
+    for run in runs[1:]:
+        for _ in range(done):
+            run.run()
+    starts = [run.parameters() for run in runs]
+    for _ in range(steps):
+        for run in runs:
+            run.run()
+    updates = [
+        [
+            (after.double() - before.double())
+            for before, after in zip(start, run.parameters(), strict=True)
+        ]
+        for start, run in zip(starts, runs, strict=True)
+    ]
+    for index, (ours, torchs, exact) in enumerate(zip(*updates, strict=True)):
+        error, torch_error = (ours - exact).norm().item(), (torchs - exact).norm().item()
+        bound = 1e-2 * exact.norm().item() + 2 * torch_error
+        assert error <= bound, (
+            f"{name} on {workload.name}: parameter {index}'s update is off by {error:.3g}, "
+            f"torch-eager's float32 one by {torch_error:.3g} (update's norm {exact.norm():.3g})"
+        )
+    return f"{steps} updates within 1% of torch-eager's float64 ones"
+
+
+# ---------------------------------------------------------------------------
+# Inference: the forward pass alone
+# ---------------------------------------------------------------------------
+def _inference_of(model_of: Callable[[torch.nn.Sequential], torch.nn.Module]):
+    def make(workload: Workload, device: str) -> Callable[[], torch.Tensor]:
+        model, (x, _) = model_of(workload.model(device)), workload.data(device)
+        return torch.no_grad()(lambda: model(x))
+
+    return make
+
+
+def _compiled_fastbp(sequential: torch.nn.Sequential) -> torch.nn.Module:
+    return torch.compile(MLP.from_torch(sequential))
+
+
+def _inference_numpy(workload: Workload, device: str) -> Callable[[], torch.Tensor]:
+    weights, biases = workload.numpy_parameters()
+    x, activations = workload.data()[0].numpy(), workload.activations
+    return lambda: torch.from_numpy(reference.mlp_forward(x, weights, biases, activations)[-1])
+
+
+# ---------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One implementation on one device, and what it can do (see the module docstring)."""
+
+    name: str
+    device: str  # "cpu" or "cuda" (Triton's entries also run on CPU tensors in its interpreter)
+    description: str
+    gradients: Runner | None = None
+    step: Callable[[Workload, str], Step] | None = None
+    inference: Callable[[Workload, str], Callable[[], torch.Tensor]] | None = None
+
+
+def _entries() -> list[Entry]:
+    torch_eager = _with_autograd(_layer_by_layer("torch"))
+    return [
+        Entry("gemm-floor", "cpu", "the step's GEMMs alone (torch.mm into preallocated tensors)",
+              step=_gemm_floor),
+        Entry("torch-eager", "cpu", "nn.Sequential, torch's loss and torch.optim in a plain loop",
+              torch_eager, _torch_loop, _inference_of(lambda m: m)),
+        Entry("torch-compile", "cpu", "torch-eager's step under torch.compile",
+              step=_compiled(_torch_loop), inference=_inference_of(torch.compile)),
+        Entry("torch-manual", "cpu", "the hand-derived step in torch ops + torch.optim",
+              step=_fused("torch")),
+        Entry("numpy", "cpu", "kernels.reference: the hand derivation in plain numpy",
+              _numpy_reference, _numpy_manual, _inference_numpy),
+        Entry("fastbp", "cpu", "fastbp.nn.MLP (numba) in torch-eager's loop: the drop-in",
+              _with_autograd(_whole_network("numba")), _fastbp_loop,
+              _inference_of(MLP.from_torch)),
+        Entry("fastbp-layers", "cpu", "fastbp.functional.linear_act per layer (numba)",
+              _with_autograd(_layer_by_layer("numba"))),
+        Entry("fastbp-compile", "cpu", "fastbp's loop under torch.compile (custom ops)",
+              step=_compiled(_fastbp_loop), inference=_inference_of(_compiled_fastbp)),
+        Entry("fastbp-fused", "cpu", "FusedTrainer: forward, loss, backward, update in one call",
+              step=_fused("numba")),
+        Entry("gemm-floor", "cuda", "the step's GEMMs alone", step=_gemm_floor),
+        Entry("torch-eager", "cuda", "torch-eager on CUDA", torch_eager, _torch_loop,
+              _inference_of(lambda m: m)),
+        Entry("torch-compile", "cuda", "torch-compile on CUDA", step=_compiled(_torch_loop),
+              inference=_inference_of(torch.compile)),
+        Entry("torch-cudagraph", "cuda", "torch-eager's step captured in a CUDA graph",
+              step=_cuda_graphed(_torch_loop)),
+        Entry("fastbp", "cuda", "fastbp.nn.MLP (Triton) in torch-eager's loop",
+              _with_autograd(_whole_network("triton")), _fastbp_loop,
+              _inference_of(MLP.from_torch)),
+        Entry("fastbp-cudagraph", "cuda", "fastbp's step captured in a CUDA graph",
+              step=_cuda_graphed(_fastbp_loop)),
+        Entry("fastbp-fused", "cuda", "FusedTrainer on CUDA: Triton forward/backward",
+              step=_fused("auto")),
+    ]  # fmt: skip
+
+
+REGISTRY: dict[tuple[str, str], Entry] = {(e.name, e.device): e for e in _entries()}
+
+
+def entries(device: str | None = None, does: str | None = None) -> list[Entry]:
+    """The entries for ``device`` (default: every device) that have ``does``
+    ("gradients", "step" or "inference"; default: anything)."""
+    return [
+        entry
+        for (_, on), entry in REGISTRY.items()
+        if (device is None or on == device) and (does is None or getattr(entry, does) is not None)
+    ]
+
+
+def available(device: str) -> bool:
+    """Whether this machine runs ``device``'s entries."""
+    return device == "cpu" or (device == "cuda" and torch.cuda.is_available())
