@@ -28,7 +28,16 @@ from .registry import REGISTRY, WORKLOADS, Workload, available, check_step, entr
 
 QUICK_WORKLOADS = ("docs-64x1000x100x10", "mnist-784x256x128x10-b128")
 QUICK_SKIPS = ("torch-compile", "fastbp-compile")  # compiling alone outlasts the quick budget
-TASKS = ("train", "inference")
+TASKS = ("train", "inference", "passes")
+# The element-wise passes: each activation and its derivative on a (1024, 256) array,
+# fastbp's numba kernels beside torch's own CPU ops.
+PASS_SHAPE = (1024, 256)
+PASS_ACTIVATIONS = ("relu", "sigmoid", "tanh")
+_TORCH_PASSES = {
+    "relu": (torch.relu, lambda g, a: torch.ops.aten.threshold_backward(g, a, 0)),
+    "sigmoid": (torch.sigmoid, torch.ops.aten.sigmoid_backward),
+    "tanh": (torch.tanh, torch.ops.aten.tanh_backward),
+}
 
 
 # Log lines torch prints while compiling the torch.compile rows, each understood and
@@ -107,7 +116,10 @@ def _synchronize(device: str) -> None:
 
 
 def _steps_per_round(run: Callable[[], object], device: str, seconds: float) -> int:
-    """How many steps fill about ``seconds``, from a short calibration."""
+    """How many steps fill about ``seconds``, from a short calibration after one call
+    (which may compile or load kernels: timed, it would make a round of one step)."""
+    run()
+    _synchronize(device)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds / 4 or count < 2:
         run()
@@ -292,6 +304,52 @@ def plot(rows: list[dict], path: Path) -> None:
     pyplot.close(figure)
 
 
+def _pass_calls(name: str, dtype: torch.dtype, generator) -> dict:
+    """``(direction, implementation): call`` for one activation's passes on PASS_SHAPE."""
+    from .kernels import cpu
+
+    z = torch.randn(PASS_SHAPE, generator=generator, dtype=dtype) * 3
+    g = torch.randn(PASS_SHAPE, generator=generator, dtype=dtype)
+    forward, backward = _TORCH_PASSES[name]
+    a = forward(z)
+    arrays = z.numpy(), g.numpy(), a.numpy()
+    return {
+        ("forward", "torch"): lambda: forward(z),
+        ("forward", "fastbp"): lambda: cpu.activate(arrays[0], name),
+        ("backward", "torch"): lambda: backward(g, a),
+        ("backward", "fastbp"): lambda: cpu.activation_grad(arrays[1], arrays[2], name),
+    }
+
+
+def bench_passes(rounds: int, round_seconds: float, progress) -> list[dict]:
+    """Every activation's forward and backward pass, fastbp's and torch's, in one run."""
+    rows, generator = [], torch.Generator().manual_seed(0)
+    elements = PASS_SHAPE[0] * PASS_SHAPE[1]
+    for dtype in (torch.float32, torch.float64):
+        calls = {
+            (name, *key): call
+            for name in PASS_ACTIVATIONS
+            for key, call in _pass_calls(name, dtype, generator).items()
+        }
+        prepared = {
+            key: (run, _steps_per_round(run, "cpu", round_seconds)) for key, run in calls.items()
+        }
+        progress(f"cpu element passes, {dtype}: {rounds} rounds")
+        times = time_interleaved(prepared, rounds)
+        shape = "x".join(map(str, PASS_SHAPE))
+        for (name, direction, implementation), values in times.items():
+            median = statistics.median(values)
+            torchs = statistics.median(times[name, direction, "torch"])
+            rows.append({
+                "workload": f"{name} {str(dtype).removeprefix('torch.')} {shape}",
+                "device": "cpu", "task": f"{direction} pass", "implementation": implementation,
+                "median_us": median * 1e6, "samples_per_s": elements / median,
+                "speedup_vs_torch_eager": torchs / median, "ratio_to_gemm_floor": None,
+                "rounds_us": [t * 1e6 for t in values],
+            })  # fmt: skip
+    return rows
+
+
 def run(
     workloads: list[str],
     devices: list[str],
@@ -310,7 +368,7 @@ def run(
             progress(f"{device}: not on this machine, skipped")
             continue
         for workload in (w for w in workloads if device in WORKLOADS[w].devices):
-            for task in tasks:
+            for task in (t for t in tasks if t != "passes"):
                 does = "step" if task == "train" else "inference"
                 names = [
                     entry.name
@@ -321,6 +379,8 @@ def run(
                     rows += bench_workload(
                         WORKLOADS[workload], device, names, rounds, round_seconds, progress, task
                     )
+    if "passes" in tasks and "cpu" in devices:  # the numba kernels' element passes
+        rows += bench_passes(rounds, round_seconds, progress)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "bench.json").write_text(
         json.dumps({"machine": _machine(), "results": rows}, indent=2)
