@@ -29,6 +29,7 @@ from .registry import REGISTRY, WORKLOADS, Workload, available, check_step, entr
 QUICK_WORKLOADS = ("docs-64x1000x100x10", "mnist-784x256x128x10-b128")
 QUICK_SKIPS = ("torch-compile", "fastbp-compile")  # compiling alone outlasts the quick budget
 TASKS = ("train", "inference", "passes")
+QUICK_TASKS = ("train", "inference")
 # The element-wise passes: each activation and its derivative on a (1024, 256) array,
 # fastbp's numba kernels beside torch's own CPU ops.
 PASS_SHAPE = (1024, 256)
@@ -314,9 +315,9 @@ def _pass_calls(name: str, dtype: torch.dtype, generator) -> dict:
     a = forward(z)
     arrays = z.numpy(), g.numpy(), a.numpy()
     return {
-        ("forward", "torch"): lambda: forward(z),
+        ("forward", "torch-eager"): lambda: forward(z),
         ("forward", "fastbp"): lambda: cpu.activate(arrays[0], name),
-        ("backward", "torch"): lambda: backward(g, a),
+        ("backward", "torch-eager"): lambda: backward(g, a),
         ("backward", "fastbp"): lambda: cpu.activation_grad(arrays[1], arrays[2], name),
     }
 
@@ -339,7 +340,7 @@ def bench_passes(rounds: int, round_seconds: float, progress) -> list[dict]:
         shape = "x".join(map(str, PASS_SHAPE))
         for (name, direction, implementation), values in times.items():
             median = statistics.median(values)
-            torchs = statistics.median(times[name, direction, "torch"])
+            torchs = statistics.median(times[name, direction, "torch-eager"])
             rows.append({
                 "workload": f"{name} {str(dtype).removeprefix('torch.')} {shape}",
                 "device": "cpu", "task": f"{direction} pass", "implementation": implementation,
@@ -379,7 +380,8 @@ def run(
                     rows += bench_workload(
                         WORKLOADS[workload], device, names, rounds, round_seconds, progress, task
                     )
-    if "passes" in tasks and "cpu" in devices:  # the numba kernels' element passes
+    passes = implementations is None or {"torch-eager", "fastbp"} <= set(implementations)
+    if "passes" in tasks and "cpu" in devices and passes:  # the numba kernels' element passes
         rows += bench_passes(rounds, round_seconds, progress)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "bench.json").write_text(

@@ -69,7 +69,7 @@ def bench(arguments: argparse.Namespace) -> int:
         rounds=arguments.rounds or (5 if quick else 15),
         round_seconds=0.02 if quick else 0.1,
         output_dir=Path(arguments.output_dir),
-        tasks=tuple(arguments.tasks or benchmarks.TASKS),
+        tasks=tuple(arguments.tasks or (benchmarks.QUICK_TASKS if quick else benchmarks.TASKS)),
     )
     print(benchmarks.format_table(rows))
     print(f"\nwrote {Path(arguments.output_dir) / 'bench.json'} and bench.png")
