@@ -215,16 +215,24 @@ class MLP(_Planned, nn.Sequential):
         return _layout(self._modules.values())[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.fused()
+        if fused is None:  # runs its children, hooks and all, as nn.Sequential does
+            return nn.Sequential.forward(self, x)
+        return self._run(x, *fused)
+
+    def fused(self) -> tuple[tuple, tuple, tuple[str, ...]] | None:
+        """``(weights, biases, activation names)`` of the network as fastbp runs it, in
+        one node; None while it runs its children one by one instead: a child fastbp
+        does not fuse, or a hook on one (``nn.Module``'s own or a global one)."""
         children = tuple(self._modules.values())
         if _hooked(children):
-            return nn.Sequential.forward(self, x)  # every hook fires, as in nn.Sequential
+            return None
         layout = self._fused_layout(children)
         if layout is None:
-            return nn.Sequential.forward(self, x)  # children fastbp does not fuse
+            return None
         linears, names = layout
         weights = tuple(linear._parameters["weight"] for linear in linears)
-        biases = tuple(linear._parameters["bias"] for linear in linears)
-        return self._run(x, weights, biases, names)
+        return weights, tuple(linear._parameters["bias"] for linear in linears), names
 
     def _fused_layout(self, children):
         """``_layout(children)``, or None where they do not fuse; kept until a child is

@@ -104,10 +104,11 @@ class Workload:
     def torch_loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return TORCH_LOSSES[self.loss](output, y, reduction=self.reduction)
 
-    def torch_optimizer(self, parameters) -> torch.optim.Optimizer:
+    def torch_optimizer(self, parameters, fused: bool | None = None) -> torch.optim.Optimizer:
+        """The workload's torch.optim optimizer; ``fused=True``: torch's fused kernel."""
         if self.optimizer == "adam":
-            return torch.optim.Adam(parameters, lr=self.lr)
-        return torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum)
+            return torch.optim.Adam(parameters, lr=self.lr, fused=fused)
+        return torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum, fused=fused)
 
     def numpy_optimizer(self):
         if self.optimizer == "adam":
@@ -231,12 +232,14 @@ def _parameters_of(model) -> Callable[[], Tensors]:
     return lambda: [p.detach().cpu().clone() for p in model.parameters()]
 
 
-def _torch_loop(workload: Workload, device: str, model=None, dtype=torch.float32) -> Step:
+def _torch_loop(
+    workload: Workload, device: str, model=None, dtype=torch.float32, fused: bool | None = None
+) -> Step:
     """``nn.Sequential`` (or ``model``) in the plain loop: torch's loss and optimizer."""
     model = workload.model(device).to(dtype) if model is None else model
     x, y = workload.data(device)
     x, y = x.to(dtype), (y if y.dtype == torch.int64 else y.to(dtype))
-    optimizer = workload.torch_optimizer(model.parameters())
+    optimizer = workload.torch_optimizer(model.parameters(), fused)
 
     def run():
         optimizer.zero_grad(set_to_none=True)
@@ -246,6 +249,10 @@ def _torch_loop(workload: Workload, device: str, model=None, dtype=torch.float32
         return loss
 
     return Step(run, _parameters_of(model), model, optimizer)
+
+
+def _torch_fused_optim(workload: Workload, device: str) -> Step:
+    return _torch_loop(workload, device, fused=True)
 
 
 def _fastbp_loop(workload: Workload, device: str) -> Step:
@@ -300,8 +307,8 @@ def _fused(backend: str) -> Callable[[Workload, str], Step]:
     def make(workload: Workload, device: str) -> Step:
         model = MLP.from_torch(workload.model(device))
         trainer = FusedTrainer(
-            model, workload.loss, workload.reduction, workload.optimizer, workload.lr,
-            workload.momentum, backend=backend,
+            model, workload.loss, workload.reduction,
+            workload.torch_optimizer(model.parameters()), backend=backend,
         )  # fmt: skip
         x, y = workload.data(device)
         return Step(lambda: trainer.step(x, y), _parameters_of(model))
@@ -437,6 +444,8 @@ def _entries() -> list[Entry]:
               step=_gemm_floor),
         Entry("torch-eager", "cpu", "nn.Sequential, torch's loss and torch.optim in a plain loop",
               torch_eager, _torch_loop, _inference_of(lambda m: m)),
+        Entry("torch-fused-optim", "cpu", "torch-eager with torch.optim's fused=True kernel",
+              step=_torch_fused_optim),
         Entry("torch-compile", "cpu", "torch-eager's step under torch.compile",
               step=_compiled(_torch_loop), inference=_inference_of(torch.compile)),
         Entry("torch-manual", "cpu", "the hand-derived step in torch ops + torch.optim",
@@ -455,6 +464,8 @@ def _entries() -> list[Entry]:
         Entry("gemm-floor", "cuda", "the step's GEMMs alone", step=_gemm_floor),
         Entry("torch-eager", "cuda", "torch-eager on CUDA", torch_eager, _torch_loop,
               _inference_of(lambda m: m)),
+        Entry("torch-fused-optim", "cuda", "torch-eager with torch.optim's fused=True kernel",
+              step=_torch_fused_optim),
         Entry("torch-compile", "cuda", "torch-compile on CUDA", step=_compiled(_torch_loop),
               inference=_inference_of(torch.compile)),
         Entry("torch-cudagraph", "cuda", "torch-eager's step captured in a CUDA graph",

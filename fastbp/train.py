@@ -5,34 +5,74 @@ update of a ``fastbp.nn.MLP`` with the gradients derived by hand
 (``fastbp.kernels.reference`` writes the math out):
 
 - ``backend="numba"`` (CPU tensors): ONE kernel call per step
-  (``kernels.cpu.TrainStep``), workspaces reused across steps; plain SGD folds
-  the update into the weight-gradient GEMM, so ∂W is never written out.
-- ``backend="torch"``: the same hand-derived step in native torch ops, with the
-  update done by ``torch.optim`` itself; it runs on any device.
+  (``kernels.cpu.TrainStep``); plain SGD folds the update into the
+  weight-gradient GEMM, so ∂W is never written out;
+- ``backend="torch"``: the same hand-derived step in torch ops, with the update
+  done by the optimizer itself; it runs on any device;
 - ``backend="triton"`` (CUDA tensors): Triton's forward and backward kernels
-  (one launch each for a narrow network) around the loss gradient in torch
-  ops; the update is ``torch.optim``'s.
+  around the loss gradient in torch ops; the update is the optimizer's;
 - ``backend="auto"``: numba for float32/float64 CPU tensors, triton for CUDA
   tensors when Triton is installed, torch otherwise.
 
-The parameters stay the model's own tensors, updated in place, so the model
-can be evaluated, saved or handed to ``torch.optim`` at any time; the
-optimizer state round-trips through ``state_dict()`` in ``torch.optim``'s format.
+The optimizer is a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` over exactly the
+model's parameters, given or built from its name. Its ``param_groups`` hold the
+hyperparameters, read at every step (so ``torch.optim.lr_scheduler`` schedulers
+and hand edits take effect), and its ``state`` holds the momentum buffers and
+moments, which the kernel updates in place: ``optimizer.state_dict()`` is a
+checkpoint, and a run may move between ``FusedTrainer`` and the plain torch loop
+at any step.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+from torch.optim import optimizer as _optim
 
 from . import activations as _activations
 from . import functional as F
-from . import threads
 from .kernels import cpu, reference
 from .nn import MLP
 
-# The torch.optim class each optimizer name follows, and its state_dict keys.
-TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+# The torch.optim classes FusedTrainer runs, by the name of their rule.
+TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+# Group options the kernels do not implement, and the value each must keep.
+_UNSUPPORTED = {
+    "sgd": {"dampening": 0, "nesterov": False, "maximize": False, "differentiable": False},
+    "adam": {"amsgrad": False, "maximize": False, "differentiable": False},
+}
+_UNSUPPORTED["adamw"] = _UNSUPPORTED["adam"]
+# What each name's state holds, in the order the kernel takes it.
 _STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}
+_STATE_KEYS["adamw"] = _STATE_KEYS["adam"]
+_UNSET = object()
+_SETTINGS = ("loss", "reduction", "backend", "max_grad_norm")
+
+
+def _rule(optimizer: torch.optim.Optimizer) -> str:
+    """ "sgd", "adam" or "adamw": the update ``optimizer`` computes."""
+    if type(optimizer) is torch.optim.SGD:
+        return "sgd"
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        default = type(optimizer) is torch.optim.AdamW
+        flags = {g.get("decoupled_weight_decay", default) for g in optimizer.param_groups}
+        if len(flags) > 1:
+            raise ValueError(
+                "optimizer's param_groups mix Adam's and AdamW's weight decay "
+                "(decoupled_weight_decay); FusedTrainer runs one rule for all parameters"
+            )
+        return "adamw" if flags.pop() else "adam"
+    raise TypeError(
+        "optimizer must be a torch.optim.SGD, Adam or AdamW (or one of the names "
+        f"{tuple(TORCH_OPTIMIZERS)}), got {type(optimizer).__name__}"
+    )
+
+
+def _number(value) -> float:
+    """A hyperparameter as a Python float (torch.optim also takes 0-dim tensors)."""
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
 class FusedTrainer:
@@ -42,11 +82,20 @@ class FusedTrainer:
         model: the ``fastbp.nn.MLP`` whose parameters are updated in place.
         loss: "mse", "cross_entropy" (int64 class labels) or "bce_with_logits".
         reduction: "mean" or "sum", as in ``torch.nn.functional``'s losses.
-        optimizer: "sgd" (``torch.optim.SGD``: momentum, weight_decay) or
-            "adam" (``torch.optim.Adam``: betas, eps, weight_decay).
+        optimizer: a ``torch.optim.SGD`` (momentum, weight_decay), ``Adam`` or
+            ``AdamW`` (betas, eps, weight_decay) over exactly the model's parameters,
+            in any number of param groups; or "sgd", "adam" or "adamw", built with
+            ``lr`` (default 0.01), ``momentum``, ``weight_decay``, ``betas`` and ``eps``
+            (default: torch's), which are refused beside an optimizer object.
+        max_grad_norm: clip the gradients' global 2-norm to this before each update,
+            as ``torch.nn.utils.clip_grad_norm_``; None (the default) does not clip.
         backend: "auto", "numba" (CPU), "triton" (CUDA) or "torch" (any device).
 
-    ``step(x, y)`` returns the 0-dim loss of the forward pass before the update.
+    The hyperparameters live in ``trainer.optimizer.param_groups``, read at every step;
+    the state in ``trainer.optimizer.state``. Options the kernels do not implement
+    (nesterov, dampening, amsgrad, maximize, differentiable) raise, at construction
+    and at any step where a group has them. ``step(x, y)`` returns the 0-dim loss of
+    the forward pass before the update; ``x`` is ``(batch, in_features)``.
     """
 
     def __init__(
@@ -54,43 +103,144 @@ class FusedTrainer:
         model: MLP,
         loss: str = "mse",
         reduction: str = "mean",
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        optimizer: torch.optim.Optimizer | str = "sgd",
+        lr=_UNSET,
+        momentum=_UNSET,
+        weight_decay=_UNSET,
+        betas=_UNSET,
+        eps=_UNSET,
         *,
+        max_grad_norm: float | None = None,
         backend: str = "auto",
     ) -> None:
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.nn.MLP, got {type(model).__name__}")
-        self.model = model
-        self.loss = cpu.check_choice("loss", loss, reference.LOSSES)
-        self.reduction = cpu.check_choice("reduction", reduction, reference.REDUCTIONS)
-        self.optimizer = cpu.check_choice("optimizer", optimizer, reference.OPTIMIZERS)
-        self.backend = F.check_backend(backend)
-        cpu.check_hyperparameters(lr, momentum, weight_decay, betas, eps)
-        extra = {"momentum": momentum} if optimizer == "sgd" else {"betas": betas, "eps": eps}
-        self.hyper = {"lr": lr, "weight_decay": weight_decay, **extra}
-        self._params = list(model.parameters())
-        self._torch_optimizer = TORCH_OPTIMIZERS[optimizer](self._params, **self.hyper)
-        self._kernel: cpu.TrainStep | None = None
+        object.__setattr__(self, "model", model)
+        self.loss, self.reduction, self.backend = loss, reduction, backend
+        self.max_grad_norm = max_grad_norm
+        options = {
+            name: value
+            for name, value in zip(
+                ("lr", "momentum", "weight_decay", "betas", "eps"),
+                (lr, momentum, weight_decay, betas, eps),
+                strict=True,
+            )
+            if value is not _UNSET
+        }
+        object.__setattr__(self, "optimizer", self._optimizer(optimizer, options))
+        self._rule = _rule(self.optimizer)
+        self._check_groups()
+        self._kernel = None  # (plan, cpu.TrainStep) of the numba path
+        self._binding = None
 
-    # -- the step ----------------------------------------------------------
+    # -- settings: each takes effect at the next step, or raises ----------------
+    def __setattr__(self, name: str, value) -> None:
+        if name == "loss":
+            value = cpu.check_choice("loss", value, reference.LOSSES)
+        elif name == "reduction":
+            value = cpu.check_choice("reduction", value, reference.REDUCTIONS)
+        elif name == "backend":
+            value = F.check_backend(value)
+        elif name == "max_grad_norm":
+            if value is not None and not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+            ):
+                raise ValueError(
+                    f"max_grad_norm must be a finite number > 0 or None, got {value!r}"
+                )
+        elif name in ("model", "optimizer"):
+            raise AttributeError(f"{name} is fixed at construction: make a new FusedTrainer")
+        elif not name.startswith("_"):
+            raise AttributeError(
+                f"FusedTrainer has no setting {name!r}: its settings are {_SETTINGS}; "
+                "hyperparameters live in trainer.optimizer.param_groups"
+            )
+        if name in ("loss", "reduction"):
+            object.__setattr__(self, "_kernel", None)  # the next step builds one anew
+        object.__setattr__(self, name, value)
+
+    def _optimizer(self, optimizer, options: dict) -> torch.optim.Optimizer:
+        if isinstance(optimizer, str):
+            rule = cpu.check_choice("optimizer", optimizer, tuple(TORCH_OPTIMIZERS))
+            options.setdefault("lr", 0.01)
+            if "momentum" in options and rule != "sgd":
+                raise ValueError(f"momentum is SGD's, not {rule}'s (use betas)")
+            if {"betas", "eps"} & set(options) and rule == "sgd":
+                raise ValueError("betas and eps are Adam's and AdamW's, not SGD's")
+            lr, betas = options["lr"], options.get("betas", (0.9, 0.999))
+            cpu.hyperparameters(
+                lr, options.get("momentum", 0.0), options.get("weight_decay", 0.0), betas,
+                options.get("eps", 1e-8),
+            )  # fmt: skip
+            return TORCH_OPTIMIZERS[rule](self.model.parameters(), **options)
+        if options:
+            raise ValueError(
+                f"{', '.join(options)} given beside an optimizer object, whose param_groups "
+                "hold the hyperparameters: set them there"
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.SGD, Adam or AdamW or one of "
+                f"{tuple(TORCH_OPTIMIZERS)}, got {type(optimizer).__name__}"
+            )
+        _rule(optimizer)
+        mine = list(self.model.parameters())
+        theirs = [p for group in optimizer.param_groups for p in group["params"]]
+        ids = {id(p) for p in mine}
+        foreign = [p for p in theirs if id(p) not in ids]
+        missing = len(ids - {id(p) for p in theirs})
+        if foreign or missing or len(theirs) != len(mine):
+            raise ValueError(
+                "optimizer must hold exactly the model's parameters, each once: "
+                f"{len(foreign)} foreign, {missing} of the model's missing, "
+                f"{len(theirs)} listed for {len(mine)}"
+            )
+        return optimizer
+
+    def _check_step_hooks(self) -> None:
+        """Refuse optimizer step hooks, which the numba path's update would skip."""
+        optimizer = self.optimizer
+        if (
+            getattr(optimizer, "_optimizer_step_pre_hooks", None)
+            or getattr(optimizer, "_optimizer_step_post_hooks", None)
+            or _optim._global_optimizer_pre_hooks
+            or _optim._global_optimizer_post_hooks
+        ):
+            raise ValueError(
+                "the optimizer has step hooks, which FusedTrainer's numba step would not run "
+                "(it updates the parameters itself): use backend='torch', or the torch loop"
+            )
+
+    def _check_groups(self) -> None:
+        """Refuse group options the kernels do not implement (checked at every step)."""
+        for index in range(len(self.optimizer.param_groups)):
+            _check_group(self.optimizer, index, self._rule)
+
+    # -- the step ---------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One training step on the batch ``(x, y)``; returns the loss before the update."""
-        layers = self.model.linears
-        weights, biases = [layer.weight for layer in layers], [layer.bias for layer in layers]
-        x = F.check_tensor("x", x, 2)
-        F.check_network(x, weights, biases, self.model.activations)
+        fused = self.model.fused()
+        if fused is None:
+            raise ValueError(
+                "FusedTrainer runs the network without calling its modules, so their "
+                "hooks would not fire and children fastbp does not fuse would be skipped; "
+                "this model has one or the other: train it with the torch loop"
+            )
+        weights, biases, activations = fused
+        plan = self._kernel and self._kernel[0]
+        unchanged = plan and plan.activations == activations and plan.current(weights, biases)
+        if not (unchanged and x.__class__ is torch.Tensor and x.dim() == 2 and plan.fits(x)):
+            x = F.check_tensor("x", x, 2)  # the layout or x changed: every check
+            F.check_network(x, weights, biases, activations)
         self._check_target(x, y, weights[-1].shape[0])
         backend = F.resolve_backend(self.backend, x)
-        if backend == "numba":  # cpu.TrainStep checks the class range before any update
-            return self._numba_step(x, y, weights, biases)
+        if backend == "numba":
+            self._check_step_hooks()
+            return self._numba_step(x, y, weights, biases, activations, unchanged)
+        self._check_groups()
         if self.loss == "cross_entropy":
             _check_class_range(y, weights[-1].shape[0])
-        return self._torch_step(x, y, weights, biases, F.KERNELS.get(backend))
+        return self._torch_step(x, y, weights, biases, activations, F.KERNELS.get(backend))
 
     def _check_target(self, x: torch.Tensor, y, classes: int) -> None:
         """Reject a bad ``y`` before any parameter changes."""
@@ -113,40 +263,34 @@ class FusedTrainer:
                 f"got {F.describe(y)}"
             )
 
-    def _numba_step(self, x, y, weights, biases) -> torch.Tensor:
-        threads.ensure_policy()
-        arrays = [w.detach().numpy() for w in weights], [_array(b) for b in biases]
-        inputs = x.detach().numpy()
-        if self._kernel is None or self._kernel.dtype != inputs.dtype:
-            self._kernel = self._build_kernel(*arrays)
-        value = self._kernel(inputs, y.detach().numpy(), *arrays)
+    def _numba_step(self, x, y, weights, biases, activations, unchanged) -> torch.Tensor:
+        if not unchanged:
+            plan = F.plan(x, weights, biases, activations, "numba")
+            kernel = cpu.TrainStep(plan.prepared, self.loss, self.reduction, self._rule)
+            self._kernel, self._binding = (plan, kernel), None
+        plan, kernel = self._kernel
+        binding = self._binding
+        if binding is None or not binding.current():
+            ordered = _sequential_order(weights, biases)
+            binding = self._binding = _Binding(self.optimizer, ordered, kernel, self._rule)
+        hyper = binding.hyper()  # also refuses options the kernels do not implement
+        if binding.container is None:  # SGD's momentum turned on where no buffer exists
+            ordered = _sequential_order(weights, biases)
+            binding = self._binding = _Binding(self.optimizer, ordered, kernel, self._rule)
+            hyper = binding.hyper()
+        value = kernel(
+            _numpy(x), _numpy(y), binding.arrays, hyper, binding.fresh, self.max_grad_norm or 0.0
+        )
+        binding.stepped()
+        # What optimizer.step() would mark: an lr scheduler, which wraps step() to set it,
+        # warns that it stepped first when it finds this unset.
+        self.optimizer._opt_called = True
         return torch.scalar_tensor(value, dtype=x.dtype)
 
-    def _build_kernel(self, weights, biases) -> cpu.TrainStep:
-        kernel = cpu.TrainStep(
-            weights,
-            biases,
-            list(self.model.activations),
-            loss=self.loss,
-            reduction=self.reduction,
-            optimizer=self.optimizer,
-            lr=self.hyper["lr"],
-            momentum=self.hyper.get("momentum", 0.0),
-            weight_decay=self.hyper["weight_decay"],
-            betas=self.hyper.get("betas", (0.9, 0.999)),
-            eps=self.hyper.get("eps", 1e-8),
-        )
-        self._copy_state_into_kernel(kernel)
-        return kernel
-
     @torch.no_grad()
-    def _torch_step(self, x, y, weights, biases, kernels=None) -> torch.Tensor:
+    def _torch_step(self, x, y, weights, biases, activations, kernels=None) -> torch.Tensor:
         """The step in torch ops, or with ``kernels``' forward and backward (Triton's,
-        ``functional.KERNELS``) around the torch loss gradient; torch.optim updates."""
-        if self._kernel is not None:  # switching backends: carry the state over
-            self._load_torch_state(self._export_state())
-            self._kernel = None
-        activations = self.model.activations
+        ``functional.KERNELS``) around the torch loss gradient; the optimizer updates."""
         if kernels is None:
             outputs = F.torch_forward(x, weights, biases, activations)
         else:
@@ -158,59 +302,157 @@ class FusedTrainer:
             grads = _torch_backward(g, x, weights, biases, activations, outputs)
         else:
             _, *grads = kernels.backward(plan, saved, g, False)
-        for parameters, gradients in zip((weights, biases), grads, strict=True):
-            for parameter, gradient in zip(parameters, gradients, strict=True):
-                if parameter is not None:
-                    parameter.grad = gradient
-        self._torch_optimizer.step()
-        for parameter in self._params:
+        parameters = [
+            p for pair in zip(weights, biases, strict=True) for p in pair if p is not None
+        ]
+        for parameter, gradient in zip(weights + biases, [*grads[0], *grads[1]], strict=True):
+            if parameter is not None:
+                parameter.grad = gradient
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm)
+        self.optimizer.step()
+        for parameter in parameters:
             parameter.grad = None
         return value
 
-    # -- optimizer state, in torch.optim's format --------------------------
+    # -- optimizer state, in torch.optim's format ---------------------------------
     def state_dict(self) -> dict:
-        """The optimizer state as ``torch.optim.SGD``/``Adam`` would save it."""
-        if self._kernel is None:
-            return self._torch_optimizer.state_dict()
-        return self._export_state()
+        """``trainer.optimizer.state_dict()``: the optimizer's own, as a checkpoint keeps it."""
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Resume from ``state_dict()`` of this trainer or of the matching ``torch.optim``."""
-        self._load_torch_state(state_dict)
-        self._kernel = None  # the next numba step builds one from the loaded state
+        self.optimizer.load_state_dict(state_dict)
+        self._check_groups()
 
-    def _load_torch_state(self, state_dict: dict) -> None:
-        self._torch_optimizer.load_state_dict(state_dict)
-        group = self._torch_optimizer.param_groups[0]
-        self.hyper = {key: group[key] for key in self.hyper}
 
-    def _export_state(self) -> dict:
-        """The numba kernel's state, written into the torch optimizer and saved from there."""
-        kernel, optimizer = self._kernel, self._torch_optimizer
-        for parameter, arrays in zip(self._params, kernel.state(), strict=True):
-            if not arrays or kernel.steps == 0:
+class _Binding:
+    """The optimizer's state and hyperparameters as the kernel takes them, for one plan.
+
+    Holds numpy views of the state tensors (creating those torch would create on its
+    first step) and a (parameters, 6) hyperparameter array. ``current()`` says, in
+    one identity test per state tensor, whether they are still the optimizer's.
+    """
+
+    def __init__(self, optimizer, params, kernel: cpu.TrainStep, rule: str) -> None:
+        self.optimizer, self.params, self.rule = optimizer, params, rule
+        position = {id(p): index for index, p in enumerate(params)}
+        self.groups = [
+            (group, [position[id(p)] for p in group["params"]]) for group in optimizer.param_groups
+        ]
+        self._last: list = [None] * len(self.groups)  # each group's values at the last step
+        self.hyper_array = np.zeros((len(params), 6))
+        self.fresh, self.started = np.zeros(len(params), bool), False
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        self.container = optimizer.state
+        self.held = [self._state(i, p, group_of[id(p)]) for i, p in enumerate(params)]
+        self.arrays = kernel.bind(*self._views())
+
+    def _state(self, index: int, param, group) -> tuple[dict, dict]:
+        """``(the parameter's state dict, the tensors in it the kernel uses)``, created as
+        torch creates them where they do not exist yet."""
+        state = self.optimizer.state.get(param, _NO_STATE)
+        if self.rule == "sgd":
+            if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+                state = self.optimizer.state[param]
+                state["momentum_buffer"] = torch.zeros_like(param)
+                self.fresh[index] = self.started = True  # torch's first step sets buf = d
+        elif not state:
+            state = self.optimizer.state[param]
+            # torch.optim's scalar dtype: float64 only under a float64 default
+            wide = torch.get_default_dtype() == torch.float64
+            state["step"] = torch.tensor(0.0, dtype=torch.float64 if wide else torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state, {key: state.get(key) for key in (*_STATE_KEYS[self.rule], "step")}
+
+    def _views(self):
+        states, steps = [], []
+        empty = {p.dtype: np.empty(0, _numpy_dtype(p.dtype)) for p in self.params}
+        for param, (_, held) in zip(self.params, self.held, strict=True):
+            arrays = [_flat(held[key]) for key in _STATE_KEYS[self.rule] if held[key] is not None]
+            states += (arrays + [empty[param.dtype]] * 2)[:2]
+            step = held["step"]
+            steps.append(_NO_STEP if step is None else step.detach().view(1).numpy())
+        return states, steps
+
+    def current(self) -> bool:
+        """Whether the optimizer still holds the state tensors this binding views (a
+        load_state_dict replaces them all, a hand edit some)."""
+        if self.optimizer.state is not self.container:
+            return False
+        for state, held in self.held:
+            for key, tensor in held.items():
+                if state.get(key) is not tensor:
+                    return False
+        return True
+
+    def hyper(self):
+        """The (parameters, 6) array from the groups as they are now; options the kernels
+        do not implement raise, here as at construction."""
+        for index, (group, rows) in enumerate(self.groups):
+            values = tuple(map(group.get, _GROUP_KEYS[self.rule]))
+            if values == self._last[index]:
                 continue
-            entry = {
-                k: torch.from_numpy(a.copy())
-                for k, a in zip(_STATE_KEYS[self.optimizer], arrays, strict=True)
-            }
-            if self.optimizer == "adam":
-                entry["step"] = torch.tensor(float(kernel.steps))
-            optimizer.state[parameter] = entry
-        return optimizer.state_dict()
+            _check_group(self.optimizer, index, self.rule)
+            if self.rule == "sgd":
+                if group["momentum"] != 0 and any(self.held[r][1]["momentum_buffer"] is None
+                                                  for r in rows):  # fmt: skip
+                    self.container = None  # momentum turned on: the next step binds anew
+                lr, momentum, decay = values[:3]
+                row = (lr, momentum, decay, 0.0, 0.0, 0.0)
+            else:
+                lr, (beta1, beta2), eps, decay = values[:4]
+                row = (lr, 0.0, decay, beta1, beta2, eps)
+            self.hyper_array[rows] = [_number(v) for v in row]
+            self._last[index] = values
+        return self.hyper_array
 
-    def _copy_state_into_kernel(self, kernel: cpu.TrainStep) -> None:
-        state = self._torch_optimizer.state
-        for parameter, arrays in zip(self._params, kernel.state(), strict=True):
-            saved = state.get(parameter, {})
-            for key, array in zip(_STATE_KEYS[self.optimizer], arrays, strict=False):
-                if key in saved:
-                    array[...] = saved[key].numpy()
-                    kernel.steps = int(saved.get("step", 1))
+    def stepped(self) -> None:
+        """After a step: the momentum buffers it started are no longer new."""
+        if self.started:
+            self.fresh[:] = False
+            self.started = False
 
 
-def _array(tensor: torch.Tensor | None):
-    return None if tensor is None else tensor.detach().numpy()
+_NO_STEP = np.zeros(1, np.float32)  # SGD keeps no step count
+_NO_STATE: dict = {}
+
+
+def _sequential_order(weights, biases) -> list[torch.Tensor]:
+    """W₁, b₁, W₂, …: the parameters as nn.Sequential lists them (and the kernel takes them)."""
+    return [p for pair in zip(weights, biases, strict=True) for p in pair if p is not None]
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _numpy(tensor: torch.Tensor):
+    return (tensor.detach() if tensor.requires_grad else tensor).numpy()
+
+
+def _flat(tensor: torch.Tensor):
+    return tensor.detach().view(-1).numpy()
+
+
+# What a step reads of a group: its hyperparameters, then the options it refuses.
+_GROUP_KEYS = {
+    "sgd": ("lr", "momentum", "weight_decay", *_UNSUPPORTED["sgd"]),
+    "adam": ("lr", "betas", "eps", "weight_decay", *_UNSUPPORTED["adam"]),
+}
+_GROUP_KEYS["adamw"] = _GROUP_KEYS["adam"]
+
+
+def _check_group(optimizer, index: int, rule: str) -> None:
+    group = optimizer.param_groups[index]
+    for option, required in _UNSUPPORTED[rule].items():
+        if group.get(option, required) != required:
+            raise ValueError(
+                f"optimizer.param_groups[{index}] has {option}={group[option]!r}; "
+                f"FusedTrainer implements {type(optimizer).__name__} with "
+                f"{option}={required!r} only"
+            )
 
 
 def _check_class_range(y: torch.Tensor, classes: int) -> None:

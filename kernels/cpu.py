@@ -604,11 +604,10 @@ def _mlp_backward(
 # The training step: forward, loss gradient, backward and update in one call
 # ---------------------------------------------------------------------------
 MSE, CROSS_ENTROPY, BCE_WITH_LOGITS = range(3)
-SGD, ADAM = range(2)
-# Internal: SGD whose momentum buffer already holds μ·buf + ∂L/∂W (see _update_weight).
-SGD_BUFFERED = 2
-# Slots of the ``hyper`` array every update reads.
+SGD, ADAM, ADAMW = range(3)
+# A parameter's row of the ``hyper`` array every update reads.
 LR, MOMENTUM, WEIGHT_DECAY, BETA1, BETA2, EPS = range(6)
+HYPERPARAMETERS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps")
 
 
 @kernel
@@ -643,23 +642,25 @@ def _loss_and_grad(output, targets, labels, loss, scale, g):
 
 
 @kernel
-def _update_serial(param, grad, state_a, state_b, optimizer, hyper, step):
-    """``torch.optim``'s update of ``param`` (see ``reference.SGD``/``Adam``), in
-    the parameter's dtype as torch computes it; one loop per rule, so that each
-    stays a tight, vectorized loop."""
+def _update_serial(param, grad, state_a, state_b, rule, hyper, step, fresh, scale):
+    """``torch.optim``'s update of a flat ``param`` (``reference.SGD``/``Adam``/``AdamW``)
+    from ``scale·grad``, in the parameter's dtype as torch computes it.
+
+    ``hyper`` is the parameter's row (LR, MOMENTUM, …); ``state_a``/``state_b`` the
+    momentum buffer, or Adam's m and v; ``step`` Adam's count after this step;
+    ``fresh`` is true where SGD's momentum buffer starts (torch sets buf = d). One
+    loop per rule, so that each stays a tight, vectorized loop.
+    """
     real = param.dtype.type
     lr, momentum, decay = real(hyper[LR]), real(hyper[MOMENTUM]), real(hyper[WEIGHT_DECAY])
-    if optimizer == SGD_BUFFERED:
+    factor = real(scale)  # clip_grad_norm_'s coefficient, multiplied in as torch does
+    if rule == SGD:
         for k in range(param.shape[0]):
-            if decay != 0:
-                state_a[k] += decay * param[k]
-            param[k] -= lr * state_a[k]
-        return
-    if optimizer == SGD:
-        for k in range(param.shape[0]):
-            d = grad[k] + decay * param[k] if decay != 0 else grad[k]  # 0·inf would be NaN
+            d = grad[k] * factor if scale != 1.0 else grad[k]
+            if decay != 0:  # 0·inf would be NaN
+                d += decay * param[k]
             if momentum != 0:
-                d = momentum * state_a[k] + d if step > 1 else d  # torch's buffer starts as d
+                d = d if fresh else momentum * state_a[k] + d
                 state_a[k] = d
             param[k] -= lr * d
         return
@@ -669,91 +670,202 @@ def _update_serial(param, grad, state_a, state_b, optimizer, hyper, step):
     weight1, weight2 = real(1 - hyper[BETA1]), real(1 - hyper[BETA2])
     step_size = real(hyper[LR] / (1 - hyper[BETA1] ** step))
     correction = real(np.sqrt(1 - hyper[BETA2] ** step))
+    shrink = real(1 - hyper[LR] * hyper[WEIGHT_DECAY])  # AdamW's decoupled decay
+    coupled = decay if rule == ADAM else real(0)
     for k in range(param.shape[0]):
-        d = grad[k] + decay * param[k] if decay != 0 else grad[k]
+        if rule == ADAMW and decay != 0:
+            param[k] *= shrink
+        d = grad[k] * factor if scale != 1.0 else grad[k]
+        if coupled != 0:
+            d += coupled * param[k]
         state_a[k] += weight1 * (d - state_a[k])
         state_b[k] = beta2 * state_b[k] + weight2 * d * d
         param[k] -= step_size * state_a[k] / (np.sqrt(state_b[k]) / correction + eps)
 
 
 @kernel(parallel=True)
-def _update_parallel(param, grad, state_a, state_b, optimizer, hyper, step):
+def _update_parallel(param, grad, state_a, state_b, rule, hyper, step, fresh, scale):
     # Slices, each updated by a call of the serial kernel: inlined into the
     # parallel loop with index bounds instead, the loops ran 4x slower (not vectorized).
     size = PARALLEL_BLOCK_ELEMENTS
     for c in prange((param.shape[0] + size - 1) // size):
         lo, hi = c * size, (c + 1) * size
         _update_serial(
-            param[lo:hi], grad[lo:hi], state_a[lo:hi], state_b[lo:hi], optimizer, hyper, step
-        )
+            param[lo:hi], grad[lo:hi], state_a[lo:hi], state_b[lo:hi], rule, hyper, step, fresh,
+            scale,
+        )  # fmt: skip
 
 
 @kernel
-def _update(param, grad, state_a, state_b, optimizer, hyper, step):
+def _update(param, grad, state_a, state_b, rule, hyper, step, fresh, scale):
     """Update a flat parameter in place; the state arrays are empty when unused."""
     if param.shape[0] >= PARALLEL_MIN_ELEMENTS:
-        _update_parallel(param, grad, state_a, state_b, optimizer, hyper, step)
+        _update_parallel(param, grad, state_a, state_b, rule, hyper, step, fresh, scale)
     else:
-        _update_serial(param, grad, state_a, state_b, optimizer, hyper, step)
+        _update_serial(param, grad, state_a, state_b, rule, hyper, step, fresh, scale)
 
 
 @kernel
-def _update_weight(gemm, delta, source, weight, grad, state_a, state_b, optimizer, hyper, step):
+def _update_weight(gemm, delta, source, weight, grad, state_a, state_b, rule, hyper, step, fresh):
     """Apply ``∂W = δᵀ x`` to W with as few passes over W as the rule allows.
 
     Plain SGD folds the whole update into the GEMM, ``W ← (1 − lr·wd)·W − lr·δᵀx``,
     so ∂W is never written out. SGD with momentum lets the GEMM accumulate into
     the buffer, ``buf ← δᵀx + μ·buf`` (torch's ``buf = μ·buf + ∂W``; ``buf = ∂W``
-    on the first step), then one pass adds ``wd·W`` to it and moves W.
+    on its first step), then one pass adds ``wd·W`` to it and moves W.
     """
-    if optimizer == SGD and hyper[MOMENTUM] == 0:
-        decay = 1.0 - hyper[LR] * hyper[WEIGHT_DECAY]
-        _gemm(gemm, True, False, -hyper[LR], delta, source, decay, weight)
+    lr, momentum, decay = hyper[LR], hyper[MOMENTUM], hyper[WEIGHT_DECAY]
+    if rule == SGD and momentum == 0:
+        _gemm(gemm, True, False, -lr, delta, source, 1.0 - lr * decay, weight)
         return
     flat_weight = weight.reshape(weight.size)
-    if optimizer == SGD:
-        carried = hyper[MOMENTUM] if step > 1 else 0.0  # beta 0: BLAS never reads buf
+    if rule == SGD:
+        carried = 0.0 if fresh else momentum  # beta 0: BLAS never reads the new buffer
         _gemm(gemm, True, False, 1.0, delta, source, carried, state_a.reshape(weight.shape))
-        _update(flat_weight, state_a, state_a, state_b, SGD_BUFFERED, hyper, step)
+        real = weight.dtype.type
+        _sgd_from_buffer(flat_weight, state_a, real(lr), real(decay))
         return
     _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad)
-    _update(flat_weight, grad.reshape(grad.size), state_a, state_b, optimizer, hyper, step)
+    _update(flat_weight, grad.reshape(grad.size), state_a, state_b, rule, hyper, step, False, 1.0)
+
+
+@kernel
+def _sgd_from_buffer(param, buffer, lr, decay):
+    """``buf += wd·W; W −= lr·buf``: SGD's step once the GEMM has filled the buffer."""
+    for k in range(param.shape[0]):
+        if decay != 0:
+            buffer[k] += decay * param[k]
+        param[k] -= lr * buffer[k]
+
+
+@kernel
+def _first_bad_label(labels, classes):
+    for i in range(labels.shape[0]):
+        if labels[i] < 0 or labels[i] >= classes:
+            return i
+    return -1
+
+
+@kernel
+def _gradients(gemm, x, weights, activations, outputs, delta_space, upstream_space, upstream,
+               grad_weights, grad_biases):  # fmt: skip
+    """Every layer's ∂W and ∂b from the loss gradient held in ``upstream``."""
+    batch = x.shape[0]
+    for layer in range(len(weights) - 1, -1, -1):
+        delta = _rows(delta_space, batch, weights[layer].shape[0])
+        activation, a = activations[layer], outputs[layer]
+        _delta_and_bias_grad(upstream, a, activation, delta, grad_biases[layer])
+        source = x if layer == 0 else outputs[layer - 1]
+        _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer])
+        if layer > 0:
+            upstream = _rows(upstream_space, batch, weights[layer].shape[1])
+            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)
+
+
+@kernel
+def _squares(grad):
+    """Σ grad², in float64."""
+    flat = grad.reshape(grad.size)
+    total = 0.0
+    for k in range(flat.shape[0]):
+        total += float(flat[k]) * float(flat[k])
+    return total
+
+
+@kernel
+def _clip_coefficient(grad_weights, grad_biases, max_norm):
+    """``clip_grad_norm_``'s factor: min(1, max_norm / (‖every gradient‖₂ + 1e-6))."""
+    total = 0.0
+    for layer in range(len(grad_weights)):
+        total += _squares(grad_weights[layer]) + _squares(grad_biases[layer])
+    return min(1.0, max_norm / (np.sqrt(total) + 1e-6))
 
 
 @kernel
 def _train_step(
-    gemm, x, targets, labels, weights, biases, activations, outputs, delta_space, upstream_space,
-    grad_weights, grad_biases, weight_states, bias_states, loss, scale, optimizer, hyper, step,
+    gemm,            # address of the BLAS ?gemm (bind_gemm)
+    x,               # the batch, (N, in)
+    targets,         # (N, out) targets of MSE and BCE; (0, 0) for cross-entropy
+    labels,          # (N,) int64 classes of cross-entropy; empty otherwise
+    weights,         # one (out, in) matrix per layer, updated in place
+    biases,          # one (out,) vector per layer (empty: no bias), updated in place
+    activations,     # one activation code per layer
+    outputs,         # workspace: every layer's output
+    delta_space,     # workspaces of N·(widest layer) elements, as _mlp_backward's
+    upstream_space,
+    grad_weights,    # workspaces: ∂W per layer (Adam's and clipping's)
+    grad_biases,     # workspaces: ∂b per layer (empty: no bias)
+    first_param,     # (L,) index of layer l's weight among the parameters (its bias: +1)
+    states,          # two flat arrays per parameter: momentum buffer, or Adam's m and v
+    steps,           # one 1-element array per parameter: Adam's count, incremented here
+    hyper,           # (parameters, 6): each parameter's LR, MOMENTUM, … row
+    fresh,           # (parameters,): 1 where SGD's momentum buffer starts this step
+    loss,            # MSE, CROSS_ENTROPY or BCE_WITH_LOGITS
+    scale,           # 1/terms for a mean, else 1
+    rule,            # SGD, ADAM or ADAMW
+    max_norm,        # clip_grad_norm_'s max_norm; 0: no clipping
 ):  # fmt: skip
-    """One step on every layer; returns the loss before the update.
-
-    ``weight_states``/``bias_states`` hold two flat state arrays per layer
-    (momentum buffer; or Adam's m and v), empty when the optimizer keeps none.
-    The workspaces are as ``_mlp_backward``'s; forward uses ``delta_space`` as its scratch.
-    """
-    _mlp_forward(gemm, x, weights, biases, activations, outputs, delta_space)
+    """One step on every layer; returns ``(loss before the update, -1)``, or, without
+    touching anything, ``(NaN, i)`` when label i is not a class and ``(NaN, -2 - p)``
+    when parameter p's state arrays are not the size its rule reads."""
     top = len(weights) - 1
+    for layer in range(top + 1):
+        p = first_param[layer]
+        for q, size in ((p, weights[layer].size), (p + 1, biases[layer].size)):
+            if size == 0:
+                continue
+            used = 2 if rule != SGD else int(hyper[q, MOMENTUM] != 0)
+            if (used > 0 and states[2 * q].size != size) or (
+                used > 1 and states[2 * q + 1].size != size
+            ):
+                return np.nan, -2 - q
+    if labels.shape[0] > 0:
+        bad = _first_bad_label(labels, weights[top].shape[0])
+        if bad >= 0:
+            return np.nan, bad
+    _mlp_forward(gemm, x, weights, biases, activations, outputs, delta_space)
     batch = x.shape[0]
     upstream = _rows(upstream_space, batch, weights[top].shape[0])
     value = _loss_and_grad(outputs[top], targets, labels, loss, scale, upstream)
+    for layer in range(top + 1):
+        p = first_param[layer]
+        if rule != SGD:
+            steps[p][0] += 1
+            if biases[layer].shape[0] > 0:
+                steps[p + 1][0] += 1
+    if max_norm > 0:  # clipping needs every gradient before any update
+        _gradients(gemm, x, weights, activations, outputs, delta_space, upstream_space,
+                   upstream, grad_weights, grad_biases)  # fmt: skip
+        coefficient = _clip_coefficient(grad_weights, grad_biases, max_norm)
+        for layer in range(top + 1):
+            p = first_param[layer]
+            grad = grad_weights[layer]
+            _update(weights[layer].reshape(weights[layer].size), grad.reshape(grad.size),
+                    states[2 * p], states[2 * p + 1], rule, hyper[p], steps[p][0], fresh[p],
+                    coefficient)  # fmt: skip
+            if biases[layer].shape[0] > 0:
+                q = p + 1
+                _update(biases[layer], grad_biases[layer], states[2 * q], states[2 * q + 1],
+                        rule, hyper[q], steps[q][0], fresh[q], coefficient)  # fmt: skip
+        return value, -1
     for layer in range(top, -1, -1):
         source = x if layer == 0 else outputs[layer - 1]
         delta = _rows(delta_space, batch, weights[layer].shape[0])
-        _delta_and_bias_grad(
-            upstream, outputs[layer], activations[layer], delta, grad_biases[layer]
-        )
+        activation, a = activations[layer], outputs[layer]
+        _delta_and_bias_grad(upstream, a, activation, delta, grad_biases[layer])
         if layer > 0:  # ∂L/∂aₗ₋₁ = δ Wₗ, taken before Wₗ moves
             upstream = _rows(upstream_space, batch, weights[layer].shape[1])
             _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)
-        state_a, state_b = weight_states[2 * layer], weight_states[2 * layer + 1]
+        p = first_param[layer]
         _update_weight(
-            gemm, delta, source, weights[layer], grad_weights[layer],
-            state_a, state_b, optimizer, hyper, step,
+            gemm, delta, source, weights[layer], grad_weights[layer], states[2 * p],
+            states[2 * p + 1], rule, hyper[p], steps[p][0], fresh[p],
         )  # fmt: skip
         if biases[layer].shape[0] > 0:
-            state_a, state_b = bias_states[2 * layer], bias_states[2 * layer + 1]
-            _update(biases[layer], grad_biases[layer], state_a, state_b, optimizer, hyper, step)
-    return value
+            q = p + 1
+            _update(biases[layer], grad_biases[layer], states[2 * q], states[2 * q + 1], rule,
+                    hyper[q], steps[q][0], fresh[q], 1.0)  # fmt: skip
+    return value, -1
 
 
 # ---------------------------------------------------------------------------
@@ -817,8 +929,8 @@ class Network:
 
     Holds each layer's weight (out, in), bias (out,) or None, and activation, all of
     one dtype. Arrays that are C-contiguous are held as given, so in-place updates
-    of them show in the next call; others are held as contiguous copies, and
-    ``holds_originals`` says whether any was. ``forward`` and ``backward`` check only
+    of them show in the next call; others are held as contiguous copies, named in
+    ``copies`` (``holds_originals`` when there are none). ``forward`` and ``backward`` check only
     what a call brings (x, g, the saved outputs): numba does not check bounds.
     """
 
@@ -826,24 +938,25 @@ class Network:
         _one_per_layer(weights, biases, activations)
         self.dtype = dtype = _dtype_of(weights[0], "weights[0]")
         width = in_features
-        checked_weights, checked_biases, widths = [], [], [width]
+        checked_weights, checked_biases, widths, self.copies = [], [], [width], []
         for layer, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-            weight = _matrix("weights", weight, dtype, (None, width), layer)
-            width = weight.shape[0]
-            checked_weights.append(weight)
+            checked = _matrix("weights", weight, dtype, (None, width), layer)
+            width = checked.shape[0]
+            checked_weights.append(checked)
             widths.append(width)
-            checked_biases.append(
-                _NO_BIAS[dtype] if bias is None else _matrix("biases", bias, dtype, (width,), layer)
-            )
+            if checked is not weight:
+                self.copies.append(f"weights[{layer}]")
+            if bias is None:
+                checked_biases.append(_NO_BIAS[dtype])
+                continue
+            checked_biases.append(_matrix("biases", bias, dtype, (width,), layer))
+            if checked_biases[-1] is not bias:
+                self.copies.append(f"biases[{layer}]")
         self.weights, self.biases = tuple(checked_weights), tuple(checked_biases)
         self.widths = (self.weights[0].shape[1], *widths[1:])
         self.has_bias = tuple(bias is not None for bias in biases)
         self.codes = _activation_codes(tuple(activations))
-        self.holds_originals = all(
-            held is given
-            for held, given in zip((*self.weights, *self.biases), (*weights, *biases), strict=True)
-            if given is not None
-        )
+        self.holds_originals = not self.copies
         self._widest = max(self.widths[1:])  # what the workspaces hold: layer outputs
         self._workspaces = threading.local()
         self._no_grad_x = np.empty((0, self.widths[0]), dtype)  # "∂L/∂x not needed"
@@ -981,8 +1094,8 @@ def _code(name: str, value: str, options: tuple[str, ...]) -> int:
     return options.index(check_choice(name, value, options))
 
 
-def check_hyperparameters(lr, momentum, weight_decay, betas, eps) -> np.ndarray:
-    """The ``hyper`` array, after the range checks ``torch.optim`` makes."""
+def hyperparameters(lr, momentum=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
+    """One parameter's ``hyper`` row (LR, MOMENTUM, …), after the checks torch.optim makes."""
     checks = [("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)]
     for name, value in checks:
         if not (isinstance(value, (int, float)) and value >= 0 and np.isfinite(value)):
@@ -992,78 +1105,93 @@ def check_hyperparameters(lr, momentum, weight_decay, betas, eps) -> np.ndarray:
     return np.array([lr, momentum, weight_decay, betas[0], betas[1], eps], np.float64)
 
 
-def update(param, grad, state, optimizer, hyper, step) -> None:
-    """``torch.optim``'s update of one parameter, in place (``reference.SGD``/``Adam``).
+def _state(name: str, array: np.ndarray, dtype: np.dtype, size: int) -> np.ndarray:
+    """A state array the kernels update in place: the given memory itself, never a copy."""
+    if array.dtype != dtype or array.ndim != 1 or array.shape[0] not in (0, size):
+        raise ValueError(
+            f"{name} must be an empty or {size}-element array of {dtype}, got {array.shape} "
+            f"{array.dtype}"
+        )
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        raise ValueError(f"{name} must be a writeable C-contiguous array, updated in place")
+    return array
+
+
+def _uses(rule: int, momentum: float) -> int:
+    """How many state arrays a parameter's update reads: Adam's 2, SGD's 1 with momentum."""
+    return 2 if rule != SGD else int(momentum != 0)
+
+
+def update(param, grad, state, optimizer, hyper, step=1, fresh=False, scale=1.0) -> None:
+    """``torch.optim``'s update of one parameter from ``scale·grad``, in place
+    (``reference.SGD``/``Adam``/``AdamW``).
 
     ``param``, ``grad`` and every array of ``state`` are flat arrays of one dtype and
     size; ``state`` is ``()``, ``(momentum_buffer,)`` or ``(exp_avg, exp_avg_sq)``;
-    ``hyper`` comes from ``check_hyperparameters``; ``step`` counts from 1.
+    ``hyper`` comes from ``hyperparameters``; ``step`` is Adam's count, from 1;
+    ``fresh``, SGD's first step with this momentum buffer (torch sets buf = d).
     """
-    code = _code("optimizer", optimizer, OPTIMIZERS)
-    wanted = 2 if code == ADAM else int(hyper[MOMENTUM] != 0)
+    rule = _code("optimizer", optimizer, OPTIMIZERS)
+    wanted = _uses(rule, hyper[MOMENTUM])
     if len(state) != wanted:
         raise ValueError(f"state must hold {wanted} arrays for {optimizer}, got {len(state)}")
-    for name, array in (("param", param), *(("state", a) for a in state)):
-        if not (array.flags.c_contiguous and array.flags.writeable):
-            raise ValueError(f"{name} must be a writeable C-contiguous array, updated in place")
     dtype = _dtype_of(param, "param")
-    param = _matrix("param", param, dtype, (None,))
+    param = _state("param", param, dtype, param.size)
     grad = _matrix("grad", grad, dtype, param.shape)
-    state = [_matrix("state", a, dtype, param.shape, index) for index, a in enumerate(state)]
     empty = np.empty(0, dtype)
-    state_a, state_b = (*state, empty, empty)[:2]
+    state_a, state_b = [_state("state", a, dtype, param.size) for a in (*state, empty, empty)[:2]]
     _prepare_launch(dtype)
-    _update(param, grad, state_a, state_b, code, hyper, step)
+    _update(param, grad, state_a, state_b, rule, hyper, float(step), bool(fresh), float(scale))
 
 
 class TrainStep:
-    """A whole training step of one MLP as one kernel call, with its workspaces and
-    optimizer state (``reference.train_step`` with ``reference.SGD``/``Adam``).
+    """A whole training step of a ``Network`` as one kernel call: forward, the loss
+    gradient, backward and the optimizer's update (``reference.train_step``).
 
-    Built from the parameters' arrays; each call takes them again (the same
-    memory, C-contiguous) and updates them in place. Workspaces are reused from
-    step to step and re-allocated when the batch size changes. ``loss``,
-    ``reduction`` and ``optimizer`` take the names in ``reference``; the
-    hyperparameters mean what they mean in ``torch.optim.SGD`` (no dampening,
-    no Nesterov) and ``torch.optim.Adam`` (no AMSGrad).
+    The network must hold its parameters' own memory, which the step updates in place.
+    The optimizer's state is not kept here but passed in: ``bind(states, steps)``
+    checks arrays that the caller keeps (torch.optim's state tensors, as views), and
+    ``__call__`` takes them with each step's ``hyper`` (one row per parameter) and
+    ``fresh`` flags. Parameters are ordered as ``nn.Sequential`` orders them: W₁, b₁,
+    W₂, … (biases only where a layer has one). Workspaces are kept between steps.
     """
 
-    def __init__(
-        self, weights, biases, activations, *, loss="mse", reduction="mean", optimizer="sgd",
-        lr=0.01, momentum=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
-    ) -> None:  # fmt: skip
-        network = Network(weights, biases, activations)
-        weights, biases, self._codes = network.weights, network.biases, network.codes
-        self.dtype = network.dtype
-        self.activations = list(activations)
+    def __init__(self, network: Network, loss="mse", reduction="mean", optimizer="sgd") -> None:
+        if not network.holds_originals:
+            raise ValueError(f"{network.copies[0]} must be C-contiguous to be updated in place")
+        self.network = network
         self.loss = _code("loss", loss, LOSSES)
         self.scale_by_mean = _code("reduction", reduction, REDUCTIONS) == 0
-        self.optimizer = _code("optimizer", optimizer, OPTIMIZERS)
-        self.hyper = check_hyperparameters(lr, momentum, weight_decay, betas, eps)
-        self.steps = 0
-        self._grad_weights = tuple(np.empty_like(w) for w in weights)
-        self._grad_biases = tuple(np.empty_like(b) for b in biases)
-        kept = 2 if self.optimizer == ADAM else int(momentum != 0)
-        self._weight_states = self._zeros([w.size for w in weights], kept)
-        self._bias_states = self._zeros([b.size for b in biases], kept)
+        self.rule = _code("optimizer", optimizer, OPTIMIZERS)
+        first_param, sizes = [], []
+        for weight, bias in zip(network.weights, network.biases, strict=True):
+            first_param.append(len(sizes))
+            sizes += [weight.size] + ([bias.size] if bias.size else [])
+        self._first_param = np.array(first_param, np.int64)
+        self.sizes = tuple(sizes)
+        self._grad_weights = tuple(np.empty_like(w) for w in network.weights)
+        self._grad_biases = tuple(np.empty_like(b) for b in network.biases)
         self._workspaces: tuple = ()
 
-    def _zeros(self, sizes, kept) -> tuple[np.ndarray, ...]:
-        """Two flat state arrays per parameter, the first ``kept`` of them in use."""
-        return tuple(np.zeros(n if i < kept else 0, self.dtype) for n in sizes for i in range(2))
-
-    def state(self) -> list[tuple[np.ndarray, ...]]:
-        """Each parameter's optimizer state in ``nn.Sequential`` order (W₁, b₁, W₂, …):
-        ``(momentum_buffer,)``, ``(exp_avg, exp_avg_sq)`` or ``()``, as views."""
-        result = []
-        for layer, grad_weight in enumerate(self._grad_weights):
-            pairs = [(self._weight_states, grad_weight.shape)]
-            if self._grad_biases[layer].shape[0] > 0:
-                pairs.append((self._bias_states, self._grad_biases[layer].shape))
-            for states, shape in pairs:
-                kept = states[2 * layer : 2 * layer + 2]
-                result.append(tuple(a.reshape(shape) for a in kept if a.size))
-        return result
+    def bind(self, states, steps) -> tuple:
+        """``(states, steps)`` checked for the kernel: two flat arrays per parameter
+        (empty where unused) and one 1-element array per parameter (Adam's step)."""
+        count, dtype = len(self.sizes), self.network.dtype
+        if len(states) != 2 * count or len(steps) != count:
+            raise ValueError(
+                f"states and steps must hold {2 * count} and {count} arrays, "
+                f"got {len(states)} and {len(steps)}"
+            )
+        states = tuple(
+            _state(f"states[{i}]", a, dtype, self.sizes[i // 2]) for i, a in enumerate(states)
+        )
+        kinds = {a.dtype for a in steps}
+        if len(kinds) != 1 or kinds.pop() not in DTYPES:
+            raise TypeError("steps must be float32 or float64 arrays, all of one dtype")
+        steps = tuple(_state(f"steps[{i}]", a, a.dtype, 1) for i, a in enumerate(steps))
+        if any(a.shape[0] != 1 for a in steps):
+            raise ValueError("every array of steps must hold one element")
+        return states, steps
 
     def _targets(self, y, batch: int, width: int):
         """``(targets, labels)`` checked against the output, one of them empty."""
@@ -1074,38 +1202,47 @@ class TrainStep:
                 )
             if y.shape != (batch,):
                 raise ValueError(f"y must have shape ({batch},) for cross_entropy, got {y.shape}")
-            if batch and (y.min() < 0 or y.max() >= width):
-                bad = y[(y < 0) | (y >= width)][0]
-                raise ValueError(f"y holds class index {bad}, outside [0, {width})")
-            return np.empty((0, 0), self.dtype), np.ascontiguousarray(y, np.int64)
-        targets = _matrix("y", y, self.dtype, (batch, width))
-        return targets, np.empty(0, np.int64)
+            return _NO_TARGETS[self.network.dtype], np.ascontiguousarray(y, np.int64)
+        return _exactly("y", y, self.network.dtype, (batch, width)), _NO_LABELS
 
-    def __call__(self, x, y, weights, biases) -> float:
-        """One step on batch ``(x, y)``; returns the loss before the update."""
-        # Checked before Network, which would update a contiguous copy instead.
-        for name, arrays in (("weights", weights), ("biases", biases)):
-            for layer, array in enumerate(arrays):
-                if array is not None and not array.flags.c_contiguous:
-                    raise ValueError(f"{name}[{layer}] must be C-contiguous to be updated in place")
-        network = Network(weights, biases, self.activations)
-        weights, biases = network.weights, network.biases
-        if x.dtype != self.dtype:
-            raise TypeError(f"x must have dtype {self.dtype}, got {x.dtype}")
+    def __call__(self, x, y, bound: tuple, hyper, fresh, max_norm: float = 0.0) -> float:
+        """One step on batch ``(x, y)``; returns the loss before the update.
+
+        ``bound`` comes from ``bind``; ``hyper`` is (parameters, 6) float64, ``fresh``
+        (parameters,) bool; ``max_norm`` > 0 clips the gradients as ``clip_grad_norm_``.
+        """
+        network, count = self.network, len(self.sizes)
         x = network._input(x)
-        if x.shape[0] == 0:
+        batch, width = x.shape[0], network.widths[-1]
+        if batch == 0:
             raise ValueError("x must hold at least one sample, got a batch of 0")
-        batch, width = x.shape[0], weights[-1].shape[0]
+        if hyper.shape != (count, 6) or hyper.dtype != np.float64:
+            raise ValueError(f"hyper must be a ({count}, 6) float64 array, got {hyper.shape}")
+        if fresh.shape != (count,) or fresh.dtype != np.bool_:
+            raise ValueError(f"fresh must be a ({count},) bool array, got {fresh.shape}")
         targets, labels = self._targets(y, batch, width)
         if not self._workspaces or self._workspaces[0][0].shape[0] != batch:
-            outputs = tuple(np.empty((batch, w.shape[0]), x.dtype) for w in weights)
-            spaces = [np.empty(batch * max(w.shape[0] for w in weights), x.dtype) for _ in "dg"]
+            outputs = tuple(np.empty((batch, w), x.dtype) for w in network.widths[1:])
+            spaces = [np.empty(batch * network._widest, x.dtype) for _ in "dg"]
             self._workspaces = (outputs, *spaces)
         terms = batch if self.loss == CROSS_ENTROPY else batch * width
         scale = 1.0 / terms if self.scale_by_mean else 1.0
-        self.steps += 1
-        return _train_step(
-            _prepare_launch(x.dtype), x, targets, labels, weights, biases, self._codes,
-            *self._workspaces, self._grad_weights, self._grad_biases, self._weight_states,
-            self._bias_states, self.loss, scale, self.optimizer, self.hyper, self.steps,
+        value, bad = _train_step(
+            _prepare_launch(x.dtype), x, targets, labels, network.weights, network.biases,
+            network.codes, *self._workspaces, self._grad_weights, self._grad_biases,
+            self._first_param, *bound, hyper, fresh, self.loss, scale, self.rule,
+            float(max_norm),
         )  # fmt: skip
+        if bad >= 0:
+            raise ValueError(f"y holds class index {y[bad]}, outside [0, {width})")
+        if bad < -1:
+            used = "2 state arrays" if self.rule != SGD else "a momentum buffer"
+            raise ValueError(
+                f"parameter {-2 - bad}'s update reads {used} of {self.sizes[-2 - bad]} elements"
+                ", which the states passed to bind() do not hold"
+            )
+        return value
+
+
+_NO_TARGETS = {dtype: np.empty((0, 0), dtype) for dtype in DTYPES}
+_NO_LABELS = np.empty(0, np.int64)

@@ -64,6 +64,10 @@ weight decay, ``t`` the step, counted from 1)::
            p ← p − lr·d
     adam   d = ∂p + wd·p;  m ← m + (1 − β₁)(d − m);  v ← β₂ v + (1 − β₂) d²
            p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
+    adamw  p ← (1 − lr·wd)·p first, then adam with d = ∂p (the decay decoupled from m, v)
+
+``FusedTrainer`` with ``max_grad_norm`` first scales every ∂p by
+``min(1, max_norm / (‖(∂p₁, ∂p₂, …)‖₂ + 10⁻⁶))``, as ``torch.nn.utils.clip_grad_norm_``.
 
 NaN and Inf
 ===========
@@ -183,7 +187,7 @@ def mlp_backward(
 
 LOSSES = ("mse", "cross_entropy", "bce_with_logits")
 REDUCTIONS = ("mean", "sum")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def loss_and_grad(
@@ -235,18 +239,33 @@ class Adam:
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.moments: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
 
+    decoupled = False  # AdamW's decay moves p apart from m and v
+
     def update(self, index: int, param: np.ndarray, grad: np.ndarray) -> None:
         beta1, beta2 = self.betas
         fresh = (0, np.zeros_like(param), np.zeros_like(param))
         step, mean, square = self.moments.get(index, fresh)
         step += 1
-        direction = grad + self.weight_decay * param if self.weight_decay else grad
+        if self.decoupled:
+            param *= 1 - self.lr * self.weight_decay
+            direction = grad
+        else:
+            direction = grad + self.weight_decay * param if self.weight_decay else grad
         mean += (1 - beta1) * (direction - mean)
         square *= beta2
         square += (1 - beta2) * direction * direction
         denominator = np.sqrt(square) / np.sqrt(1 - beta2**step) + self.eps
         param -= self.lr / (1 - beta1**step) * mean / denominator
         self.moments[index] = (step, mean, square)
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW`` (decoupled weight decay, no AMSGrad) on numpy arrays."""
+
+    decoupled = True
+
+    def __init__(self, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01) -> None:
+        super().__init__(lr, betas, eps, weight_decay)
 
 
 def train_step(x, y, weights, biases, activations, loss, reduction, optimizer) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -129,7 +130,7 @@ def test_float32_updates_are_as_accurate_as_torchs(configuration, size, seed):
     ours = start.numpy().copy()
     kept = 2 if optimizer == "adam" else int(bool(hyper.get("momentum")))
     state = tuple(np.zeros_like(ours) for _ in range(kept))
-    coefficients = cpu.check_hyperparameters(
+    coefficients = cpu.hyperparameters(
         hyper["lr"], hyper.get("momentum", 0.0), hyper.get("weight_decay", 0.0),
         hyper.get("betas", (0.9, 0.999)), 1e-8,
     )  # fmt: skip
@@ -146,9 +147,7 @@ def test_adam_forms_its_coefficients_as_torch_does():
     second moment after one step is then exactly torch's float32 ``(1 − β₂)·g²``."""
     grad = np.full(3, 3.0, np.float32)
     param, m, v = np.zeros(3, np.float32), np.zeros(3, np.float32), np.zeros(3, np.float32)
-    cpu.update(
-        param, grad, (m, v), "adam", cpu.check_hyperparameters(0.1, 0, 0, (0.9, 0.99), 1e-8), 1
-    )
+    cpu.update(param, grad, (m, v), "adam", cpu.hyperparameters(0.1, 0, 0, (0.9, 0.99), 1e-8), 1)
     assert v[0] == np.float32(1 - 0.99) * np.float32(9.0)
 
 
@@ -181,29 +180,245 @@ def test_workspaces_follow_a_changing_batch_size():
         torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("configuration", ["sgd-momentum-decay", "adam"])
-def test_state_round_trips_through_torch_optim(configuration):
-    """Two steps each way, then each side resumes from the other's state: both
-    continue on the same trajectory."""
-    hyper = {"lr": 0.05, **OPTIMIZERS[configuration]}
-    optimizer = "adam" if configuration == "adam" else "sgd"
-    torch_optimizer = TORCH_OPTIMIZERS[optimizer]
-    model, x, y = _problem([5, 4, 3], 6, "cross_entropy", torch.float64)
-    _, _, opt = _torch_run(model, x, y, "cross_entropy", "mean", optimizer, hyper, 2)
-    _, trainer = _fused_run(model, x, y, "cross_entropy", "mean", optimizer, hyper, 2, "numba")
+# ---------------------------------------------------------------------------
+# torch.optim optimizers and schedulers: 30 steps equal the plain torch loop
+# ---------------------------------------------------------------------------
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01)
 
-    sequential = model.to_torch()  # torch.optim resumes the fused run
-    resumed_torch = torch_optimizer(sequential.parameters(), lr=1.0)
-    resumed_torch.load_state_dict(trainer.state_dict())
-    fused = FusedTrainer(model, "cross_entropy", optimizer=optimizer, lr=1.0)
-    fused.load_state_dict(opt.state_dict())  # the fused run resumes torch.optim's
-    for _ in range(2):
-        fused.step(x, y)
-        resumed_torch.zero_grad()
-        torch.nn.functional.cross_entropy(sequential(x), y).backward()
-        resumed_torch.step()
+
+def _two_groups(params):
+    """Each layer's weight in a group of its own lr; the biases in a third."""
+    params = list(params)
+    return torch.optim.SGD(
+        [{"params": [params[0]], "lr": 0.1}, {"params": [params[2]], "lr": 0.02},
+         {"params": [params[1], params[3]]}],
+        lr=0.05, momentum=0.5,
+    )  # fmt: skip
+
+
+RUNS = {
+    "sgd-momentum-decay-steplr": (_sgd, lambda o: torch.optim.lr_scheduler.StepLR(o, 7, 0.5), None),
+    "adam-onecycle": (
+        lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.01),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=30),
+        None,
+    ),
+    "adamw-cosine": (
+        lambda p: torch.optim.AdamW(p, lr=0.02, betas=(0.8, 0.99), weight_decay=0.1),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 30),
+        None,
+    ),
+    "sgd-param-groups": (_two_groups, None, None),
+    "sgd-clipped": (_sgd, None, 0.05),
+    "adam-clipped": (lambda p: torch.optim.Adam(p, lr=0.01), None, 0.05),
+}
+
+
+def _loop(step, model, configure, steps=30, at_step=None):
+    """``steps`` of ``step(optimizer)`` with a scheduler stepping after each; ``at_step``
+    (step index, optimizer) runs before each step, as a user's hand edit would."""
+    build, schedule, _ = configure
+    optimizer = build(model.parameters())
+    scheduler = schedule(optimizer) if schedule else None
+    losses = []
+    for index in range(steps):
+        if at_step:
+            at_step(index, optimizer)
+        losses.append(step(optimizer))
+        if scheduler:
+            scheduler.step()
+    return torch.stack(losses)
+
+
+def _torch_step(sequential, x, y, max_norm):
+    def step(optimizer):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(sequential(x), y)
+        loss.backward()
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(sequential.parameters(), max_norm)
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def _fused_step(model, x, y, max_norm, backend="numba"):
+    trainers = {}
+
+    def step(optimizer):
+        if id(optimizer) not in trainers:
+            trainers[id(optimizer)] = FusedTrainer(
+                model, "cross_entropy", optimizer=optimizer, max_grad_norm=max_norm,
+                backend=backend,
+            )  # fmt: skip
+        return trainers[id(optimizer)].step(x, y)
+
+    return step
+
+
+def _halve_lr_at_10(index, optimizer):
+    if index == 10:
+        optimizer.param_groups[0]["lr"] *= 0.5
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("run", [*RUNS, "manual-lr-change"])
+def test_thirty_steps_equal_the_torch_loop_in_float64(run, backend):
+    configure = RUNS.get(run, RUNS["sgd-momentum-decay-steplr"])
+    at_step = _halve_lr_at_10 if run == "manual-lr-change" else None
+    model, x, y = _problem([7, 6, 4], 9, "cross_entropy", torch.float64, activation="tanh")
+    sequential = model.to_torch()
+    max_norm = configure[2]
+    expected = _loop(
+        _torch_step(sequential, x, y, max_norm), sequential, configure, at_step=at_step
+    )
+    losses = _loop(_fused_step(model, x, y, max_norm, backend), model, configure, at_step=at_step)
+    torch.testing.assert_close(losses, expected, rtol=1e-12, atol=1e-12)
     for mine, theirs in zip(model.parameters(), sequential.parameters(), strict=True):
-        torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_thirty_float32_steps_stay_as_close_to_float64_as_torchs(run):
+    configure = RUNS[run]
+    model, x, y = _problem([7, 6, 4], 9, "cross_entropy", torch.float64, activation="tanh")
+    exact = model.to_torch()
+    _loop(_torch_step(exact, x, y, configure[2]), exact, configure)
+    model, x = model.float(), x.float()
+    torchs = model.to_torch()
+    _loop(_torch_step(torchs, x, y, configure[2]), torchs, configure)
+    _loop(_fused_step(model, x, y, configure[2]), model, configure)
+    triples = zip(model.parameters(), torchs.parameters(), exact.parameters(), strict=True)
+    for ours, theirs, truth in triples:
+        slack = 8 * torch.finfo(torch.float32).eps * truth.abs().max().item()
+        ours, theirs, truth = ours.detach(), theirs.detach(), truth.detach()
+        assert_no_less_accurate(run, ours, theirs, truth, torch.float32, slack)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_a_run_moves_between_fused_trainer_and_the_torch_loop(rule):
+    """Two fused steps, two torch steps on the same optimizer, a checkpoint of it loaded
+    into a new optimizer and a new trainer, two more fused steps: the same trajectory
+    as six uninterrupted torch steps."""
+    build = {"sgd": _sgd, "adam": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.01)}[rule]
+    model, x, y = _problem([5, 4, 3], 6, "cross_entropy", torch.float64)
+    uninterrupted = model.to_torch()
+    _loop(_torch_step(uninterrupted, x, y, None), uninterrupted, (build, None, None), steps=6)
+
+    optimizer = build(model.parameters())
+    trainer = FusedTrainer(model, "cross_entropy", optimizer=optimizer)
+    for _ in range(2):
+        trainer.step(x, y)
+    for _ in range(2):  # the plain loop on fastbp's own model and the same optimizer
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    resumed = build(model.parameters())
+    resumed.load_state_dict(checkpoint)
+    trainer = FusedTrainer(model, "cross_entropy", optimizer=resumed)
+    for _ in range(2):
+        trainer.step(x, y)
+    for mine, theirs in zip(model.parameters(), uninterrupted.parameters(), strict=True):
+        torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_the_string_form_builds_the_optimizer_it_names():
+    model, _, _ = _problem([3, 2], 1, "mse", torch.float32)
+    trainer = FusedTrainer(model, optimizer="adamw", lr=0.1, betas=(0.8, 0.9))
+    assert type(trainer.optimizer) is torch.optim.AdamW
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == 0.1 and group["betas"] == (0.8, 0.9) and group["weight_decay"] == 0.01
+
+
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda p: torch.optim.RMSprop(p), TypeError, "torch.optim.SGD, Adam or AdamW"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), ValueError,
+         "nesterov=True"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5), ValueError,
+         "dampening=0.5"),
+        (lambda p: torch.optim.Adam(p, amsgrad=True), ValueError, "amsgrad=True"),
+        (lambda p: torch.optim.AdamW(p, maximize=True), ValueError, "maximize=True"),
+        (lambda p: torch.optim.SGD([*p, torch.nn.Parameter(torch.zeros(1))], lr=0.1), ValueError,
+         "1 foreign"),
+        (lambda p: torch.optim.SGD(list(p)[:1], lr=0.1), ValueError, "of the model's missing"),
+    ],
+)  # fmt: skip
+def test_optimizers_the_kernels_cannot_run_are_refused_at_construction(make, error, words):
+    model, _, _ = _problem([3, 2], 1, "mse", torch.float32)
+    with pytest.raises(error, match=re.escape(words)):
+        FusedTrainer(model, optimizer=make(model.parameters()))
+
+
+def test_an_unsupported_option_set_later_raises_at_the_next_step():
+    model, x, y = _problem([3, 2], 2, "mse", torch.float32)
+    trainer = FusedTrainer(model, optimizer="sgd", lr=0.1, momentum=0.9)
+    trainer.step(x, y)
+    trainer.optimizer.param_groups[0]["nesterov"] = True
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="nesterov=True"):
+        trainer.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda t: setattr(t, "lr", 0.0), "hyperparameters live in trainer.optimizer.param_groups"),
+        (lambda t: setattr(t, "momentum", 0.9), "no setting 'momentum'"),
+        (lambda t: setattr(t, "optimizer", None), "fixed at construction"),
+        (lambda t: setattr(t, "max_grad_norm", -1.0), "max_grad_norm must be a finite number"),
+    ],
+)
+def test_a_setting_that_would_be_ignored_raises(change, words):
+    model, _, _ = _problem([3, 2], 1, "mse", torch.float32)
+    trainer = FusedTrainer(model, optimizer="sgd")
+    with pytest.raises((AttributeError, ValueError), match=re.escape(words)):
+        change(trainer)
+
+
+def test_settings_take_effect_at_the_next_step():
+    model, x, y = _problem([3, 2], 2, "mse", torch.float64)
+    sequential = model.to_torch()
+    trainer = FusedTrainer(model, optimizer="sgd", lr=0.1)
+    trainer.step(x, y)
+    trainer.reduction, trainer.max_grad_norm = "sum", 0.01
+    trainer.step(x, y)
+    optimizer = torch.optim.SGD(sequential.parameters(), lr=0.1)
+    for reduction, max_norm in (("mean", None), ("sum", 0.01)):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(sequential(x), y, reduction=reduction).backward()
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(sequential.parameters(), max_norm)
+        optimizer.step()
+    for mine, theirs in zip(model.parameters(), sequential.parameters(), strict=True):
+        torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_hyperparameters_are_refused_beside_an_optimizer_object():
+    model, _, _ = _problem([3, 2], 1, "mse", torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="lr given beside an optimizer object"):
+        FusedTrainer(model, optimizer=optimizer, lr=0.5)
+
+
+def test_optimizer_step_hooks_are_refused_rather_than_skipped():
+    model, x, y = _problem([3, 2], 2, "mse", torch.float32)
+    trainer = FusedTrainer(model, backend="numba")
+    trainer.optimizer.register_step_post_hook(lambda *args: None)
+    with pytest.raises(ValueError, match="step hooks"):
+        trainer.step(x, y)
+
+
+def test_a_hooked_model_is_refused_rather_than_its_hooks_skipped():
+    model, x, y = _problem([3, 2], 2, "mse", torch.float32)
+    model[0].register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match="hooks would not fire"):
+        FusedTrainer(model).step(x, y)
 
 
 @pytest.mark.parametrize(
@@ -248,7 +463,7 @@ def test_non_contiguous_parameters_are_refused_not_copied():
         ({"reduction": "none"}, "reduction must be one of"),
         ({"optimizer": "rmsprop"}, "optimizer must be one of"),
         ({"lr": -1.0}, "lr must be a finite number >= 0"),
-        ({"betas": (0.9, 1.0)}, "betas must be two numbers in [0, 1)"),
+        ({"optimizer": "adam", "betas": (0.9, 1.0)}, "betas must be two numbers in [0, 1)"),
         ({"backend": "cuda"}, "backend must be one of"),
     ],
 )
@@ -322,3 +537,33 @@ def test_registered_steps_match_torch_eager(workload, name):
     if "compile" in name:
         torch._dynamo.reset()  # fresh caches, as fastbp bench gives each workload
     print(check_step(name, WORKLOADS[workload], steps=3))
+
+
+def test_momentum_turned_on_mid_run_starts_its_buffers_as_torch_does():
+    model, x, y = _problem([4, 3, 2], 5, "mse", torch.float64)
+    sequential = model.to_torch()
+    mine = torch.optim.SGD(model.parameters(), lr=0.1)
+    theirs = torch.optim.SGD(sequential.parameters(), lr=0.1)
+    trainer = FusedTrainer(model, optimizer=mine)
+    for index in range(4):
+        if index == 2:
+            for optimizer in (mine, theirs):
+                optimizer.param_groups[0]["momentum"] = 0.9
+        trainer.step(x, y)
+        theirs.zero_grad()
+        torch.nn.functional.mse_loss(sequential(x), y).backward()
+        theirs.step()
+    for ours, reference_ in zip(model.parameters(), sequential.parameters(), strict=True):
+        torch.testing.assert_close(ours.detach(), reference_.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_the_kernel_refuses_state_arrays_its_rule_would_read_past():
+    weights = [np.ones((3, 4)), np.ones((2, 3))]
+    network = cpu.Network(weights, [np.ones(3), None], ["relu", "identity"])
+    step = cpu.TrainStep(network, "mse", "mean", "sgd")
+    empty = np.empty(0)
+    bound = step.bind([empty] * 6, [np.zeros(1, np.float32)] * 3)
+    hyper = np.tile(cpu.hyperparameters(0.1, momentum=0.9), (3, 1))
+    with pytest.raises(ValueError, match="parameter 0's update reads a momentum buffer of 12"):
+        step(np.ones((2, 4)), np.ones((2, 2)), bound, hyper, np.zeros(3, bool))
+    assert np.all(weights[0] == 1)
