@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,6 +86,54 @@ def assert_no_less_accurate(name: str, ours, torchs, exact, dtype: torch.dtype, 
     assert error <= bound, (
         f"{name}: error {error:.3g} > bound {bound:.3g} (torch: {torch_error:.3g})"
     )
+
+
+# Each activation as a function of z, and its derivative and the derivative's slope as
+# functions of the output a (how an error in a reaches δ = g·act′): numpy, float64.
+ACTIVATIONS = {
+    "identity": (lambda z: z, lambda a: np.ones_like(a), lambda a: np.zeros_like(a)),
+    "relu": (lambda z: np.maximum(z, 0), lambda a: (a > 0) * 1.0, lambda a: np.zeros_like(a)),
+    "sigmoid": (lambda z: 1 / (1 + np.exp(-z)), lambda a: a * (1 - a), lambda a: 1 - 2 * a),
+    "tanh": (np.tanh, lambda a: 1 - a * a, lambda a: -2 * a),
+}
+
+
+def error_scales(x, weights, biases, activations, g, eps: float) -> list[np.ndarray]:
+    """Element-wise scales of the rounding error of every output and gradient, in
+    units of ``eps`` and in ``_forward_and_gradients`` order: outputs, ∂x, ∂Wₗ, ∂bₗ.
+
+    First-order error analysis on the true values: a sum's rounding contributes
+    Σ|terms|, a product's its own size, and each input's error reaches the result
+    through |W| and through the activation's derivative at that element (a sigmoid
+    that saturates passes almost nothing on). A relu whose pre-activation lies within
+    4 ulp of its scale from zero may round to either side of the kink: its δ may be g
+    or 0, so its scale is |g| / eps."""
+    absolute = [np.abs(w) for w in weights]
+    values, scales, kinks = [x], [np.zeros_like(x)], []
+    for layer, name in enumerate(activations):
+        function, derivative, _ = ACTIVATIONS[name]
+        bias = 0 if biases[layer] is None else biases[layer]
+        pre = values[-1] @ weights[layer].T + bias
+        z = (scales[-1] + np.abs(values[-1])) @ absolute[layer].T + np.abs(bias)
+        values.append(function(pre))
+        scales.append(np.abs(derivative(values[-1])) * z + np.abs(values[-1]))
+        kinks.append((np.abs(pre) <= 4 * eps * z) if name == "relu" else 0)
+    g_scale = np.zeros_like(g)
+    weight_scales, bias_scales = [None] * len(weights), [None] * len(weights)
+    for layer in reversed(range(len(weights))):
+        _, derivative, slope = ACTIVATIONS[activations[layer]]
+        a, a_scale = values[layer + 1], scales[layer + 1]
+        delta = g * derivative(a)
+        delta_scale = (g_scale * np.abs(derivative(a)) + np.abs(g * slope(a)) * a_scale
+                       + 2 * np.abs(delta) + np.abs(g) * kinks[layer] / eps)  # fmt: skip
+        source, source_scale = np.abs(values[layer]), scales[layer]
+        weight_scales[layer] = (delta_scale + np.abs(delta)).T @ source
+        weight_scales[layer] += np.abs(delta).T @ source_scale
+        bias_scales[layer] = (delta_scale + np.abs(delta)).sum(axis=0)
+        g_scale = (delta_scale + np.abs(delta)) @ absolute[layer]
+        g = delta @ weights[layer]
+    present = [s for s, b in zip(bias_scales, biases, strict=True) if b is not None]
+    return [*scales[1:], g_scale, *weight_scales, *present]
 
 
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
