@@ -1,7 +1,7 @@
 """Measure the thread policy under DDP: 2 ranks on one machine, each with all
 the cores (oversubscribed) against the policy's share.
 
-    python benchmarks/ddp_threads.py [--rounds 3] [--steps 100]
+    python -m benchmarks.ddp_threads [--rounds 3] [--steps 100]
 
 Each round launches every setting one after the other (gloo, 127.0.0.1), with
 the all-reduce and without it (``no_sync``: the two ranks' compute alone, where
@@ -12,18 +12,14 @@ table shows the median over rounds, so settings are compared side by side.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from fastbp.threads import _cores  # noqa: E402
-from tests.ddp_worker import launch  # noqa: E402
+from benchmarks.ddp_worker import launch
+from fastbp.threads import cores
 
 SIZES, GLOBAL_BATCH = "1000,100,10", 2048
 
@@ -48,7 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     arguments = parser.parse_args()
     settings = {
-        (f"all {_cores()} cores per rank", sync): (_cores(), sync) for sync in (True, False)
+        (f"all {cores()} cores per rank", sync): (cores(), sync) for sync in (True, False)
     } | {("policy", sync): (None, sync) for sync in (True, False)}
     samples = {name: [] for name in settings}
     policies = {}
@@ -57,7 +53,7 @@ def main() -> None:
             for name, (threads, sync) in settings.items():
                 us, policies[name] = median_step_us(threads, sync, arguments.steps, Path(folder))
                 samples[name].append(us)
-    print(f"2 ranks, MLP {SIZES}, global batch {GLOBAL_BATCH}, {_cores()} cores, "
+    print(f"2 ranks, MLP {SIZES}, global batch {GLOBAL_BATCH}, {cores()} cores, "
           f"{arguments.rounds} rounds of {arguments.steps} steps")  # fmt: skip
     print("| setting | threads per rank (torch, numba) | all-reduce | median step, rank 0 |")
     print("|---|---|---|---|")

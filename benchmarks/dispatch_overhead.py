@@ -1,7 +1,7 @@
 """Measure what the two wirings of fastbp's kernels cost per call, and eager vs
 torch.compile for the headline network.
 
-    python benchmarks/dispatch_overhead.py [--rounds 7] [--calls 500]
+    python -m benchmarks.dispatch_overhead [--rounds 7] [--calls 500]
 
 1. Per-call overhead: a 2-2-2 network at batch 1, where the kernels take ~1 µs,
    through the ``torch.autograd.Function`` (the eager default) and through the
@@ -16,18 +16,14 @@ All variants run in interleaved rounds in one process; the median per call is ke
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import fastbp  # noqa: E402
-from fastbp import functional as F  # noqa: E402
-from fastbp.bench import time_interleaved  # noqa: E402
+import fastbp
+from fastbp import functional as F
+from fastbp.bench import time_interleaved
 
 
 def _tiny_calls() -> dict:

@@ -1,6 +1,6 @@
 """Measure the thread policy: mixed eager loop vs its parts, policy on and off.
 
-    python benchmarks/thread_policy.py [--rounds 7] [--steps 200] [--json out.json]
+    python -m benchmarks.thread_policy [--rounds 7] [--steps 200] [--json out.json]
 
 Each setting runs in its own process (the GEMM binding is per process); in a
 process the three parts run in interleaved rounds and the median per-step time
@@ -18,12 +18,12 @@ import sys
 
 
 def measure(rounds: int, steps: int) -> dict:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import fastbp
-    from benchmarks.workloads import thread_policy_workload
+    from benchmarks.workloads import check_thread_policy_workload, thread_policy_workload
     from fastbp.bench import time_interleaved
 
-    parts = thread_policy_workload()
+    check_thread_policy_workload()
+    parts, _ = thread_policy_workload()
     for run in parts.values():  # compile, load caches, apply the policy
         run()
     samples = time_interleaved({name: (run, steps) for name, run in parts.items()}, rounds)
@@ -48,7 +48,8 @@ def main() -> None:
         return
     results = {}
     for policy in ("off", "on"):
-        command = [sys.executable, __file__, "--child", "--rounds", str(arguments.rounds)]
+        command = [sys.executable, "-m", "benchmarks.thread_policy", "--child"]
+        command += ["--rounds", str(arguments.rounds)]
         command += ["--steps", str(arguments.steps)]
         env = dict(os.environ, FASTBP_THREAD_POLICY=policy)
         output = subprocess.run(command, env=env, check=True, capture_output=True, text=True)

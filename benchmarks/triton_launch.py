@@ -1,6 +1,6 @@
 """Per-call cost of fastbp's Triton kernels on a GPU, beside an empty torch launch.
 
-    python benchmarks/triton_launch.py [--rounds 7] [--calls 2000] [--json out.json]
+    python -m benchmarks.triton_launch [--rounds 7] [--calls 2000] [--json out.json]
 
 On a tiny network (8-16-8 at batch 1) the kernels themselves take a few µs, so
 the time per call is the launch path: Python, Triton's argument binding and the
@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from fastbp import functional as F  # noqa: E402
-from fastbp.bench import time_interleaved  # noqa: E402
-from fastbp.nn import MLP  # noqa: E402
+from fastbp import functional as F
+from fastbp.bench import time_interleaved
+from fastbp.nn import MLP
 
 
 def _calls() -> dict:

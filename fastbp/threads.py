@@ -100,8 +100,9 @@ def _configure_numba(num_threads: int) -> int:
     return numba.get_num_threads()
 
 
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):  # the cores this process may use (containers, taskset)
+def cores() -> int:
+    """The cores this process may run on (its affinity mask: containers, taskset)."""
+    if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
@@ -120,7 +121,7 @@ def _thread_budget(ranks: int) -> int:
     """torch's thread count, capped at each of ``ranks``' share of the cores."""
     threads = torch.get_num_threads()
     if ranks > 1:
-        threads = min(threads, max(1, _cores() // ranks))
+        threads = min(threads, max(1, cores() // ranks))
         torch.set_num_threads(threads)
     return threads
 

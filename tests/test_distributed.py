@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastbp.threads import _cores
-
-from .ddp_worker import global_batch, launch, new_model, train_step
+from benchmarks.ddp_worker import global_batch, launch, new_model, train_step
+from fastbp.threads import cores
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -31,7 +30,7 @@ def test_two_ranks_train_as_one_process_on_the_whole_batch(tmp_path):
     # 2 ranks on this machine: each gets its share of the cores, not all of them
     policy = trained["policy"]
     assert policy["ranks_on_this_machine"] == 2
-    assert policy["torch_threads"] == policy["numba_threads"] <= max(1, _cores() // 2)
+    assert policy["torch_threads"] == policy["numba_threads"] <= max(1, cores() // 2)
 
 
 def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
