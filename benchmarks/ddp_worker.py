@@ -83,12 +83,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64, help="global batch")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
-    parser.add_argument("--threads", type=int, help="threads per rank (default: the policy's)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads in each rank")
     parser.add_argument("--timeout", type=float, default=60, help="process group timeout, s")
     parser.add_argument("--no-sync", action="store_true", help="skip the all-reduce (compute only)")
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--fail-at-step", type=int, default=-1)
     arguments = parser.parse_args()
+    torch_threads_at_start = torch.get_num_threads()
 
     dist.init_process_group(
         "gloo",
@@ -98,7 +99,7 @@ def main() -> None:
         timeout=datetime.timedelta(seconds=arguments.timeout),
     )
     if arguments.threads:
-        fastbp.threads.set_num_threads(arguments.threads)
+        torch.set_num_threads(arguments.threads)
     sizes = [int(size) for size in arguments.sizes.split(",")]
     model = new_model(sizes)
     ddp = DistributedDataParallel(model)
@@ -119,6 +120,8 @@ def main() -> None:
                 "state_dict": model.state_dict(),
                 "step_seconds": seconds,
                 "policy": fastbp.threads.describe(),
+                "torch_threads": torch.get_num_threads(),
+                "torch_threads_at_start": torch_threads_at_start,
             },
             arguments.output,
         )

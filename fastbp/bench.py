@@ -226,7 +226,8 @@ def bench_workload(
     ]
 
 
-def _machine() -> dict:
+def machine() -> dict:
+    """Where figures were measured: date, versions, CPU, GPU and the thread policy."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "fastbp": __version__,
@@ -316,9 +317,11 @@ def _pass_calls(name: str, dtype: torch.dtype, generator) -> dict:
     arrays = z.numpy(), g.numpy(), a.numpy()
     return {
         ("forward", "torch-eager"): lambda: forward(z),
-        ("forward", "fastbp"): lambda: cpu.activate(arrays[0], name),
+        ("forward", "fastbp"): lambda: threads.call(cpu.activate, arrays[0], name),
         ("backward", "torch-eager"): lambda: backward(g, a),
-        ("backward", "fastbp"): lambda: cpu.activation_grad(arrays[1], arrays[2], name),
+        ("backward", "fastbp"): lambda: threads.call(
+            cpu.activation_grad, arrays[1], arrays[2], name
+        ),
     }
 
 
@@ -385,7 +388,7 @@ def run(
         rows += bench_passes(rounds, round_seconds, progress)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "bench.json").write_text(
-        json.dumps({"machine": _machine(), "results": rows}, indent=2)
+        json.dumps({"machine": machine(), "results": rows}, indent=2)
     )
     if rows:
         plot(rows, output_dir / "bench.png")

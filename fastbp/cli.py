@@ -28,6 +28,7 @@ def info(_: argparse.Namespace) -> int:
         *((name, _version(name)) for name in ("torch", "numba", "numpy", "scipy", "triton")),
         ("backends", ", ".join(functional.BACKENDS)),
         ("thread policy", ", ".join(f"{k}={v}" for k, v in threads.describe().items())),
+        ("process settings changed", _changes(threads.changes()) or "none"),
         ("numba cache", numba.config.CACHE_DIR or f"beside the sources ({cpu.__file__})"),
         ("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
     ]
@@ -35,6 +36,10 @@ def info(_: argparse.Namespace) -> int:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     return 0
+
+
+def _changes(changes: dict[str, tuple[str, str]]) -> str:
+    return "; ".join(f"{name}: {before} -> {after}" for name, (before, after) in changes.items())
 
 
 def bench(arguments: argparse.Namespace) -> int:

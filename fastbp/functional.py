@@ -204,7 +204,7 @@ class NumbaKernels:
 
     @staticmethod
     def prepare(plan: Plan) -> cpu.Network:
-        threads.ensure_policy()  # before the first kernel of the process, once
+        threads.ensure_policy()  # binds the GEMM before the first kernel of the process
         arrays = [_array(w) for w in plan.weights], [_array(b) for b in plan.biases]
         return cpu.Network(*arrays, plan.activations)
 
@@ -212,14 +212,14 @@ class NumbaKernels:
     def forward(plan: Plan, x: torch.Tensor):
         """``(the last layer's output, what backward needs)``: every layer's output, kept
         as arrays, since no one but backward sees the hidden ones."""
-        x = _numpy(x)
-        outputs = plan.prepared.forward(x)
+        x, network = _numpy(x), plan.prepared
+        outputs = threads.call(network.forward, x, parallel=network.parallel(x.shape[0]))
         return torch.from_numpy(outputs[-1]), (x, outputs)
 
     @staticmethod
     def infer(plan: Plan, x: torch.Tensor) -> torch.Tensor:
         """The last layer's output alone."""
-        return torch.from_numpy(plan.prepared.forward(_numpy(x))[-1])
+        return NumbaKernels.forward(plan, x)[0]
 
     @staticmethod
     def saved(x: torch.Tensor, outputs) -> tuple:
@@ -235,9 +235,11 @@ class NumbaKernels:
     def backward(plan: Plan, saved, grad_output: torch.Tensor, needs_input_grad: bool):
         """``(∂L/∂x or None, [∂L/∂Wₗ], [∂L/∂bₗ or None])``."""
         x, outputs = saved
-        grad_x, grad_weights, grad_biases = plan.prepared.backward(
-            grad_output.numpy(), x, outputs, needs_input_grad
-        )
+        network = plan.prepared
+        grad_x, grad_weights, grad_biases = threads.call(
+            network.backward, grad_output.numpy(), x, outputs, needs_input_grad,
+            parallel=network.parallel(x.shape[0]),
+        )  # fmt: skip
         return _tensor(grad_x), [*map(_tensor, grad_weights)], [*map(_tensor, grad_biases)]
 
 

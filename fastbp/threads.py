@@ -1,43 +1,44 @@
-"""One thread policy for the thread pools that meet in a fastbp process.
+"""One thread policy for the thread pools that meet in fastbp's calls, and nothing beyond them.
 
-A fastbp process holds up to four pools: torch's OpenMP pool (which also runs
-torch's MKL), numba's pool for ``prange`` loops, and the OpenBLAS pthread
-pools that numpy and scipy each bring. Each pool's idle threads spin for a
-while before sleeping, so when work alternates between pools they steal the
-cores from each other. Measured on 2 cores, a numba kernel whose GEMMs went
-through scipy's OpenBLAS, alternating with torch ops, ran 48× slower per step
-than the two alone (``benchmarks/thread_policy.py`` reproduces it).
+A process running fastbp holds up to four pools: torch's OpenMP pool (which also
+runs torch's MKL), numba's pool for ``prange`` loops, and the OpenBLAS pools
+that numpy and scipy each bring. Each pool's idle threads spin for a while
+before sleeping, so when work alternates between pools they steal the cores
+from each other. Measured on 2 cores, a numba kernel whose GEMMs went through
+scipy's OpenBLAS, alternating with torch ops, ran 48× slower per step than the
+two alone (``python -m benchmarks.thread_policy`` reproduces it).
 
-The policy, applied once before the first kernel runs:
+The policy governs fastbp's own calls (``call``) and changes no setting of the
+process, so the user's numpy, scipy and torch code runs as it would without fastbp:
 
 1. GEMMs run on torch's own BLAS: the kernels call the ``sgemm_``/``dgemm_``
    that ``libtorch_cpu`` exports (MKL on x86-64 builds), so fastbp's GEMMs and
    torch's share one pool and one thread count, ``torch.get_num_threads()``.
-2. Where torch exports no BLAS, the kernels fall back to scipy's OpenBLAS.
-   Every OpenBLAS pool in the process (numpy's, scipy's) is limited to one
-   thread (threadpoolctl), so that none spins against torch's: plain numpy
-   code that alternates with torch ops ran 1.5–2× slower without the limit.
-3. numba's pool uses a thread-safe layer (``omp`` or ``tbb``; ``workqueue``
-   cannot serve concurrent calls) and at most torch's thread count. The fused
-   element-wise passes only wake it above ``kernels.cpu.PARALLEL_MIN_ELEMENTS``.
-4. Several ranks on one machine (DistributedDataParallel) split its cores:
-   each rank uses at most cores / ranks-on-this-machine threads, torch's and
-   numba's alike. The ranks on this machine are ``LOCAL_WORLD_SIZE`` (torchrun
-   sets it), else the world size of an initialised process group (the usual
-   ``mp.spawn`` on one machine). Without it, 2 ranks on 2 cores each ran 2+2
-   threads (``benchmarks/ddp_threads.py`` measures both).
-
-5. Results do not depend on the thread count: at import, fastbp puts torch's
-   MKL in its strict conditional-numerical-reproducibility mode (what
-   ``MKL_CBWR=AUTO,STRICT`` does), in which a GEMM no longer splits its sum
-   across threads; measured at no cost on the workloads' GEMMs. MKL accepts
-   this only before its first call in the process: ``import fastbp`` before
-   running torch ops (``describe()["blas_reproducible"]`` says whether it took).
-   fastbp's own kernels split work by output column, so they are
+2. Where torch exports no BLAS (or ``FASTBP_GEMM=scipy`` asks for it), the
+   kernels call scipy's OpenBLAS, whose pools are held at one thread during
+   each fastbp call and given back their count after it: a multi-threaded
+   OpenBLAS GEMM leaves threads spinning against torch's next op.
+3. numba's pool runs fastbp's element-wise passes with torch's thread count,
+   set for the calling thread during each call and restored after it (numba
+   keeps one count per thread; setting and restoring costs about 1 µs).
+4. The threading layer is numba's choice (``NUMBA_THREADING_LAYER``, default
+   tbb, else omp, else workqueue). ``workqueue`` cannot run two parallel
+   kernels at once, so under it fastbp runs one kernel call at a time.
+5. The thread count is the user's, as in torch: ``OMP_NUM_THREADS`` or
+   ``torch.set_num_threads``. Several ranks on one machine (DDP) each need
+   cores / ranks threads; torchrun sets ``OMP_NUM_THREADS=1`` for that, and
+   fastbp warns (once) when the ranks' threads add up to more than the cores.
+6. Bit-identical results across thread counts are opt-in, as torch's
+   ``use_deterministic_algorithms``: ``use_reproducible_blas()`` (or the
+   user's ``MKL_CBWR=AUTO,STRICT``) puts torch's MKL in strict conditional
+   numerical reproducibility, in which a GEMM never splits its sum across
+   threads. fastbp's own kernels split work by output column, so they are
    thread-count independent anyway.
 
-``FASTBP_THREAD_POLICY=off`` skips all of it (kernels then use scipy's BLAS
-with default threads): that is the "before" of the benchmark, not a mode to run in.
+``changes()`` lists every process-wide setting fastbp changed (only those the
+user asked for); ``describe()`` what is in force (``fastbp info`` prints both).
+``FASTBP_THREAD_POLICY=off`` runs the kernels on scipy's OpenBLAS with every
+pool left alone: the "before" of the benchmark, not a mode to run in.
 """
 
 from __future__ import annotations
@@ -45,19 +46,39 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
+import warnings
 
 import numba
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from .kernels import cpu
 
-_applied: dict | None = None
-MKL_CBWR_AUTO, MKL_CBWR_STRICT = 2, 0x10000  # mkl_service.h
+GEMMS = ("torch", "scipy")  # FASTBP_GEMM's values
+MKL_CBWR_AUTO, MKL_CBWR_STRICT, MKL_CBWR_ALL = 2, 0x10000, -1  # mkl_service.h
+THREAD_SAFE_LAYERS = ("tbb", "omp")
+
+_policy: _Policy | None = None
+_changes: dict[str, tuple[str, str]] = {}
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity mask: containers, taskset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _policy_on() -> bool:
     return os.environ.get("FASTBP_THREAD_POLICY", "on").lower() not in {"off", "0", "false"}
+
+
+def _requested_gemm() -> str:
+    gemm = os.environ.get("FASTBP_GEMM", "torch").lower()
+    if gemm not in GEMMS:
+        raise ValueError(f"FASTBP_GEMM must be one of {', '.join(GEMMS)}, got {gemm!r}")
+    return gemm
 
 
 def _torch_cpu_library() -> str:
@@ -66,45 +87,41 @@ def _torch_cpu_library() -> str:
     return os.path.join(os.path.dirname(torch.__file__), "lib", f"{prefix}torch_cpu{suffix}")
 
 
-def _request_reproducible_blas() -> str:
-    """Put torch's MKL in strict CNR mode; what happened, in words."""
-    if "MKL_CBWR" in os.environ:
-        return f"as set by MKL_CBWR={os.environ['MKL_CBWR']}"
-    try:
-        set_mode = ctypes.CDLL(_torch_cpu_library()).mkl_serv_cbwr_set
-    except (OSError, AttributeError):
-        return "no: torch's BLAS is not MKL"
-    status = set_mode(MKL_CBWR_AUTO | MKL_CBWR_STRICT)
-    if status != 0:
-        return f"no: MKL ran before fastbp was imported (mkl_cbwr_set returned {status})"
-    return "yes: MKL strict CNR mode"
-
-
-BLAS_REPRODUCIBLE = _request_reproducible_blas() if _policy_on() else "no: policy off"
-
-
-def _bind_gemm() -> str:
+def _bind_gemm(requested: str) -> str:
+    """Bind the kernels' GEMM to torch's BLAS where it exports one; the provider."""
     addresses = cpu.gemm_address_from_library(_torch_cpu_library())
-    if addresses is not None:
+    if requested == "torch" and addresses is not None:
         cpu.bind_gemm("torch-blas", *addresses)
-    provider = cpu.gemm_provider()
-    # numpy's and scipy's OpenBLAS pools (torch's MKL is linked in, out of reach here)
-    threadpool_limits(1, user_api="blas")
-    return provider
+    return cpu.gemm_provider()
 
 
-def _configure_numba(num_threads: int) -> int:
-    if numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "threadsafe"
-    numba.set_num_threads(min(num_threads, numba.config.NUMBA_NUM_THREADS))
-    return numba.get_num_threads()
+def _start_numba_pool() -> str:
+    """Start numba's pool without touching torch's thread count; the threading layer.
+
+    numba's omp layer sets the OpenMP thread count of the calling thread to all its
+    threads as its pool starts, and torch reads its own count from OpenMP: a user's
+    ``torch.set_num_threads(1)`` became 2 at fastbp's first call until this restored it.
+    """
+    torch_threads = torch.get_num_threads()
+    layer = cpu.start_thread_pool()
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    return layer
 
 
-def cores() -> int:
-    """The cores this process may run on (its affinity mask: containers, taskset)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def _numba_thread_functions():
+    """``(get, set)`` of numba's thread count for the calling thread, once its pool
+    has started: the threading layer's own C functions where numba exposes them
+    (0.3 µs a call), else its public API (2 µs, with checks)."""
+    from numba.np.ufunc import parallel
+
+    get, set_ = (
+        getattr(parallel, "_get_num_threads", None),
+        getattr(parallel, "_set_num_threads", None),
+    )
+    if callable(get) and callable(set_):
+        return get, set_
+    return numba.get_num_threads, numba.set_num_threads
 
 
 def _ranks_on_this_machine() -> int:
@@ -117,53 +134,151 @@ def _ranks_on_this_machine() -> int:
     return 1
 
 
-def _thread_budget(ranks: int) -> int:
-    """torch's thread count, capped at each of ``ranks``' share of the cores."""
+def _warn_if_oversubscribed(ranks: int) -> None:
     threads = torch.get_num_threads()
-    if ranks > 1:
-        threads = min(threads, max(1, cores() // ranks))
-        torch.set_num_threads(threads)
-    return threads
+    if ranks > 1 and ranks * threads > cores():
+        warnings.warn(
+            f"{ranks} ranks on this machine each run {threads} threads on {cores()} cores: "
+            f"they slow each other down. Set OMP_NUM_THREADS={max(1, cores() // ranks)} "
+            "(torchrun sets 1) or call torch.set_num_threads in each rank; fastbp follows "
+            "torch's thread count",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
-def ensure_policy() -> None:
-    """Apply the policy if it has not been; cheap enough to call before every launch."""
-    if _applied is None:
-        apply_policy()
+class _Policy:
+    """What ``call`` does around each kernel call, settled once per process."""
+
+    def __init__(self) -> None:
+        self.on = _policy_on()
+        self.gemm = _bind_gemm(_requested_gemm()) if self.on else cpu.gemm_provider()
+        self.layer = _start_numba_pool()
+        self.get_threads, self.set_threads = _numba_thread_functions()
+        self.most_threads = numba.config.NUMBA_NUM_THREADS
+        # workqueue aborts the process on two concurrent parallel launches
+        self.lock = None if self.layer in THREAD_SAFE_LAYERS else threading.Lock()
+        self.openblas = self._openblas() if self.on and self.gemm != "torch-blas" else []
+        self.ranks = _ranks_on_this_machine()
+        if self.on:
+            _warn_if_oversubscribed(self.ranks)
+
+    @staticmethod
+    def _openblas() -> list:
+        """The pools of the BLAS that serves the kernels' GEMMs: scipy's own (a wheel
+        bundles it beside the package), else every non-MKL BLAS loaded (a shared one)."""
+        import scipy
+
+        blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        blas = [lib for lib in blas if lib.internal_api != "mkl"]
+        scipys = [lib for lib in blas if lib.filepath.startswith(os.path.dirname(scipy.__file__))]
+        return scipys or blas
+
+    def run(self, kernel, args, parallel: bool):
+        if not self.on or not (parallel or self.openblas):
+            return kernel(*args)
+        threads = min(torch.get_num_threads(), self.most_threads)
+        previous = self.get_threads()
+        if previous != threads:
+            self.set_threads(threads)
+        held = self._hold_openblas() if self.openblas else ()
+        try:
+            if self.lock is None:
+                return kernel(*args)
+            with self.lock:
+                return kernel(*args)
+        finally:
+            for lib, count in held:
+                lib.set_num_threads(count)
+            if previous != threads:
+                self.set_threads(previous)
+
+    def _hold_openblas(self) -> list:
+        """Hold the GEMMs' OpenBLAS pools at 1 thread; ``(pool, its count)`` to restore."""
+        held = [(lib, lib.num_threads) for lib in self.openblas]
+        for lib, count in held:
+            if count != 1:
+                lib.set_num_threads(1)
+        return held
 
 
-def apply_policy() -> dict:
-    """Apply the thread policy now (idempotent) and return what is in force."""
-    global _applied
-    if not _policy_on():
-        _applied = {"policy": "off", "gemm": cpu.gemm_provider()}
-        return _applied
-    ranks = _ranks_on_this_machine()
-    torch_threads = _thread_budget(ranks)
-    _applied = {
-        "policy": "on",
-        "gemm": _bind_gemm(),
-        "torch_threads": torch_threads,
-        "numba_threads": _configure_numba(torch_threads),
-        "ranks_on_this_machine": ranks,
-        "blas_reproducible": BLAS_REPRODUCIBLE,
-    }
-    _applied["numba_threading_layer"] = numba.threading_layer()
-    return _applied
+def ensure_policy() -> _Policy:
+    """Settle the policy if it has not been (binds the GEMM, starts numba's pool)."""
+    global _policy
+    if _policy is None:
+        _policy = _Policy()
+    return _policy
 
 
-def set_num_threads(num_threads: int) -> None:
-    """Use ``num_threads`` for torch (and so its BLAS) and numba together."""
-    if not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
-    torch.set_num_threads(num_threads)
-    ensure_policy()
-    if _applied["policy"] == "on":
-        _applied["torch_threads"] = num_threads
-        _applied["numba_threads"] = _configure_numba(num_threads)
+def call(kernel, *args, parallel: bool = True):
+    """``kernel(*args)``, a CPU kernel call of fastbp's, under the policy: numba at
+    torch's thread count, OpenBLAS held at one thread where it serves the GEMMs, one
+    call at a time under numba's workqueue layer; every count restored after.
+
+    ``parallel=False`` says the call never reaches numba's pool
+    (``cpu.Network.parallel``): numba's count then does not matter and is left as is,
+    which saves about 1.5 µs."""
+    return (_policy or ensure_policy()).run(kernel, args, parallel)
+
+
+def _mkl_service(name: str):
+    try:
+        return getattr(ctypes.CDLL(_torch_cpu_library()), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def _cbwr_mode() -> str:
+    get_mode = _mkl_service("mkl_serv_cbwr_get")
+    if get_mode is None:
+        return "no MKL in torch"
+    mode = get_mode(MKL_CBWR_ALL)
+    strict = " strict" if mode & MKL_CBWR_STRICT else ""
+    return f"{mode & ~MKL_CBWR_STRICT:#x}{strict}"
+
+
+def use_reproducible_blas() -> None:
+    """Put torch's MKL in strict conditional numerical reproducibility (what
+    ``MKL_CBWR=AUTO,STRICT`` does): results then do not depend on the thread count,
+    for fastbp and for torch's own CPU matmuls alike, in the whole process.
+
+    MKL accepts this only before its first call in the process: call it right after
+    ``import fastbp``, before any torch op. Raises ``RuntimeError`` when it cannot
+    take effect (torch's BLAS is not MKL, or MKL has already run).
+    """
+    set_mode = _mkl_service("mkl_serv_cbwr_set")
+    if set_mode is None:
+        raise RuntimeError("use_reproducible_blas needs torch's BLAS to be MKL; it is not here")
+    before = _cbwr_mode()
+    status = set_mode(MKL_CBWR_AUTO | MKL_CBWR_STRICT)
+    if status != 0:
+        raise RuntimeError(
+            f"MKL refused strict reproducibility (mkl_cbwr_set returned {status}): it has "
+            "already run in this process. Call use_reproducible_blas() before any torch "
+            "op, or start Python with MKL_CBWR=AUTO,STRICT"
+        )
+    _changes["MKL conditional numerical reproducibility"] = (before, _cbwr_mode())
+
+
+def changes() -> dict[str, tuple[str, str]]:
+    """Every process-wide setting fastbp has changed: ``{name: (before, after)}``. Only
+    ``use_reproducible_blas`` changes one, when the user calls it."""
+    return dict(_changes)
 
 
 def describe() -> dict:
-    """The policy in force, applying it first (for ``fastbp info``)."""
-    ensure_policy()
-    return dict(_applied)
+    """The policy in force, settling it first (for ``fastbp info`` and benchmark records)."""
+    policy = ensure_policy()
+    if not policy.on:
+        return {"policy": "off", "gemm": policy.gemm}
+    cbwr = os.environ.get("MKL_CBWR")
+    return {
+        "policy": "on",
+        "gemm": policy.gemm,
+        "threads": min(torch.get_num_threads(), policy.most_threads),
+        "numba_threading_layer": policy.layer,
+        "serialized": policy.lock is not None,
+        "openblas_held_in_calls": [os.path.basename(lib.filepath) for lib in policy.openblas],
+        "ranks_on_this_machine": policy.ranks,
+        "mkl_reproducibility": f"MKL_CBWR={cbwr}" if cbwr else _cbwr_mode(),
+    }

@@ -33,6 +33,7 @@ from torch.optim import optimizer as _optim
 
 from . import activations as _activations
 from . import functional as F
+from . import threads
 from .kernels import cpu, reference
 from .nn import MLP
 
@@ -278,9 +279,10 @@ class FusedTrainer:
             ordered = _sequential_order(weights, biases)
             binding = self._binding = _Binding(self.optimizer, ordered, kernel, self._rule)
             hyper = binding.hyper()
-        value = kernel(
-            _numpy(x), _numpy(y), binding.arrays, hyper, binding.fresh, self.max_grad_norm or 0.0
-        )
+        value = threads.call(
+            kernel, _numpy(x), _numpy(y), binding.arrays, hyper, binding.fresh,
+            self.max_grad_norm or 0.0, parallel=plan.prepared.parallel(x.shape[0], updates=True),
+        )  # fmt: skip
         binding.stepped()
         # What optimizer.step() would mark: an lr scheduler, which wraps step() to set it,
         # warns that it stepped first when it finds this unset.

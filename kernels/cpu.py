@@ -341,17 +341,26 @@ def gemm_provider() -> str:
     return _gemm_binding[0]  # type: ignore[index]
 
 
-def _prepare_launch(dtype: np.dtype) -> int:
-    """The ``gemm`` address every kernel takes, after making the kernels safe to run.
+def start_thread_pool() -> str:
+    """Start numba's thread pool (once per process); the threading layer it chose.
 
-    A cached kernel that calls a ``parallel=True`` one segfaults if numba's
-    thread pool was never started (numba/numba#8578): only compiling, not
-    loading from the cache, starts it. ``get_num_threads`` starts it.
+    A cached kernel that calls a ``parallel=True`` one segfaults if the pool was
+    never started (numba/numba#8578): only compiling, not loading from the cache,
+    starts it. ``get_num_threads`` starts it. Under numba's omp layer, starting it
+    sets the calling thread's OpenMP thread count, which torch reads as its own:
+    ``fastbp.threads`` starts it and gives torch its count back.
     """
     global _pool_started
     if not _pool_started:
         numba.get_num_threads()
         _pool_started = True
+    return numba.threading_layer()
+
+
+def _prepare_launch(dtype: np.dtype) -> int:
+    """The ``gemm`` address every kernel takes, after making the kernels safe to run."""
+    if not _pool_started:
+        start_thread_pool()
     gemm_provider()
     _, sgemm_address, dgemm_address = _gemm_binding  # type: ignore[misc]
     return sgemm_address if dtype == np.float32 else dgemm_address
@@ -958,8 +967,16 @@ class Network:
         self.codes = _activation_codes(tuple(activations))
         self.holds_originals = not self.copies
         self._widest = max(self.widths[1:])  # what the workspaces hold: layer outputs
+        self._largest = max(w.size for w in self.weights)
         self._workspaces = threading.local()
         self._no_grad_x = np.empty((0, self.widths[0]), dtype)  # "∂L/∂x not needed"
+
+    def parallel(self, batch: int, updates: bool = False) -> bool:
+        """Whether a call on ``batch`` rows reaches numba's thread pool: an element-wise
+        pass of ``PARALLEL_MIN_ELEMENTS`` or more, or (``updates``, a ``TrainStep``) an
+        update of a parameter that large. Below, numba's thread count does not matter."""
+        parallel = batch * self._widest >= PARALLEL_MIN_ELEMENTS
+        return parallel or (updates and self._largest >= PARALLEL_MIN_ELEMENTS)
 
     def _input(self, x: np.ndarray) -> np.ndarray:
         if x.dtype != self.dtype:

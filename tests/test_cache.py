@@ -30,7 +30,7 @@ for mine, theirs in zip(
 ):
     np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
 """
-WITH_POLICY = "import fastbp; fastbp.threads.apply_policy()"
+WITH_POLICY = "import fastbp; fastbp.threads.ensure_policy()"
 
 
 def _run_kernels(cache_dir, sizes, setup=""):

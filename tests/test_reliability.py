@@ -62,7 +62,8 @@ def test_four_threads_at_once_compute_what_serial_calls_compute():
         thread.join(timeout=300)
     assert not errors, errors
     assert not any(thread.is_alive() for thread in threads), "a thread hangs"
-    assert fastbp.threads.describe()["numba_threading_layer"] in ("omp", "tbb")
+    policy = fastbp.threads.describe()  # workqueue cannot run two kernels at once
+    assert policy["numba_threading_layer"] in ("omp", "tbb") or policy["serialized"]
     for (kind, _), ours, theirs in zip(JOBS, concurrent, serial, strict=True):
         for mine, reference in zip(ours, theirs, strict=True):
             assert torch.equal(mine, reference), kind
