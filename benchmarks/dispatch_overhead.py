@@ -4,7 +4,9 @@ torch.compile for the headline network.
     python -m benchmarks.dispatch_overhead [--rounds 7] [--calls 500]
 
 1. Per-call overhead: a 2-2-2 network at batch 1, where the kernels take ~1 µs,
-   through the ``torch.autograd.Function`` (the eager default) and through the
+   through a checked ``Plan`` (``F.plan``: the ``torch.autograd.Function``, the eager
+   default, or the kernels alone under no_grad), through ``F.mlp`` (its checks, then
+   the plan) and through the
    ``fastbp::mlp_forward``/``mlp_backward`` custom ops (what torch.compile and
    torch.export see); forward alone under no_grad, and forward+backward.
 2. A 64x1000x100x10 training step (forward, MSE-sum, backward, SGD): fastbp.nn.MLP
@@ -32,8 +34,7 @@ def _tiny_calls() -> dict:
     biases = [torch.randn(2, requires_grad=True) for _ in range(2)]
     names = ("relu", "identity")
 
-    def function(x):
-        return F._KernelMLP.apply(x, F.KERNELS["numba"], names, 2, *weights, *biases)
+    function = F.plan(x, weights, biases, names, "numba")  # checked once: the Function alone
 
     def op(x):
         return F.custom_op_mlp(x, weights, biases, names)
@@ -55,9 +56,9 @@ def _tiny_calls() -> dict:
         return lambda: forward(x).sum().backward()
 
     return {
-        "autograd.Function, forward (no_grad)": forward_only(function),
+        "checked plan, forward (no_grad: the kernels alone)": forward_only(function),
         "custom op, forward (no_grad)": forward_only(op),
-        "autograd.Function, forward+backward": forward_backward(function),
+        "checked plan, forward+backward (the autograd.Function)": forward_backward(function),
         "custom op, forward+backward": forward_backward(op),
         "fastbp.functional.mlp, forward (no_grad)": forward_only(public),
         "fastbp.functional.mlp, forward+backward": forward_backward(public),

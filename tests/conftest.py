@@ -1,4 +1,5 @@
-"""Shared helpers: seeded networks and the error measure the accuracy tests use."""
+"""Shared helpers: seeded networks, the accuracy criterion (error against a wider float,
+no worse than torch's own) in its forms, and the published examples' check."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import pytest
 import torch
 
 import fastbp
+from fastbp import examples
+from fastbp.kernels import reference
+from fastbp.registry import REGISTRY
 
 # Without a GPU, the Triton kernels run on CPU tensors in Triton's interpreter,
 # which is chosen when triton is first imported: set it before anything does.
@@ -20,8 +24,8 @@ if not torch.cuda.is_available():
 
 
 def pytest_sessionstart(session):
-    # Tests that call fastbp.kernels directly run under the thread policy users
-    # get (torch's BLAS, numba at torch's thread count), not scipy's fallback.
+    # Tests that call fastbp.kernels directly run on the GEMM users get (torch's
+    # BLAS), not scipy's fallback.
     fastbp.threads.ensure_policy()
 
 
@@ -88,6 +92,78 @@ def assert_no_less_accurate(name: str, ours, torchs, exact, dtype: torch.dtype, 
     )
 
 
+def torch_gradients(x, weights, biases, activations, grad_output):
+    """torch-eager's ``(output, ∂x, [∂Wₗ], [∂bₗ])``, on whatever device its tensors are."""
+    return REGISTRY["torch-eager", "cpu"].gradients(x, weights, biases, activations, grad_output)
+
+
+def named_results(result) -> dict:
+    """``(output, ∂x, [∂Wₗ], [∂bₗ])`` as a dict by name, layers without bias left out."""
+    output, grad_x, grad_weights, grad_biases = result
+    names = ["output", "grad_x"] + [f"grad_weights[{i}]" for i in range(len(grad_weights))]
+    names += [f"grad_biases[{i}]" for i, g in enumerate(grad_biases) if g is not None]
+    return dict(
+        zip(
+            names,
+            [output, grad_x, *grad_weights, *(g for g in grad_biases if g is not None)],
+            strict=True,
+        )
+    )
+
+
+def higher_precision(x, weights, biases, activations, grad_output):
+    """The reference result, computed in a wider float than the inputs."""
+    if x.dtype != torch.float64:
+        up = lambda t: None if t is None else t.double()  # noqa: E731
+        run = torch_gradients
+    else:
+        up = lambda t: None if t is None else t.numpy().astype(np.longdouble)  # noqa: E731
+        run = _longdouble_reference
+    return run(
+        up(x), [up(w) for w in weights], [up(b) for b in biases], activations, up(grad_output)
+    )
+
+
+def _longdouble_reference(x, weights, biases, activations, grad_output):
+    outputs = reference.mlp_forward(x, weights, biases, activations)
+    grad_x, grad_weights, grad_biases = reference.mlp_backward(
+        grad_output, x, weights, biases, activations, outputs
+    )
+    as_tensor = lambda a: None if a is None else torch.from_numpy(a.astype(np.float64))  # noqa: E731
+    return (
+        as_tensor(outputs[-1]),
+        as_tensor(grad_x),
+        [as_tensor(g) for g in grad_weights],
+        [as_tensor(g) for g in grad_biases],
+    )
+
+
+def assert_as_accurate_as_torch(
+    name, sizes, batch, activation, bias, dtype, seed=0, *, device="cpu", entry="cpu", run=None
+):
+    """Registry entry ``(name, entry)`` (or the runner ``run``, reported as ``name``) has
+    at most twice torch's error in ``dtype`` on ``device``, plus a few units in the last
+    place. ``entry`` is the entry's device: Triton's ("cuda") also runs on CPU tensors
+    in its interpreter.
+
+    The reference is computed on the CPU in a wider float from the same inputs.
+    """
+    x, weights, biases, grad_output = make_network(sizes, batch, bias, dtype=dtype, seed=seed)
+    activations = [activation] * (len(sizes) - 2) + [activation]
+    exact = named_results(higher_precision(x, weights, biases, activations, grad_output))
+    on_device = lambda t: None if t is None else t.to(device)  # noqa: E731
+    inputs = (
+        on_device(x), [on_device(w) for w in weights], [on_device(b) for b in biases],
+        activations, on_device(grad_output),
+    )  # fmt: skip
+    torchs = named_results(torch_gradients(*inputs))
+    ours = named_results((run or REGISTRY[name, entry].gradients)(*inputs))
+    for key, expected in exact.items():
+        assert ours[key].dtype == dtype, key
+        assert ours[key].shape == expected.shape, key
+        assert_no_less_accurate(f"{name} {key}", ours[key], torchs[key], expected, dtype)
+
+
 # Each activation as a function of z, and its derivative and the derivative's slope as
 # functions of the output a (how an error in a reaches δ = g·act′): numpy, float64.
 ACTIVATIONS = {
@@ -134,6 +210,18 @@ def error_scales(x, weights, biases, activations, g, eps: float) -> list[np.ndar
         g = delta @ weights[layer]
     present = [s for s, b in zip(bias_scales, biases, strict=True) if b is not None]
     return [*scales[1:], g_scale, *weight_scales, *present]
+
+
+def assert_matches_published(example: str, values: dict[str, float]) -> None:
+    """Every quantity of ``values`` that ``example`` published matches it (at least one)."""
+    published = {p.quantity: p for p in examples.PUBLISHED if p.example == example}
+    compared = [quantity for quantity in values if quantity in published]
+    assert compared, f"none of {list(values)} is published for {example}"
+    for quantity in compared:
+        expected = published[quantity]
+        assert expected.rule.accepts(values[quantity], expected.value), (
+            f"{example} {quantity}: got {values[quantity]!r}, published {expected.value}"
+        )
 
 
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:

@@ -38,18 +38,6 @@ def test_published_value_reproduced(computed, published):
         )
 
 
-def assert_matches_published(example: str, values: dict[str, float]) -> None:
-    """Every quantity of ``values`` that ``example`` published matches it (at least one)."""
-    published = {p.quantity: p for p in examples.PUBLISHED if p.example == example}
-    compared = [quantity for quantity in values if quantity in published]
-    assert compared, f"none of {list(values)} is published for {example}"
-    for quantity in compared:
-        expected = published[quantity]
-        assert expected.rule.accepts(values[quantity], expected.value), (
-            f"{example} {quantity}: got {values[quantity]!r}, published {expected.value}"
-        )
-
-
 @pytest.mark.parametrize(
     "value, published, accepted",
     [

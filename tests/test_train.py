@@ -15,8 +15,7 @@ from fastbp.kernels import cpu, reference
 from fastbp.registry import TORCH_LOSSES, WORKLOADS, check_step, entries
 from fastbp.train import TORCH_OPTIMIZERS, FusedTrainer
 
-from .conftest import assert_no_less_accurate
-from .test_examples import assert_matches_published
+from .conftest import assert_matches_published, assert_no_less_accurate
 
 OPTIMIZERS = {
     "sgd": {},
