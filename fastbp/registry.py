@@ -226,6 +226,7 @@ class Step:
     model: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
     trains: bool = True
+    keeps: object = None  # what must outlive run: a CUDA graph reads its inputs by address
 
 
 def _parameters_of(model) -> Callable[[], Tensors]:
@@ -298,7 +299,9 @@ def _cuda_graphed(make: Callable[[Workload, str], Step]) -> Callable[[Workload, 
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step.run()
-        return Step(graph.replay, step.parameters, step.model, step.optimizer)
+        # The graph holds no reference to x and y, which only the eager step's closure
+        # does: without keeps they were freed, and replays read whatever was there next.
+        return Step(graph.replay, step.parameters, step.model, step.optimizer, keeps=step)
 
     return make_graphed
 

@@ -198,7 +198,13 @@ def _layer_grad_weight_kernel(
             x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
             mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0,
         )  # fmt: skip
-        acc = tl.dot(tl.trans(delta.to(x.dtype)), x, acc, input_precision=PRECISION, out_dtype=ACC)
+        # A fresh accumulator per row block, added to acc: float32 rounding then grows
+        # with BM plus the number of blocks, not with the split's rows (blocked
+        # summation). Accumulating in place was 3x less accurate than cuBLAS at batch 4096.
+        acc += tl.dot(
+            tl.trans(delta.to(x.dtype)), x, tl.zeros((BN, BK), ACC),
+            input_precision=PRECISION, out_dtype=ACC,
+        )  # fmt: skip
         bias_acc += tl.sum(delta, axis=0)
     out = out_ptr + split * (N * K + N)
     mask = (cols[:, None] < N) & (ks[None, :] < K)

@@ -20,8 +20,13 @@ import torch
 from fastbp import functional as F
 from fastbp.kernels.reference import ACTIVATIONS
 
-from .conftest import make_network, max_abs_error
-from .test_accuracy import _higher_precision, _tensors, assert_as_accurate_as_torch
+from .conftest import (
+    assert_as_accurate_as_torch,
+    higher_precision,
+    make_network,
+    max_abs_error,
+    named_results,
+)
 
 pytest.importorskip(
     "triton", reason="Triton is not installed (pip install -e '.[test]' on Linux x86-64)"
@@ -279,18 +284,20 @@ def test_real_sizes_on_cuda(batch, sizes, dtype, activation, monkeypatch):
 
 @needs_cuda
 def test_tf32_follows_torch_setting(monkeypatch):
+    # Through F.mlp, which reads torch's flag on every call as torch's own matmuls do
+    # (the launchers take it as an argument).
     x, weights, biases, grad = make_network([1000, 100, 10], 64, seed=3)
-    exact = _tensors(_higher_precision(x, weights, biases, ["relu", "identity"], grad))
+    activations = ["relu", "identity"]
+    exact = named_results(higher_precision(x, weights, biases, activations, grad))["output"]
+    on_gpu = lambda tensors: [t.float().cuda() for t in tensors]  # noqa: E731
     errors = {}
     for tf32 in (False, True):
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-        result = _tensors(
-            _kernel_runner(True)(
-                x.float().cuda(), [w.float().cuda() for w in weights],
-                [b.float().cuda() for b in biases], ["relu", "identity"], grad.float().cuda(),
+        with torch.no_grad():
+            output = F.mlp(
+                x.float().cuda(), on_gpu(weights), on_gpu(biases), activations, backend="triton"
             )
-        )  # fmt: skip
-        errors[tf32] = max_abs_error(result["output"], exact["output"])
+        errors[tf32] = max_abs_error(output, exact)
     assert errors[False] < errors[True], errors  # TF32 keeps 10 mantissa bits, not 23
 
 
