@@ -258,7 +258,11 @@ class TritonKernels:
     @staticmethod
     def forward(plan: Plan, x: torch.Tensor):
         outputs = _gpu().mlp_forward(x, plan.weights, plan.biases, plan.activations, tf32=_tf32())
-        return outputs[-1], (x, outputs)
+        # Backward gets a detached alias of the output: the output itself in ctx would
+        # make a cycle (node → ctx → output → node) that kept every step's autograd
+        # graph and activations alive until Python's gc ran, and, in a CUDA graph
+        # capture, the warm-up's AccumulateGrad nodes with them.
+        return outputs[-1], (x, [*outputs[:-1], outputs[-1].detach()])
 
     @staticmethod
     def infer(plan: Plan, x: torch.Tensor) -> torch.Tensor:
