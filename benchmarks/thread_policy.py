@@ -34,10 +34,16 @@ SETTINGS = {
 MATMUL_SIZE = 1000
 
 
-def _matmul_seconds(repeats: int = 9) -> float:
-    """The median time of a user's own float32 numpy matmul."""
+def _matmul_seconds(repeats: int = 15) -> float:
+    """The median time of a user's own float32 numpy matmul.
+
+    After a pause: threads of a pool that just ran spin before they sleep (torch's
+    OpenMP ones too, fastbp or not), and this compares the settings numpy runs
+    under, not what last ran.
+    """
     import numpy as np
 
+    time.sleep(0.5)
     a = np.random.default_rng(0).standard_normal((MATMUL_SIZE, MATMUL_SIZE), np.float32)
     samples = []
     for _ in range(repeats):
