@@ -64,6 +64,10 @@ check or its time limit is missing here and named in `run.log`.
 
 {format_table(rows) if rows else "no workload finished"}
 
+The same steps under pytest-benchmark (`pytest benchmarks/test_steps.py
+--benchmark-only -k "cuda and (docs or b128)"`) are in `pytest-benchmark.json`
+where that part finished.
+
 ## Launch cost (`python -m benchmarks.triton_launch`)
 
 {_launch_table(output_dir)}

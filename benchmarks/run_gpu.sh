@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU batch every session with a GPU owes: the CUDA tests, `fastbp bench --device cuda`
-# and the Triton launch cost, into one results folder whose README names the GPU, the
-# date and the commit.
+# The GPU batch every session with a GPU owes: the CUDA tests, the Triton launch cost,
+# the CUDA pytest-benchmark groups and `fastbp bench --device cuda`, into one results
+# folder whose README names the GPU, the date and the commit.
 #
 #     benchmarks/run_gpu.sh [OUTPUT_DIR]      (default: benchmarks/results/<date>-<gpu>)
 #
@@ -9,8 +9,9 @@
 #   FASTBP_COMMIT     the commit to name when the tree has no .git (a copied checkout)
 #   GPU_BENCH_ROUNDS  interleaved rounds per workload (default 7)
 #   GPU_WORKLOADS     space-separated workload names (default: the four below)
-#   GPU_TEST_TIMEOUT, GPU_BENCH_TIMEOUT  seconds each part may take (default 240 and 90
-#                     per workload), so a hung kernel still leaves the other results
+#   GPU_TEST_TIMEOUT, GPU_PYTEST_BENCH_TIMEOUT, GPU_BENCH_TIMEOUT  seconds each part may
+#                     take (default 240, 150 and 90 per workload), so a hung or crashed
+#                     part still leaves the others' results
 #
 # Each workload is benchmarked in its own process, so one that fails its check against
 # torch-eager is reported and the others still run. The exit status is non-zero when a
@@ -51,6 +52,11 @@ timeout "${GPU_TEST_TIMEOUT:-240}" "$python" -m pytest -q -p no:cacheprovider "$
 echo "== Triton launch cost" | tee -a "$log"
 timeout 120 "$python" -m benchmarks.triton_launch --json "$out/triton_launch.json" 2>&1 \
     | tee -a "$log" || status=1
+
+echo "== pytest-benchmark, CUDA groups" | tee -a "$log"
+timeout "${GPU_PYTEST_BENCH_TIMEOUT:-150}" "$python" -m pytest -q -p no:cacheprovider \
+    benchmarks/test_steps.py --benchmark-only -k "cuda and (docs or b128)" \
+    --benchmark-json "$out/pytest-benchmark.json" 2>&1 | tail -n 40 | tee -a "$log" || status=1
 
 parts=()
 for workload in $workloads; do

@@ -1,14 +1,22 @@
-"""fastbp bench: what it prints, and that a torch.compile row never times eager code unsaid."""
+"""fastbp bench: what it prints, that a torch.compile row never times eager code unsaid,
+and the GPU batch's script and report."""
 
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import gpu_report
 from fastbp import bench
 from fastbp.registry import REGISTRY, WORKLOADS, check_step
 
 from .conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_prints_its_progress_and_table_and_nothing_else(tmp_path):
@@ -46,3 +54,41 @@ def test_check_step_catches_an_update_off_by_15_percent():
     with pytest.raises(AssertionError, match="update is off"):
         check_step("fastbp", workload, "cpu", step)
     assert "within 1%" in check_step("fastbp", workload, "cpu")
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a CUDA GPU is present: the script would run the batch"
+)
+def test_gpu_batch_stops_at_once_without_a_gpu(tmp_path):
+    out = tmp_path / "results"
+    script = ROOT / "benchmarks" / "run_gpu.sh"
+    result = subprocess.run(
+        ["bash", str(script), str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert "needs a CUDA GPU" in result.stderr
+    assert not out.exists()
+
+
+def test_gpu_report_gathers_the_parts(tmp_path, monkeypatch):
+    # One workload's bench.json, as `fastbp bench --output-dir part` writes it.
+    part = tmp_path / "part"
+    bench.run(
+        ["docs-64x1000x100x10"], ["cpu"], ["torch-eager"], rounds=1, round_seconds=0.01,
+        output_dir=part, tasks=("inference",), progress=lambda line: None,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pytest.log").write_text("...\n===== 3 passed, 1 skipped in 2.0s =====\n")
+    monkeypatch.setattr(
+        sys, "argv", ["gpu_report", "--output-dir", str(out), "--commit", "abc1234",
+                      "--rounds", "1", str(part)],
+    )  # fmt: skip
+    gpu_report.main()
+    readme = (out / "README.md").read_text()
+    assert "Commit: abc1234." in readme
+    assert "**3 passed, 1 skipped in 2.0s**" in readme
+    assert "| docs-64x1000x100x10 | cpu | inference | torch-eager |" in readme
+    assert "not run (see run.log)" in readme  # no launch-cost part
+    merged = json.loads((out / "fastbp-bench.json").read_text())
+    assert [row["implementation"] for row in merged["results"]] == ["torch-eager"]
