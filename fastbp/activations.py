@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .kernels.cpu import ACTIVATION_CODES
+from .kernels.utils import check_choice
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,7 @@ ACTIVATIONS: dict[str, Activation] = {
 
 def get(name: str, argument: str = "activation") -> Activation:
     """The table entry for ``name``; a ``ValueError`` listing the valid names otherwise."""
-    try:
-        return ACTIVATIONS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"{argument} must be one of {tuple(ACTIVATIONS)}, got {name!r}") from None
+    return ACTIVATIONS[check_choice(argument, name, tuple(ACTIVATIONS))]
 
 
 def from_module(module: nn.Module) -> Activation | None:

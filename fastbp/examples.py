@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import nn as fastbp_nn
+from .kernels.utils import check_choice
 
 IMPLEMENTATIONS = ("fastbp", "torch")
 
@@ -134,8 +135,7 @@ class Check:
 # Building the networks the write-ups use
 # ---------------------------------------------------------------------------
 def _as(implementation: str, model: fastbp_nn.MLP) -> nn.Module:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
     return model if implementation == "fastbp" else model.to_torch()
 
 

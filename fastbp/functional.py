@@ -32,6 +32,7 @@ import torch
 from . import activations as _activations
 from . import threads
 from .kernels import cpu
+from .kernels.utils import check_choice, check_one_per_layer
 
 BACKENDS = ("auto", "numba", "triton", "torch")
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -105,13 +106,7 @@ def check_network(x, weights, biases, activations, indexed: bool = True) -> list
     ``linear_act`` does (``weight``).
     """
     x = check_tensor("x", x, None)
-    if not len(weights) == len(biases) == len(activations):
-        raise ValueError(
-            "weights, biases and activations must have one entry per layer, got "
-            f"{len(weights)}, {len(biases)} and {len(activations)}"
-        )
-    if len(weights) == 0:
-        raise ValueError("weights must hold at least one layer, got none")
+    check_one_per_layer(weights, biases, activations)
     width = x.shape[-1]
     for layer, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
         width = _check_layer(x, width, weight, bias, f"[{layer}]" if indexed else "")
@@ -121,8 +116,7 @@ def check_network(x, weights, biases, activations, indexed: bool = True) -> list
 
 def check_backend(backend: str) -> str:
     """``backend`` if it is a known name; a ``ValueError`` listing the valid ones otherwise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     return backend
 
 

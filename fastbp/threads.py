@@ -54,6 +54,7 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 from .kernels import cpu
+from .kernels.utils import check_choice
 
 GEMMS = ("torch", "scipy")  # FASTBP_GEMM's values
 MKL_CBWR_AUTO, MKL_CBWR_STRICT, MKL_CBWR_ALL = 2, 0x10000, -1  # mkl_service.h
@@ -76,9 +77,7 @@ def _policy_on() -> bool:
 
 def _requested_gemm() -> str:
     gemm = os.environ.get("FASTBP_GEMM", "torch").lower()
-    if gemm not in GEMMS:
-        raise ValueError(f"FASTBP_GEMM must be one of {', '.join(GEMMS)}, got {gemm!r}")
-    return gemm
+    return check_choice("FASTBP_GEMM", gemm, GEMMS)
 
 
 def _torch_cpu_library() -> str:

@@ -35,6 +35,7 @@ from . import activations as _activations
 from . import functional as F
 from . import threads
 from .kernels import cpu, reference
+from .kernels.utils import check_choice
 from .nn import MLP
 
 # The torch.optim classes FusedTrainer runs, by the name of their rule.
@@ -137,9 +138,9 @@ class FusedTrainer:
     # -- settings: each takes effect at the next step, or raises ----------------
     def __setattr__(self, name: str, value) -> None:
         if name == "loss":
-            value = cpu.check_choice("loss", value, reference.LOSSES)
+            value = check_choice("loss", value, reference.LOSSES)
         elif name == "reduction":
-            value = cpu.check_choice("reduction", value, reference.REDUCTIONS)
+            value = check_choice("reduction", value, reference.REDUCTIONS)
         elif name == "backend":
             value = F.check_backend(value)
         elif name == "max_grad_norm":
@@ -162,17 +163,13 @@ class FusedTrainer:
 
     def _optimizer(self, optimizer, options: dict) -> torch.optim.Optimizer:
         if isinstance(optimizer, str):
-            rule = cpu.check_choice("optimizer", optimizer, tuple(TORCH_OPTIMIZERS))
+            rule = check_choice("optimizer", optimizer, tuple(TORCH_OPTIMIZERS))
             options.setdefault("lr", 0.01)
             if "momentum" in options and rule != "sgd":
                 raise ValueError(f"momentum is SGD's, not {rule}'s (use betas)")
             if {"betas", "eps"} & set(options) and rule == "sgd":
                 raise ValueError("betas and eps are Adam's and AdamW's, not SGD's")
-            lr, betas = options["lr"], options.get("betas", (0.9, 0.999))
-            cpu.hyperparameters(
-                lr, options.get("momentum", 0.0), options.get("weight_decay", 0.0), betas,
-                options.get("eps", 1e-8),
-            )  # fmt: skip
+            cpu.hyperparameters(**options)  # the kernels' checks, with their defaults
             return TORCH_OPTIMIZERS[rule](self.model.parameters(), **options)
         if options:
             raise ValueError(

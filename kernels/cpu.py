@@ -68,6 +68,7 @@ from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic, overload
 
 from .reference import ACTIVATIONS, LOSSES, OPTIMIZERS, REDUCTIONS
+from .utils import check_choice, check_one_per_layer
 
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 IDENTITY, RELU, SIGMOID, TANH = (
@@ -912,10 +913,7 @@ def _dtype_of(x: np.ndarray, name: str = "x") -> np.dtype:
 
 
 def _activation_code(activation: str) -> int:
-    try:
-        return ACTIVATION_CODES[activation]
-    except KeyError:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}") from None
+    return ACTIVATION_CODES[check_choice("activation", activation, ACTIVATIONS)]
 
 
 @functools.lru_cache(maxsize=256)
@@ -923,14 +921,6 @@ def _activation_codes(activations: tuple[str, ...]) -> np.ndarray:
     """The kernels' int64 codes of a network's activations, shared between calls
     (the kernels only read them; a read-only flag would change their numba type)."""
     return np.array([_activation_code(a) for a in activations], dtype=np.int64)
-
-
-def _one_per_layer(weights, biases, activations) -> None:
-    if not len(weights) == len(biases) == len(activations) > 0:
-        raise ValueError(
-            "weights, biases and activations must have one entry per layer, got "
-            f"{len(weights)}, {len(biases)} and {len(activations)}"
-        )
 
 
 class Network:
@@ -944,7 +934,7 @@ class Network:
     """
 
     def __init__(self, weights, biases, activations, in_features: int | None = None) -> None:
-        _one_per_layer(weights, biases, activations)
+        check_one_per_layer(weights, biases, activations)
         self.dtype = dtype = _dtype_of(weights[0], "weights[0]")
         width = in_features
         checked_weights, checked_biases, widths, self.copies = [], [], [width], []
@@ -1098,13 +1088,6 @@ def activation_grad(g: np.ndarray, a: np.ndarray, activation: str) -> np.ndarray
     _prepare_launch(dtype)
     _delta_and_bias_grad(g, a, _activation_code(activation), delta, _NO_BIAS[dtype])
     return delta
-
-
-def check_choice(name: str, value: str, options: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``options``; a ``ValueError`` listing them otherwise."""
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-    return value
 
 
 def _code(name: str, value: str, options: tuple[str, ...]) -> int:

@@ -82,11 +82,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .utils import check_choice
+
 ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh")
 
 
 def activate(z: np.ndarray, activation: str) -> np.ndarray:
     """``act(z)``, element by element."""
+    check_choice("activation", activation, ACTIVATIONS)
     if activation == "identity":
         return z
     if activation == "relu":
@@ -94,22 +97,19 @@ def activate(z: np.ndarray, activation: str) -> np.ndarray:
     if activation == "sigmoid":
         with np.errstate(over="ignore"):  # e⁻ᶻ overflows to inf for z ≪ 0: σ → 0, as intended
             return 1 / (1 + np.exp(-z))
-    if activation == "tanh":
-        return np.tanh(z)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return np.tanh(z)  # tanh
 
 
 def activation_grad(g: np.ndarray, a: np.ndarray, activation: str) -> np.ndarray:
     """``δ = g ⊙ act'(z)``, with ``act'`` written in terms of the output ``a = act(z)``."""
+    check_choice("activation", activation, ACTIVATIONS)
     if activation == "identity":
         return g
     if activation == "relu":
         return np.where(a <= 0, np.zeros_like(g), g)
     if activation == "sigmoid":
         return g * (1 - a) * a
-    if activation == "tanh":
-        return g * (1 - a * a)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return g * (1 - a * a)  # tanh
 
 
 def linear_act_forward(
@@ -195,6 +195,7 @@ def loss_and_grad(
 ) -> tuple[float, np.ndarray]:
     """``(L, ∂L/∂ŷ)`` for the network's output ``ŷ``; ``y`` holds int class indices
     (N,) for cross-entropy and targets shaped like ``ŷ`` otherwise."""
+    check_choice("loss", loss, LOSSES)
     if loss == "mse":
         difference = output - y
         total, grad, terms = np.sum(difference * difference), 2 * difference, output.size
@@ -206,11 +207,9 @@ def loss_and_grad(
         grad = np.exp(shifted - log_sum)
         grad[rows, y] -= 1
         terms = output.shape[0]
-    elif loss == "bce_with_logits":
+    else:  # bce_with_logits
         total = np.sum(np.maximum(output, 0) - output * y + np.log1p(np.exp(-np.abs(output))))
         grad, terms = activate(output, "sigmoid") - y, output.size
-    else:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if reduction == "mean":
         return float(total) / terms, grad / output.dtype.type(terms)
     return float(total), grad

@@ -150,7 +150,7 @@ def test_an_unknown_gemm_choice_is_refused():
     program = "import torch, fastbp\nfastbp.nn.MLP([2, 2])(torch.ones(1, 2))\n"
     result = _python(program, FASTBP_GEMM="blis")
     assert result.returncode != 0
-    assert "FASTBP_GEMM must be one of torch, scipy, got 'blis'" in result.stderr
+    assert "FASTBP_GEMM must be one of ('torch', 'scipy'), got 'blis'" in result.stderr
 
 
 def test_ranks_sharing_too_few_cores_get_a_warning():
