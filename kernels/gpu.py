@@ -49,6 +49,7 @@ the interpreter does not).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import NamedTuple
@@ -58,6 +59,7 @@ import triton
 import triton.language as tl
 
 from .reference import ACTIVATIONS
+from .utils import check_choice, check_one_per_layer
 
 # Globals a kernel reads must be tl.constexpr.
 IDENTITY, RELU, SIGMOID, TANH = (
@@ -66,6 +68,10 @@ IDENTITY, RELU, SIGMOID, TANH = (
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FUSED_MAX_WIDTH = 128  # widest layer output the fused kernels keep in registers
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+INT32_MAX = 2**31 - 1  # the kernels' offsets are int32: no tensor may span more
+# a·b + c as one FMA, one rounding: Triton's default through 3.9, which 3.10 turns
+# off; named at every launch so that results do not change with Triton's version.
+FP_FUSION = True
 
 
 # ---------------------------------------------------------------------------
@@ -175,10 +181,19 @@ def _layer_grad_input_kernel(
 
 @triton.jit
 def _layer_grad_weight_kernel(
-    g_ptr, a_ptr, x_ptr, out_ptr, M, N, K, stride_gm, stride_gn, stride_xm, stride_xk,
-    rows_per_split,
-    ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    g_ptr,                  # (M, N) ∂L/∂a of this layer's output, strides stride_g*
+    a_ptr,                  # (M, N) contiguous saved output a (δ = g ⊙ act'(a))
+    x_ptr,                  # (M, K) this layer's input, strides stride_x*
+    out_ptr,                # (splits, N·K + N) partial [∂W | ∂b], one row per split
+    M, N, K,
+    stride_gm, stride_gn,
+    stride_xm, stride_xk,
+    rows_per_split,         # batch rows each split sums, a multiple of BM
+    ACT: tl.constexpr,      # activation code
+    ACC: tl.constexpr,      # accumulation dtype: float32, or float64 for float64
+    PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32"
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,  # tile: rows, ∂W rows, ∂W cols
+    GROUP: tl.constexpr,    # row blocks per fresh accumulator (blocked summation)
 ):  # fmt: skip
     """Row ``split`` of out (splits, N·K + N) = [δᵀx | Σδ] over that split's batch rows.
 
@@ -235,16 +250,23 @@ def _sum_partials_kernel(partials_ptr, out_ptr, P, T, BLOCK: tl.constexpr):
 # ---------------------------------------------------------------------------
 @triton.jit
 def _mlp_forward_kernel(
-    x_ptr, weights, biases, outputs, widths, M, stride_xm, stride_xk,
-    L: tl.constexpr, ACTS: tl.constexpr, BIASES: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, H: tl.constexpr,
+    x_ptr,                  # (M, K₀) input, strides stride_x*
+    weights,                # tuple of L contiguous (Nₗ, Kₗ) weights
+    biases,                 # tuple of L (Nₗ,) biases (a layer without one: any pointer)
+    outputs,                # tuple of L contiguous (M, Nₗ) outputs, written
+    widths,                 # (K₀, N₀, …, N_{L-1})
+    M,                      # batch rows
+    stride_xm, stride_xk,
+    L: tl.constexpr,        # layers
+    ACTS: tl.constexpr,     # activation codes, 2 bits per layer
+    BIASES: tl.constexpr,   # bit l: layer l has a bias
+    ACC: tl.constexpr,      # accumulation dtype: float32, or float64 for float64
+    PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32"
+    BM: tl.constexpr,       # rows per program
+    BK: tl.constexpr,       # the first layer's input columns per step
+    H: tl.constexpr,        # every layer's width, padded to a power of 2
 ):  # fmt: skip
-    """outputs[l] = actₗ(aₗ₋₁ Wₗᵀ + bₗ) for BM rows, every layer in registers.
-
-    ``widths`` is (K₀, N₀, …, N_{L−1}); bit l of BIASES says layer l has a bias,
-    bits 2l..2l+1 of ACTS its activation.
-    """
+    """outputs[l] = actₗ(aₗ₋₁ Wₗᵀ + bₗ) for BM rows, every layer in registers."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     hs = tl.arange(0, H)
     ks = tl.arange(0, BK)
@@ -282,8 +304,11 @@ def _mlp_forward_kernel(
             (ACTS >> (2 * layer)) & 3,
         )
         out = outputs[layer]
-        h = a.to(out.dtype.element_ty)  # the next layer reads what backward will read
         n_out = widths[layer + 1]
+        # Padded lanes hold act(x·0), NaN where x has an inf; the next layer's zero
+        # weights would multiply that NaN into every real lane, so zero them.
+        h = tl.where(hs[None, :] < n_out, a, 0.0)
+        h = h.to(out.dtype.element_ty)  # the next layer reads what backward will read
         tl.store(
             out + rows[:, None] * n_out + hs[None, :], h, mask=row_mask & (hs[None, :] < n_out)
         )
@@ -292,17 +317,35 @@ def _mlp_forward_kernel(
 @triton.jit
 def _accumulate(ptr, value, mask, again):
     """*ptr += value, or *ptr = value on a program's first row block (no zeroing pass)."""
+    # Other threads of this program stored *ptr for the last row block: the barrier
+    # makes their stores visible (the interpreter, one thread, cannot show the race).
+    tl.debug_barrier()
     previous = tl.where(again, tl.load(ptr, mask=mask, other=0.0), 0.0)
     tl.store(ptr, (previous + value).to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _mlp_backward_kernel(
-    g_ptr, x_ptr, weights, outputs, dx_ptr, grads_ptr, widths, offsets,
-    M, T, stride_gm, stride_gn, stride_xm, stride_xk,
-    L: tl.constexpr, ACTS: tl.constexpr, NEEDS_DX: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, H: tl.constexpr,
+    g_ptr,                  # (M, N_{L-1}) ∂L/∂a of the last layer, strides stride_g*
+    x_ptr,                  # (M, K₀) the network's input, strides stride_x*
+    weights,                # tuple of L contiguous (Nₗ, Kₗ) weights
+    outputs,                # tuple of L contiguous (M, Nₗ) saved outputs aₗ
+    dx_ptr,                 # (M, K₀) ∂L/∂x, written when NEEDS_DX (else a dummy)
+    grads_ptr,              # (P, T) one row of [∂W | ∂b] partial sums per program
+    widths,                 # (K₀, N₀, …, N_{L-1})
+    offsets,                # where layer l's [∂Wₗ | ∂bₗ] starts in a row of grads
+    M,                      # batch rows
+    T,                      # a grads row's length: every parameter of the network
+    stride_gm, stride_gn,
+    stride_xm, stride_xk,
+    L: tl.constexpr,        # layers
+    ACTS: tl.constexpr,     # activation codes, 2 bits per layer
+    NEEDS_DX: tl.constexpr,
+    ACC: tl.constexpr,      # accumulation dtype: float32, or float64 for float64
+    PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32"
+    BM: tl.constexpr,       # rows per block
+    BK: tl.constexpr,       # the first layer's input columns per step
+    H: tl.constexpr,        # every layer's width, padded to a power of 2
 ):  # fmt: skip
     """Every layer's backward for BM rows at a time, ∂L/∂aₗ carried in registers.
 
@@ -329,7 +372,10 @@ def _mlp_backward_kernel(
             a = tl.load(
                 outputs[layer] + rows[:, None] * n_out + hs[None, :], mask=out_mask, other=0.0
             )
-            delta = _delta(g, a.to(ACC), (ACTS >> (2 * layer)) & 3)
+            # Zeroed padded lanes, as in the forward: g there is δ·0, NaN beside an inf.
+            delta = tl.where(
+                hs[None, :] < n_out, _delta(g, a.to(ACC), (ACTS >> (2 * layer)) & 3), 0.0
+            )
             _accumulate(
                 grads + offsets[layer] + n_out * n_in + hs, tl.sum(delta, axis=0), hs < n_out, again
             )
@@ -405,14 +451,16 @@ def _next_power_of_2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
-def _interpreted(device: torch.device) -> bool:
-    """Whether tensors on ``device`` run in the interpreter: it gets small blocks."""
+def interpreted(device: torch.device) -> bool:
+    """Whether tensors on ``device`` run in the interpreter: it gets small blocks.
+    (Public, as the plans below, for the tests and the sm_90 compile check.)"""
     return device.type != "cuda"
 
 
 @functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if _interpreted(device):
+def multiprocessors(device: torch.device) -> int:
+    """The programs a launch may keep busy: the GPU's SMs."""
+    if interpreted(device):
         return 2  # the interpreter: few programs, so small tests reach every partial-sum path
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -442,8 +490,9 @@ class FusedPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1024)
-def _fused_plan(widths: tuple[int, ...], batch: int, device: torch.device) -> FusedPlan:
-    interpreting = _interpreted(device)
+def fused_plan(widths: tuple[int, ...], batch: int, device: torch.device) -> FusedPlan:
+    """Blocks, programs and gradient offsets of the fused kernels for one network shape."""
+    interpreting = interpreted(device)
     H = _next_power_of_2(max(widths[1:]))
     BM = 16 if interpreting else (32 if batch <= 32 or H > 64 else 64)
     offsets, size = [], 0
@@ -451,7 +500,7 @@ def _fused_plan(widths: tuple[int, ...], batch: int, device: torch.device) -> Fu
         offsets.append(size)
         size += n_out * n_in + n_out
     blocks = triton.cdiv(batch, BM)
-    programs = min(blocks, _multiprocessors(device))
+    programs = min(blocks, multiprocessors(device))
     num_warps = 1 if interpreting else (8 if H > 64 else 4)
     return FusedPlan(
         widths, tuple(offsets), size, H, BM, 16 if interpreting else 32, programs, num_warps
@@ -472,7 +521,7 @@ def _split_plan(M: int, N: int, K: int, blocks: Blocks, device: torch.device) ->
     """Split ∂W = δᵀx over the batch until the tiles fill the GPU twice over."""
     tiles = triton.cdiv(N, blocks.BN) * triton.cdiv(K, blocks.BK)
     row_blocks = triton.cdiv(M, blocks.BM)
-    splits = max(1, min(row_blocks, (2 * _multiprocessors(device)) // tiles))
+    splits = max(1, min(row_blocks, (2 * multiprocessors(device)) // tiles))
     rows_per_split = triton.cdiv(row_blocks, splits) * blocks.BM
     return SplitPlan(triton.cdiv(M, rows_per_split), rows_per_split)
 
@@ -488,7 +537,8 @@ def _precision(dtype: torch.dtype, tf32: bool) -> str:
     return "tf32" if tf32 and dtype == torch.float32 else "ieee"
 
 
-def _check_device(x: torch.Tensor) -> None:
+def check_device(x: torch.Tensor) -> None:
+    """A ``ValueError`` unless ``x`` is where the kernels can run."""
     if x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRETING):
         return
     raise ValueError(
@@ -497,16 +547,34 @@ def _check_device(x: torch.Tensor) -> None:
     )
 
 
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it ``device`` (a model on
+    cuda:1 under DDP) when it is not already."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def check_offsets(name: str, extent) -> None:
+    """A ``ValueError`` where the kernels' 32-bit offsets would overflow: ``extent`` is
+    a tensor (its furthest element from its start, plus one) or a count of elements."""
+    if isinstance(extent, torch.Tensor):
+        extent = 1 + sum(
+            (n - 1) * abs(s) for n, s in zip(extent.shape, extent.stride(), strict=True)
+        )
+    if extent > INT32_MAX:
+        raise ValueError(
+            f"{name} spans {extent:,} elements: fastbp's Triton kernels index with 32-bit "
+            f"offsets, up to {INT32_MAX:,}; run the batch in smaller pieces"
+        )
+
+
 def _checked(x, weights, biases, activations):
     """(x, contiguous weights, contiguous biases, activation codes) after checking shapes."""
-    _check_device(x)
+    check_device(x)
     if x.dtype not in DTYPES:
         raise TypeError(f"x must be one of {DTYPES}, got {x.dtype}")
-    if not len(weights) == len(biases) == len(activations) > 0:
-        raise ValueError(
-            "weights, biases and activations must have one entry per layer, got "
-            f"{len(weights)}, {len(biases)} and {len(activations)}"
-        )
+    check_one_per_layer(weights, biases, activations)
     width = x.shape[1]
     for layer, (w, b) in enumerate(zip(weights, biases, strict=True)):
         if w.dim() != 2 or w.shape[1] != width or w.dtype != x.dtype or w.device != x.device:
@@ -520,6 +588,9 @@ def _checked(x, weights, biases, activations):
                 f"biases[{layer}] must be ({width},) {x.dtype} on {x.device}, got "
                 f"{tuple(b.shape)} {b.dtype} on {b.device}"
             )
+    check_offsets("x", x)
+    widest = max(x.shape[1], *(w.shape[0] for w in weights))
+    check_offsets(f"a ({x.shape[0]}, {widest}) layer output", x.shape[0] * widest)
     codes = tuple(_activation_code(a) for a in activations)
     weights = [w.contiguous() for w in weights]
     biases = [None if b is None else b.contiguous() for b in biases]
@@ -527,9 +598,7 @@ def _checked(x, weights, biases, activations):
 
 
 def _activation_code(activation: str) -> int:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return ACTIVATIONS.index(activation)
+    return ACTIVATIONS.index(check_choice("activation", activation, ACTIVATIONS))
 
 
 def _packed(values, bits: int) -> int:
@@ -541,36 +610,55 @@ def fusable(weights) -> bool:
     return all(w.shape[0] <= FUSED_MAX_WIDTH for w in weights)
 
 
+def fused_by_default(weights, dtype: torch.dtype, tf32: bool, backward: bool) -> bool:
+    """Whether ``fused=None`` takes the fused kernels: only where they keep every
+    layer in registers, their reason to exist.
+
+    ``tests/triton_compile_worker.py`` compiles every kernel for sm_90 and reads
+    ptxas's register counts: the fused backward spills 7-9 KB per thread on tensor
+    cores and 127-132 KB in float32 (IEEE) and float64, the float32 (IEEE) fused
+    forward 52 KB, the layered kernels at most 0.4 KB. On an H200 the spilling
+    fused kernels took 1.7 ms (backward) and 196 µs (forward) of a 64x1000x100x10
+    step whose torch-eager kernels take 44 µs in all. The fused forward spills
+    nothing in float16, bfloat16, TF32 and float64: there it stays the default.
+    """
+    spills = backward or (dtype == torch.float32 and not tf32)
+    return fusable(weights) and not spills
+
+
 def mlp_forward(x, weights, biases, activations, *, tf32=False, fused=None) -> list[torch.Tensor]:
     """Outputs ``[a₁, …, a_L]`` of every layer (``reference.mlp_forward``).
 
-    ``fused``: None picks the fused kernel when ``fusable(weights)``; True or
-    False forces a path (the tests run both).
+    ``fused``: None picks the fused kernel where ``fused_by_default``; True (where
+    ``fusable(weights)``) or False forces a path (the tests run both).
     """
     weights, biases, codes = _checked(x, weights, biases, activations)
-    fused = fusable(weights) if fused is None else fused
+    if fused is None:
+        fused = fused_by_default(weights, x.dtype, tf32, backward=False)
     acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
     outputs = [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
     if x.shape[0] == 0:
         return outputs  # no rows: nothing to launch (a grid of 0 programs is an error)
-    if fused:
-        _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision)
-    else:
-        layer_input = x
-        for w, b, code, out in zip(weights, biases, codes, outputs, strict=True):
-            _launch_layer_forward(layer_input, w, b, code, out, acc, precision)
-            layer_input = out
+    with _device_guard(x.device):
+        if fused:
+            _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision)
+        else:
+            layer_input = x
+            for w, b, code, out in zip(weights, biases, codes, outputs, strict=True):
+                _launch_layer_forward(layer_input, w, b, code, out, acc, precision)
+                layer_input = out
     return outputs
 
 
 def _launch_layer_forward(x, w, b, code, out, acc, precision) -> None:
     (M, K), N = x.shape, w.shape[0]
-    blocks = _layer_blocks(x.dtype, _interpreted(x.device))
+    blocks = _layer_blocks(x.dtype, interpreted(x.device))
     grid = (triton.cdiv(M, blocks.BM), triton.cdiv(N, blocks.BN))
     _layer_forward_kernel[grid](
         x, w, *_bias_pointers([w], [b]), out, M, N, K, x.stride(0), x.stride(1),
         HAS_BIAS=b is not None, ACT=code, ACC=acc, PRECISION=precision,
         BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, num_warps=blocks.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
@@ -581,13 +669,14 @@ def _bias_pointers(weights, biases) -> tuple[torch.Tensor, ...]:
 
 def _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision) -> None:
     widths = (x.shape[1], *(w.shape[0] for w in weights))
-    plan = _fused_plan(widths, x.shape[0], x.device)
+    plan = fused_plan(widths, x.shape[0], x.device)
     _mlp_forward_kernel[(triton.cdiv(x.shape[0], plan.BM),)](
         x, tuple(weights), _bias_pointers(weights, biases), tuple(outputs), widths,
         x.shape[0], x.stride(0), x.stride(1),
         L=len(weights), ACTS=_packed(codes, 2),
         BIASES=_packed((b is not None for b in biases), 1),
         ACC=acc, PRECISION=precision, BM=plan.BM, BK=plan.BK, H=plan.H, num_warps=plan.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
@@ -607,25 +696,22 @@ def mlp_backward(
             raise ValueError(f"outputs[{layer}] must be contiguous {want}, got {tuple(a.shape)}")
     if g.shape != outputs[-1].shape:
         raise ValueError(f"g must have shape {tuple(outputs[-1].shape)}, got {tuple(g.shape)}")
+    check_offsets("g", g)
     if x.shape[0] == 0:  # no rows: every gradient is an empty sum
         grad_biases = [
             w.new_zeros(len(w)) if has else None for w, has in zip(weights, has_bias, strict=True)
         ]
         grad_x = x.new_empty(x.shape) if needs_input_grad else None
         return grad_x, [w.new_zeros(w.shape) for w in weights], grad_biases
-    fused = fusable(weights) if fused is None else fused
+    if fused is None:
+        fused = fused_by_default(weights, x.dtype, tf32, backward=True)
     acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
     grad_x = (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else None
     )
-    if fused:
-        grad_weights, grad_biases = _launch_fused_backward(
-            g, x, weights, codes, outputs, grad_x, acc, precision
-        )
-    else:
-        grad_weights, grad_biases = _layered_backward(
-            g, x, weights, codes, outputs, grad_x, acc, precision
-        )
+    launch = _launch_fused_backward if fused else _layered_backward
+    with _device_guard(x.device):
+        grad_weights, grad_biases = launch(g, x, weights, codes, outputs, grad_x, acc, precision)
     return (
         grad_x,
         grad_weights,
@@ -644,6 +730,7 @@ def _views(
 def _workspace(x: torch.Tensor, rows: int, size: int, direct: bool) -> torch.Tensor:
     """Rows of partial gradient sums: in x's dtype when the one row is the final result,
     else in the accumulation dtype (float32, float64 for float64), summed by ``_reduced``."""
+    check_offsets(f"the ({rows}, {size}) gradient workspace", rows * size)
     dtype = x.dtype if direct else (torch.float64 if x.dtype == torch.float64 else torch.float32)
     return x.new_empty(rows, size, dtype=dtype)
 
@@ -655,13 +742,15 @@ def _reduced(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return partials[0]
     out = partials.new_empty(T, dtype=dtype)
     BLOCK = 1024
-    _sum_partials_kernel[(triton.cdiv(T, BLOCK),)](partials, out, P, T, BLOCK=BLOCK)
+    _sum_partials_kernel[(triton.cdiv(T, BLOCK),)](
+        partials, out, P, T, BLOCK=BLOCK, enable_fp_fusion=FP_FUSION
+    )
     return out
 
 
 def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision):
     widths = (x.shape[1], *(w.shape[0] for w in weights))
-    plan = _fused_plan(widths, x.shape[0], x.device)
+    plan = fused_plan(widths, x.shape[0], x.device)
     # One program writes final gradients in place; several sum partials in acc's dtype.
     direct = plan.programs == 1 and triton.cdiv(x.shape[0], plan.BM) == 1
     partials = _workspace(x, plan.programs, plan.size, direct)
@@ -671,6 +760,7 @@ def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision
         g.stride(0), g.stride(1), x.stride(0), x.stride(1),
         L=len(weights), ACTS=_packed(codes, 2), NEEDS_DX=grad_x is not None,
         ACC=acc, PRECISION=precision, BM=plan.BM, BK=plan.BK, H=plan.H, num_warps=plan.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     flat = _reduced(partials, x.dtype)
     views = [
@@ -682,7 +772,7 @@ def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision
 
 def _layered_backward(g, x, weights, codes, outputs, grad_x, acc, precision):
     grad_weights, grad_biases = [None] * len(weights), [None] * len(weights)
-    blocks = _layer_blocks(x.dtype, _interpreted(x.device))
+    blocks = _layer_blocks(x.dtype, interpreted(x.device))
     for layer in reversed(range(len(weights))):
         w, a, code = weights[layer], outputs[layer], codes[layer]
         layer_input = x if layer == 0 else outputs[layer - 1]
@@ -703,6 +793,7 @@ def _launch_grad_input(g, a, w, code, dx, acc, precision, blocks: Blocks) -> Non
         g, a, w, dx, M, N, K, g.stride(0), g.stride(1),
         ACT=code, ACC=acc, PRECISION=precision,
         BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, num_warps=blocks.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
@@ -715,6 +806,7 @@ def _launch_grad_weight(g, a, x, code, acc, precision, blocks: Blocks):
         g, a, x, partials, M, N, K, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
         plan.rows_per_split, ACT=code, ACC=acc, PRECISION=precision,
         BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, GROUP=SUM_GROUP, num_warps=blocks.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return _views(_reduced(partials, x.dtype), 0, N, K)
 

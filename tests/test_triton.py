@@ -9,6 +9,7 @@ the GPU, plus real sizes, half precision, CUDA graphs and torch.compile.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from .conftest import (
     make_network,
     max_abs_error,
     named_results,
+    torch_gradients,
 )
 
 pytest.importorskip(
@@ -112,14 +114,60 @@ def test_kernels_as_accurate_as_torch(device, fused, batch, sizes, activation, b
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_partial_gradient_sums_cover_every_row_block(device):
-    # More row blocks than backward programs: each program sums several blocks.
-    block = gpu._fused_plan((5, 7, 3), 10**6, torch.device(device)).BM
-    batch = (3 * gpu._multiprocessors(torch.device(device)) + 1) * block
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "layered"])
+@pytest.mark.parametrize("sizes", [[5, 7, 3], [5, 7, 6, 3]], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("special", [math.inf, -math.inf, math.nan], ids=str)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf·0 in numpy
+def test_special_values_cross_layers_as_in_torch(device, fused, sizes, activation, special):
+    # The fused kernels pad each layer to a power of 2: padded lanes must not turn
+    # an inf in one row into NaN in the next layer's real lanes.
+    x, weights, biases, grad = make_network(sizes, 4, dtype=torch.float32, seed=1)
+    x[1, 2] = special
+    activations = [activation] * len(weights)
+    on = lambda tensors: [t.to(device) for t in tensors]  # noqa: E731
+    ours = _kernel_runner(fused)(
+        x.to(device), on(weights), on(biases), activations, grad.to(device)
+    )
+    torchs = torch_gradients(x, weights, biases, activations, grad)
+    for name, value in named_results(torchs).items():
+        got = named_results(ours)[name].cpu()
+        assert torch.equal(torch.isnan(got), torch.isnan(value)), name
+        torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sizes", [(5, 7, 3), (300, 128, 128, 10)], ids=str)
+def test_partial_gradient_sums_cover_every_row_block(device, sizes):
+    # More row blocks than backward programs: each program adds each block's sums to
+    # what it stored for the last one, which other threads of the program wrote (on
+    # a GPU, a race without the barrier in _accumulate). At width 128 with a wide
+    # input, every gradient tile of the fused backward takes that path.
+    block = gpu.fused_plan(sizes, 10**6, torch.device(device)).BM
+    batch = (3 * gpu.multiprocessors(torch.device(device)) + 1) * block
     assert_as_accurate_as_torch(
-        "triton-fused", [5, 7, 3], batch, "tanh", True, torch.float32, device=device,
+        "triton-fused", list(sizes), batch, "tanh", True, torch.float32, device=device,
         run=_kernel_runner(True),
     )  # fmt: skip
+
+
+def test_offsets_beyond_int32_are_refused():
+    gpu.check_offsets("x", gpu.INT32_MAX)  # the last one that fits
+    with pytest.raises(ValueError, match=r"x spans 2,147,483,648 elements: .* 32-bit offsets"):
+        gpu.check_offsets("x", gpu.INT32_MAX + 1)
+    # A tensor's extent follows its strides: a (3, 2) view with row stride 2**30
+    # reaches element 2·2**30 + 1.
+    view = torch.empty_strided((3, 2), (2**30, 1), device="meta")
+    with pytest.raises(ValueError, match="2,147,483,650 elements"):
+        gpu.check_offsets("x", view)
+
+
+@needs_cuda
+def test_a_batch_past_int32_offsets_is_refused_before_launch():
+    x = torch.empty(gpu.INT32_MAX // 784 + 1, 784, dtype=torch.bfloat16, device="cuda")
+    weights = [torch.empty(10, 784, dtype=torch.bfloat16, device="cuda")]
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        gpu.mlp_forward(x, weights, [None], ["relu"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -211,23 +259,33 @@ def test_other_devices_are_refused_with_the_device_named():
         )
 
 
-def test_missing_triton_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(F, "_triton_installed", lambda: False)
-    F._gpu.cache_clear()
-    try:
-        x, weights, biases, _ = make_network([6, 4], 3, dtype=torch.float32)
-        with pytest.raises(RuntimeError, match=r"pip install 'fastbp\[gpu\]'"):
-            F.mlp(x, weights, biases, ["relu"], backend="triton")
-    finally:
-        F._gpu.cache_clear()
-
-
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environment.update(env)
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=environment
     )
+
+
+def test_missing_triton_says_how_to_install():
+    # A fresh process where `import triton` fails, as on a machine without it: fastbp
+    # imports and runs on CPU, and backend="triton" says how to install it.
+    result = _python(
+        "import sys\n"
+        "sys.modules['triton'] = None\n"
+        "import torch, fastbp\n"
+        "x = torch.ones(2, 3)\n"
+        "w = torch.ones(4, 3)\n"
+        "print(fastbp.functional.linear_act(x, w, backend='numba').sum().item())\n"
+        "try:\n"
+        "    fastbp.functional.linear_act(x, w, backend='triton')\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    total, message = result.stdout.splitlines()
+    assert float(total) == 24.0
+    assert "pip install 'fastbp[gpu]'" in message
 
 
 def test_cpu_tensors_need_the_interpreter():

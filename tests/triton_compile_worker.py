@@ -2,19 +2,61 @@
 
 Run by test_triton.py in a process of its own: it swaps Triton's active driver
 for one that only names the target, and makes each launch compile and return.
-Prints "compiled N kernels" and exits 0, or raises.
+Every dtype goes through the fused and the layered path, on networks whose layers
+take every activation, at batches that take each block-size rule. Then it checks
+that each kernel was compiled for every dtype and activation it can be launched
+with, and that ``gpu.py``'s kernels and the launched ones are the same set.
+
+Prints one line per compiled variant (registers and spill bytes, from ptxas's
+own log; a fresh Triton cache makes it compile everything) and exits 0, or
+raises: a fused kernel that spills registers is an error where ``fused=None``
+would take it (``gpu.fused_by_default``), since its point is to keep every layer
+in registers.
 """
 
 from __future__ import annotations
 
-import torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
-from triton.runtime.jit import JITFunction
+import contextlib
+import io
+import os
+import re
+import tempfile
+from collections import defaultdict
+
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastbp-sm90-")  # before triton
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_MULTIPROCESSORS = 132
 H100_SHARED_MEMORY = 227 * 1024  # per block, opt-in maximum
+ACTIVATION_COUNT = 4  # identity, relu, sigmoid, tanh: reference.ACTIVATIONS
+FUSED = {"_mlp_forward_kernel": False, "_mlp_backward_kernel": True}  # name: backward
+
+DTYPES = [
+    (torch.float32, False),
+    (torch.float32, True),  # TF32
+    (torch.float16, False),
+    (torch.bfloat16, False),
+    (torch.float64, False),
+]
+# (widths, batch, the paths it takes): every activation in every network; the
+# fused one at H = 128 and at a batch of one row block and of many; a wide layer
+# for the layered path.
+NETWORKS = [
+    ((784, 128, 64, 32, 10), 64, (True, False)),
+    ((1000, 100, 10), 4096, (True,)),
+    ((1000, 256, 128, 10), 4096, (False,)),
+]
+ACTIVATION_ORDERS = [
+    ["identity", "relu", "sigmoid", "tanh"],
+    ["tanh", "sigmoid"],
+    ["sigmoid", "relu", "tanh"],
+]
 
 
 class TargetOnlyDriver:
@@ -33,16 +75,42 @@ class TargetOnlyDriver:
         return True
 
 
+def _activations_of(kwargs) -> set[int]:
+    """The activation codes a launch compiles for: ACT, or ACTS's 2 bits per layer."""
+    if "ACT" in kwargs:
+        return {kwargs["ACT"]}
+    if "ACTS" in kwargs:
+        return {(kwargs["ACTS"] >> (2 * layer)) & 3 for layer in range(kwargs["L"])}
+    return set()
+
+
+def _resources(log: str) -> tuple[int, int]:
+    """(registers, spill bytes stored + loaded) from a ``ptxas -v`` log."""
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert registers and spills, f"no resource usage in ptxas's log:\n{log}"
+    return int(registers.group(1)), int(spills.group(1)) + int(spills.group(2))
+
+
 def main() -> None:
     driver.set_active(TargetOnlyDriver())
-    compiled = []
+    triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v's log, printed by each compile
+    launched = defaultdict(lambda: defaultdict(set))  # kernel -> dtype -> activation codes
+    resources = {}
+    current = {}
 
     def compile_only(kernel, grid):
         def launch(*args, **kwargs):
-            binary = kernel.run(*args, grid=grid, warmup=True, **kwargs)
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                binary = kernel.run(*args, grid=grid, warmup=True, **kwargs)
+            name, dtype = kernel.fn.__name__, current["dtype"]
             shared = binary.metadata.shared
-            assert shared <= H100_SHARED_MEMORY, f"{kernel.fn.__name__}: {shared} B shared memory"
-            compiled.append(kernel.fn.__name__)
+            assert shared <= H100_SHARED_MEMORY, f"{name}: {shared} B shared memory"
+            launched[name][dtype] |= _activations_of(kwargs)
+            if log.getvalue():  # a variant compiled now (not one already compiled)
+                default = name in FUSED and current["default"][FUSED[name]]
+                resources[name, dtype, binary.hash[:8]] = (*_resources(log.getvalue()), default)
 
         return launch
 
@@ -51,27 +119,62 @@ def main() -> None:
     from fastbp.kernels import gpu
 
     # CPU tensors stand in for CUDA ones: plan as for an H100, never launch.
-    gpu._interpreted = lambda device: False
-    gpu._check_device = lambda x: None
-    gpu._multiprocessors = lambda device: H100_MULTIPROCESSORS
-    cases = [
-        (torch.float32, False, (1000, 100, 10), 64),
-        (torch.float32, True, (1000, 100, 10), 4096),
-        (torch.float16, False, (784, 256, 128, 10), 4096),
-        (torch.bfloat16, False, (1000, 100, 10), 64),
-        (torch.float64, False, (5, 7, 3), 3),
-    ]
-    for dtype, tf32, widths, batch in cases:
-        x = torch.randn(batch, widths[0], dtype=dtype)
-        weights = [torch.randn(o, i, dtype=dtype) for i, o in zip(widths, widths[1:], strict=False)]
-        biases = [torch.randn(o, dtype=dtype) for o in widths[1:]]
-        activations = ["relu"] * (len(weights) - 1) + ["tanh"]
-        for fused in (True, False) if gpu.fusable(weights) else (False,):
-            outputs = gpu.mlp_forward(x, weights, biases, activations, tf32=tf32, fused=fused)
-            gpu.mlp_backward(
-                outputs[-1], x, weights, biases, activations, outputs, tf32=tf32, fused=fused
-            )
-    print(f"compiled {len(compiled)} kernels: {sorted(set(compiled))}")
+    gpu.interpreted = lambda device: False
+    gpu.check_device = lambda x: None
+    gpu.multiprocessors = lambda device: H100_MULTIPROCESSORS
+    for dtype, tf32 in DTYPES:
+        current["dtype"] = str(dtype).removeprefix("torch.") + ("+tf32" if tf32 else "")
+        for (widths, batch, paths), names in zip(NETWORKS, ACTIVATION_ORDERS, strict=True):
+            x = torch.randn(batch, widths[0], dtype=dtype)
+            pairs = zip(widths, widths[1:], strict=False)
+            weights = [torch.randn(o, i, dtype=dtype) for i, o in pairs]
+            biases = [torch.randn(o, dtype=dtype) for o in widths[1:]]
+            activations = (names * len(weights))[: len(weights)]
+            current["default"] = {
+                backward: gpu.fused_by_default(weights, dtype, tf32, backward)
+                for backward in (False, True)
+            }
+            for fused in paths:
+                outputs = gpu.mlp_forward(x, weights, biases, activations, tf32=tf32, fused=fused)
+                gpu.mlp_backward(
+                    outputs[-1], x, weights, biases, activations, outputs, tf32=tf32, fused=fused
+                )
+    _check_coverage(gpu, launched)
+    _report(resources)
+
+
+def _check_coverage(gpu, launched) -> None:
+    defined = {
+        name
+        for name, value in vars(gpu).items()
+        if isinstance(value, JITFunction) and name.endswith("_kernel")
+    }
+    assert set(launched) == defined, (
+        f"kernels in gpu.py never launched: {sorted(defined - set(launched))}; "
+        f"launched but not in gpu.py: {sorted(set(launched) - defined)}"
+    )
+    dtypes = {str(d).removeprefix("torch.") + ("+tf32" if t else "") for d, t in DTYPES}
+    for name, by_dtype in launched.items():
+        assert set(by_dtype) == dtypes, f"{name} compiled for {sorted(by_dtype)} only"
+        for dtype, codes in by_dtype.items():
+            if codes:  # a kernel with an activation: every one
+                assert len(codes) == ACTIVATION_COUNT, f"{name} {dtype}: activations {codes}"
+
+
+def _report(resources) -> None:
+    spilled = []
+    print(
+        "| kernel | dtype | variant | registers | spill bytes | fused=None takes it |\n"
+        "|---|---|---|---:|---:|---|"
+    )
+    for (name, dtype, variant), (registers, spills, default) in sorted(resources.items()):
+        taken = "yes" if default else ("no" if name in FUSED else "")
+        print(f"| {name} | {dtype} | {variant} | {registers} | {spills} | {taken} |")
+        if spills and default:
+            spilled.append(f"{name} {dtype} ({variant}): {spills} bytes")
+    kernels = sorted({name for name, _, _ in resources})
+    print(f"compiled {len(resources)} variants of {len(kernels)} kernels: {kernels}")
+    assert not spilled, "fused kernels that fused=None takes spill: " + "; ".join(spilled)
 
 
 if __name__ == "__main__":
