@@ -162,6 +162,19 @@ def test_offsets_beyond_int32_are_refused():
         gpu.check_offsets("x", view)
 
 
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two CUDA GPUs; this machine has fewer"
+)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "layered"])
+def test_tensors_on_a_second_gpu_run_there(fused):
+    # The current device stays cuda:0, as in a DDP rank that never called set_device.
+    assert torch.cuda.current_device() == 0
+    assert_as_accurate_as_torch(
+        "triton", [33, 16, 4], 9, "tanh", True, torch.float32, device="cuda:1",
+        run=_kernel_runner(fused),
+    )  # fmt: skip
+
+
 @needs_cuda
 def test_a_batch_past_int32_offsets_is_refused_before_launch():
     x = torch.empty(gpu.INT32_MAX // 784 + 1, 784, dtype=torch.bfloat16, device="cuda")
