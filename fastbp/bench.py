@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -139,6 +140,9 @@ def _time_round(run: Callable[[], object], device: str, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+SETTLE_SECONDS = 0.15  # longer than OpenBLAS's threads spin after their last call
+
+
 def time_interleaved(
     runs: dict[str, tuple[Callable[[], object], int]],
     rounds: int,
@@ -147,14 +151,22 @@ def time_interleaved(
 ) -> dict[str, list[float]]:
     """Seconds per call of each ``name: (run, calls per round)``, one figure per round.
 
-    Each round times every run once, in order, so a machine that slows down
-    for a while slows all of them alike; take the median over rounds.
+    Each round times every run once, in a seeded shuffled order, so a machine that
+    slows down for a while slows all of them alike; take the median over rounds.
+    On CPU each run starts after a pause: a thread pool that spins after its last
+    call (OpenBLAS's, for about 0.1 s) slows whatever runs next, here 2-3x for
+    torch's ops and fastbp's alike right after the numpy entry.
     """
     times: dict[str, list[float]] = {name: [] for name in runs}
+    order, shuffle = list(runs), random.Random(0).shuffle
     for round_ in range(rounds):
         if on_round is not None:
             on_round(round_)
-        for name, (run, calls) in runs.items():
+        shuffle(order)
+        for name in order:
+            run, calls = runs[name]
+            if device == "cpu":
+                time.sleep(SETTLE_SECONDS)
             times[name].append(_time_round(run, device, calls))
     return times
 
