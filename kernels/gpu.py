@@ -65,6 +65,10 @@ from .utils import check_choice, check_one_per_layer
 IDENTITY, RELU, SIGMOID, TANH = (
     tl.constexpr(ACTIVATIONS.index(n)) for n in ("identity", "relu", "sigmoid", "tanh")
 )
+# The fused kernels take every layer's activation code packed in one constexpr int:
+# as many bits each as the table needs, so that a longer table cannot be misread.
+ACT_BITS = tl.constexpr(max(1, (len(ACTIVATIONS) - 1).bit_length()))
+ACT_MASK = tl.constexpr((1 << ACT_BITS.value) - 1)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FUSED_MAX_WIDTH = 128  # widest layer output the fused kernels keep in registers
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -258,7 +262,7 @@ def _mlp_forward_kernel(
     M,                      # batch rows
     stride_xm, stride_xk,
     L: tl.constexpr,        # layers
-    ACTS: tl.constexpr,     # activation codes, 2 bits per layer
+    ACTS: tl.constexpr,     # activation codes, ACT_BITS per layer
     BIASES: tl.constexpr,   # bit l: layer l has a bias
     ACC: tl.constexpr,      # accumulation dtype: float32, or float64 for float64
     PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32"
@@ -301,7 +305,7 @@ def _mlp_forward_kernel(
             hs,
             widths[layer + 1],
             (BIASES >> layer) & 1,
-            (ACTS >> (2 * layer)) & 3,
+            (ACTS >> (ACT_BITS * layer)) & ACT_MASK,
         )
         out = outputs[layer]
         n_out = widths[layer + 1]
@@ -339,7 +343,7 @@ def _mlp_backward_kernel(
     stride_gm, stride_gn,
     stride_xm, stride_xk,
     L: tl.constexpr,        # layers
-    ACTS: tl.constexpr,     # activation codes, 2 bits per layer
+    ACTS: tl.constexpr,     # activation codes, ACT_BITS per layer
     NEEDS_DX: tl.constexpr,
     ACC: tl.constexpr,      # accumulation dtype: float32, or float64 for float64
     PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32"
@@ -374,7 +378,9 @@ def _mlp_backward_kernel(
             )
             # Zeroed padded lanes, as in the forward: g there is δ·0, NaN beside an inf.
             delta = tl.where(
-                hs[None, :] < n_out, _delta(g, a.to(ACC), (ACTS >> (2 * layer)) & 3), 0.0
+                hs[None, :] < n_out,
+                _delta(g, a.to(ACC), (ACTS >> (ACT_BITS * layer)) & ACT_MASK),
+                0.0,
             )
             _accumulate(
                 grads + offsets[layer] + n_out * n_in + hs, tl.sum(delta, axis=0), hs < n_out, again
@@ -673,7 +679,7 @@ def _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision) ->
     _mlp_forward_kernel[(triton.cdiv(x.shape[0], plan.BM),)](
         x, tuple(weights), _bias_pointers(weights, biases), tuple(outputs), widths,
         x.shape[0], x.stride(0), x.stride(1),
-        L=len(weights), ACTS=_packed(codes, 2),
+        L=len(weights), ACTS=_packed(codes, ACT_BITS.value),
         BIASES=_packed((b is not None for b in biases), 1),
         ACC=acc, PRECISION=precision, BM=plan.BM, BK=plan.BK, H=plan.H, num_warps=plan.num_warps,
         enable_fp_fusion=FP_FUSION,
@@ -758,7 +764,7 @@ def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision
         g, x, tuple(weights), tuple(outputs), x if grad_x is None else grad_x, partials,
         widths, plan.offsets, x.shape[0], plan.size,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1),
-        L=len(weights), ACTS=_packed(codes, 2), NEEDS_DX=grad_x is not None,
+        L=len(weights), ACTS=_packed(codes, ACT_BITS.value), NEEDS_DX=grad_x is not None,
         ACC=acc, PRECISION=precision, BM=plan.BM, BK=plan.BK, H=plan.H, num_warps=plan.num_warps,
         enable_fp_fusion=FP_FUSION,
     )  # fmt: skip

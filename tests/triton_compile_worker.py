@@ -75,12 +75,13 @@ class TargetOnlyDriver:
         return True
 
 
-def _activations_of(kwargs) -> set[int]:
-    """The activation codes a launch compiles for: ACT, or ACTS's 2 bits per layer."""
+def _activations_of(gpu, kwargs) -> set[int]:
+    """The activation codes a launch compiles for: ACT, or ACTS's ACT_BITS per layer."""
     if "ACT" in kwargs:
         return {kwargs["ACT"]}
     if "ACTS" in kwargs:
-        return {(kwargs["ACTS"] >> (2 * layer)) & 3 for layer in range(kwargs["L"])}
+        bits, mask = gpu.ACT_BITS.value, gpu.ACT_MASK.value
+        return {(kwargs["ACTS"] >> (bits * layer)) & mask for layer in range(kwargs["L"])}
     return set()
 
 
@@ -107,7 +108,7 @@ def main() -> None:
             name, dtype = kernel.fn.__name__, current["dtype"]
             shared = binary.metadata.shared
             assert shared <= H100_SHARED_MEMORY, f"{name}: {shared} B shared memory"
-            launched[name][dtype] |= _activations_of(kwargs)
+            launched[name][dtype] |= _activations_of(gpu, kwargs)
             if log.getvalue():  # a variant compiled now (not one already compiled)
                 default = name in FUSED and current["default"][FUSED[name]]
                 resources[name, dtype, binary.hash[:8]] = (*_resources(log.getvalue()), default)
