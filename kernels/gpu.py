@@ -67,8 +67,7 @@ IDENTITY, RELU, SIGMOID, TANH = (
 )
 # The fused kernels take every layer's activation code packed in one constexpr int:
 # as many bits each as the table needs, so that a longer table cannot be misread.
-ACT_BITS = tl.constexpr(max(1, (len(ACTIVATIONS) - 1).bit_length()))
-ACT_MASK = tl.constexpr((1 << ACT_BITS.value) - 1)
+ACT_BITS = max(1, (len(ACTIVATIONS) - 1).bit_length())
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FUSED_MAX_WIDTH = 128  # widest layer output the fused kernels keep in registers
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -263,6 +262,7 @@ def _mlp_forward_kernel(
     stride_xm, stride_xk,
     L: tl.constexpr,        # layers
     ACTS: tl.constexpr,     # activation codes, ACT_BITS per layer
+    ACT_BITS: tl.constexpr,
     BIASES: tl.constexpr,   # bit l: layer l has a bias
     ACC: tl.constexpr,      # accumulation dtype: float32, or float64 for float64
     PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32"
@@ -305,7 +305,7 @@ def _mlp_forward_kernel(
             hs,
             widths[layer + 1],
             (BIASES >> layer) & 1,
-            (ACTS >> (ACT_BITS * layer)) & ACT_MASK,
+            (ACTS >> (ACT_BITS * layer)) & ((1 << ACT_BITS) - 1),
         )
         out = outputs[layer]
         n_out = widths[layer + 1]
@@ -344,6 +344,7 @@ def _mlp_backward_kernel(
     stride_xm, stride_xk,
     L: tl.constexpr,        # layers
     ACTS: tl.constexpr,     # activation codes, ACT_BITS per layer
+    ACT_BITS: tl.constexpr,
     NEEDS_DX: tl.constexpr,
     ACC: tl.constexpr,      # accumulation dtype: float32, or float64 for float64
     PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32"
@@ -379,7 +380,7 @@ def _mlp_backward_kernel(
             # Zeroed padded lanes, as in the forward: g there is δ·0, NaN beside an inf.
             delta = tl.where(
                 hs[None, :] < n_out,
-                _delta(g, a.to(ACC), (ACTS >> (ACT_BITS * layer)) & ACT_MASK),
+                _delta(g, a.to(ACC), (ACTS >> (ACT_BITS * layer)) & ((1 << ACT_BITS) - 1)),
                 0.0,
             )
             _accumulate(
@@ -679,7 +680,7 @@ def _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision) ->
     _mlp_forward_kernel[(triton.cdiv(x.shape[0], plan.BM),)](
         x, tuple(weights), _bias_pointers(weights, biases), tuple(outputs), widths,
         x.shape[0], x.stride(0), x.stride(1),
-        L=len(weights), ACTS=_packed(codes, ACT_BITS.value),
+        L=len(weights), ACTS=_packed(codes, ACT_BITS), ACT_BITS=ACT_BITS,
         BIASES=_packed((b is not None for b in biases), 1),
         ACC=acc, PRECISION=precision, BM=plan.BM, BK=plan.BK, H=plan.H, num_warps=plan.num_warps,
         enable_fp_fusion=FP_FUSION,
@@ -764,7 +765,8 @@ def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision
         g, x, tuple(weights), tuple(outputs), x if grad_x is None else grad_x, partials,
         widths, plan.offsets, x.shape[0], plan.size,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1),
-        L=len(weights), ACTS=_packed(codes, ACT_BITS.value), NEEDS_DX=grad_x is not None,
+        L=len(weights), ACTS=_packed(codes, ACT_BITS), ACT_BITS=ACT_BITS,
+        NEEDS_DX=grad_x is not None,
         ACC=acc, PRECISION=precision, BM=plan.BM, BK=plan.BK, H=plan.H, num_warps=plan.num_warps,
         enable_fp_fusion=FP_FUSION,
     )  # fmt: skip

@@ -75,13 +75,15 @@ class TargetOnlyDriver:
         return True
 
 
-def _activations_of(gpu, kwargs) -> set[int]:
+def _activations_of(kwargs) -> set[int]:
     """The activation codes a launch compiles for: ACT, or ACTS's ACT_BITS per layer."""
     if "ACT" in kwargs:
         return {kwargs["ACT"]}
     if "ACTS" in kwargs:
-        bits, mask = gpu.ACT_BITS.value, gpu.ACT_MASK.value
-        return {(kwargs["ACTS"] >> (bits * layer)) & mask for layer in range(kwargs["L"])}
+        bits = kwargs["ACT_BITS"]
+        return {
+            (kwargs["ACTS"] >> (bits * layer)) & ((1 << bits) - 1) for layer in range(kwargs["L"])
+        }
     return set()
 
 
@@ -108,7 +110,7 @@ def main() -> None:
             name, dtype = kernel.fn.__name__, current["dtype"]
             shared = binary.metadata.shared
             assert shared <= H100_SHARED_MEMORY, f"{name}: {shared} B shared memory"
-            launched[name][dtype] |= _activations_of(gpu, kwargs)
+            launched[name][dtype] |= _activations_of(kwargs)
             if log.getvalue():  # a variant compiled now (not one already compiled)
                 default = name in FUSED and current["default"][FUSED[name]]
                 resources[name, dtype, binary.hash[:8]] = (*_resources(log.getvalue()), default)
