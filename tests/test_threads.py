@@ -32,20 +32,25 @@ def matmul_seconds():
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
-def settings():
+def settings(pool_started):
     import numba, torch
     pools = {info["filepath"]: info["num_threads"] for info in threadpool_info()}
-    return {"pools": pools, "torch": torch.get_num_threads(),
-            "numba": numba.get_num_threads(), "layer": numba.config.THREADING_LAYER}
+    threads = torch.get_num_threads()
+    # numba.get_num_threads() starts numba's pool where nothing has, and under its
+    # OpenMP layer that sets the shared OpenMP count (1 -> 2 with OMP_NUM_THREADS=1):
+    # numba's doing, so before fastbp read only the count the pool will start with.
+    numba_threads = numba.get_num_threads() if pool_started else numba.config.NUMBA_NUM_THREADS
+    return {"pools": pools, "torch": threads, "numba": numba_threads,
+            "layer": numba.config.THREADING_LAYER}
 
 before_seconds = matmul_seconds()
 import torch, fastbp, fastbp.train
-before = settings()
+before = settings(pool_started=False)
 model = fastbp.nn.MLP([64, 32, 10])
 x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
 torch.nn.functional.cross_entropy(model(x), y).backward()
 fastbp.train.FusedTrainer(model, "cross_entropy", lr=0.1).step(x, y)
-after = settings()
+after = settings(pool_started=True)
 after_seconds = matmul_seconds()
 print(json.dumps({"before": before, "after": after, "ratio": after_seconds / before_seconds,
                   "changes": fastbp.threads.changes(), "policy": fastbp.threads.describe()}))
