@@ -59,12 +59,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
+import warnings
 
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
+from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import get_cython_function_address, intrinsic, overload
 
 from .reference import ACTIVATIONS, LOSSES, OPTIMIZERS, REDUCTIONS
@@ -83,10 +85,38 @@ _NO_BIAS = {dtype: np.empty(0, dtype) for dtype in DTYPES}
 PARALLEL_MIN_ELEMENTS = 1 << 16
 PARALLEL_BLOCK_ELEMENTS = 1 << 14
 
-# Every kernel: cached on disk, and numpy's error model: a float division by zero gives
-# inf or NaN as in numpy and torch instead of raising, which also lets LLVM vectorize
-# the loops that divide (sigmoid, tanh).
-kernel = functools.partial(njit, cache=True, error_model="numpy")
+
+def kernel(function=None, **options):
+    """``njit`` as every kernel takes it, as ``@kernel`` or ``@kernel(parallel=True)``.
+
+    Cached on disk, and numpy's error model: a float division by zero gives inf or
+    NaN as in numpy and torch instead of raising, which also lets LLVM vectorize the
+    loops that divide (sigmoid, tanh). Compiling is quiet: see ``_quietly``.
+    """
+
+    def build(function):
+        dispatcher = njit(cache=True, error_model="numpy", **options)(function)
+        dispatcher.compile = _quietly(dispatcher.compile)
+        return dispatcher
+
+    return build if function is None else build(function)
+
+
+def _quietly(compile):
+    """``compile`` without numba's NumbaIRAssumptionWarning. That pedantic check of
+    numba's own IR misfires when our inline="always" overloads (``_by_float_type``)
+    inline functions that were themselves inlined, and asks the user to file a numba
+    bug report: it is numba's to fix and nothing the user can act on. Every other
+    warning passes; the filter lasts only while a kernel compiles (once per
+    signature, then the disk cache)."""
+
+    @functools.wraps(compile)
+    def quiet(signature):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaIRAssumptionWarning)
+            return compile(signature)
+
+    return quiet
 
 
 # ---------------------------------------------------------------------------
