@@ -624,13 +624,14 @@ def fused_by_default(weights, dtype: torch.dtype, tf32: bool, backward: bool) ->
     ``tests/triton_compile_worker.py`` compiles every kernel for sm_90 and reads
     ptxas's register counts: the fused backward spills 7-9 KB per thread on tensor
     cores and 127-132 KB in float32 (IEEE) and float64, the float32 (IEEE) fused
-    forward 52 KB, the layered kernels at most 0.4 KB. On an H200 the spilling
-    fused kernels took 1.7 ms (backward) and 196 µs (forward) of a 64x1000x100x10
-    step whose torch-eager kernels take 44 µs in all. The fused forward spills
-    nothing in float16, bfloat16, TF32 and float64: there it stays the default.
+    forward 52 KB, and the float64 one 0.3-1.1 KB with Triton 3.8 (none with 3.9);
+    the layered kernels spill at most 0.4 KB. On an H200 the spilling fused kernels
+    took 1.7 ms (backward) and 196 µs (forward) of a 64x1000x100x10 step whose
+    torch-eager kernels take 44 µs in all. The fused forward on tensor cores
+    (float16, bfloat16, TF32) spills nothing with either: there it is the default.
     """
-    spills = backward or (dtype == torch.float32 and not tf32)
-    return fusable(weights) and not spills
+    tensor_cores = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and tf32)
+    return fusable(weights) and tensor_cores and not backward
 
 
 def mlp_forward(x, weights, biases, activations, *, tf32=False, fused=None) -> list[torch.Tensor]:
