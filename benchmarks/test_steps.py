@@ -17,7 +17,7 @@ import torch
 
 import fastbp
 from fastbp.bench import figures
-from fastbp.registry import REGISTRY, WORKLOADS, available, check_step
+from fastbp.registry import REGISTRY, WORKLOADS, available, check_inference, check_step
 
 fastbp.threads.ensure_policy()
 _medians: dict[tuple[str, str], float] = {}
@@ -68,8 +68,7 @@ def test_inference(benchmark, request, workload, key):
     (name, device), workload = key, WORKLOADS[workload]
     _skip_unless_runnable(request, name, device, workload)
     forward = REGISTRY[key].inference(workload, device)
-    expected = REGISTRY["torch-eager", device].inference(workload, device)()
-    torch.testing.assert_close(forward().float(), expected.float(), rtol=1e-4, atol=1e-5)
+    check_inference(name, workload, device, forward())
     benchmark.group = f"inference {workload.name} {device}"
     benchmark(forward)
     _record(benchmark, name, workload, training=False)

@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 
 from . import __version__, threads
-from .registry import REGISTRY, WORKLOADS, Workload, available, check_step, entries
+from .registry import (
+    REGISTRY,
+    WORKLOADS,
+    Workload,
+    available,
+    check_inference,
+    check_step,
+    entries,
+)
 
 QUICK_WORKLOADS = ("docs-64x1000x100x10", "mnist-784x256x128x10-b128")
 QUICK_SKIPS = ("torch-compile", "fastbp-compile")  # compiling alone outlasts the quick budget
@@ -185,11 +193,7 @@ def _prepare(name: str, workload: Workload, device: str, task: str):
     output = forward()
     _synchronize(device)
     first_call = time.perf_counter() - start
-    if name == "torch-eager":
-        return forward, first_call, "the baseline itself"
-    expected = REGISTRY["torch-eager", device].inference(workload, device)()
-    torch.testing.assert_close(output.float(), expected.float(), rtol=1e-4, atol=1e-5)
-    return forward, first_call, "output equals torch-eager's (rtol 1e-4)"
+    return forward, first_call, check_inference(name, workload, device, output)
 
 
 def bench_workload(

@@ -407,6 +407,16 @@ def check_step(
 # ---------------------------------------------------------------------------
 # Inference: the forward pass alone
 # ---------------------------------------------------------------------------
+def check_inference(name: str, workload: Workload, device: str, output: torch.Tensor) -> str:
+    """Check ``output``, entry ``name``'s forward on ``workload``'s data, against
+    torch-eager's, and say what was checked."""
+    if name == "torch-eager":
+        return "the baseline itself"
+    expected = REGISTRY["torch-eager", device].inference(workload, device)()
+    torch.testing.assert_close(output.float(), expected.float(), rtol=1e-4, atol=1e-5)
+    return "output equals torch-eager's (rtol 1e-4)"
+
+
 def _inference_of(model_of: Callable[[torch.nn.Sequential], torch.nn.Module]):
     def make(workload: Workload, device: str) -> Callable[[], torch.Tensor]:
         model, (x, _) = model_of(workload.model(device)), workload.data(device)
