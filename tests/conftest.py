@@ -224,6 +224,16 @@ def assert_matches_published(example: str, values: dict[str, float]) -> None:
         )
 
 
+def run_python(
+    program: str, *, unset: tuple[str, ...] = (), **environment: str
+) -> subprocess.CompletedProcess:
+    """``python -c program`` in a fresh process: this one's environment with the
+    variables in ``unset`` removed and ``environment`` added."""
+    env = {k: v for k, v in os.environ.items() if k not in unset} | environment
+    command = [sys.executable, "-c", program]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
     """``fastbp ARGUMENTS`` in a subprocess, as a user runs it."""
     command = [sys.executable, "-m", "fastbp.cli", *arguments]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import torch
 
 import fastbp
 from fastbp import threads
+
+from .conftest import run_python
 
 # A user's program: numpy work, then fastbp's forward, backward and a FusedTrainer step,
 # then the same numpy work. Prints what the process's settings were before and after.
@@ -57,15 +58,8 @@ print(json.dumps({"before": before, "after": after, "ratio": after_seconds / bef
 """
 
 
-def _python(program: str, **environment: str) -> subprocess.CompletedProcess:
-    """``python -c program`` in a fresh process, with ``environment`` added."""
-    env = {**os.environ, **environment}
-    command = [sys.executable, "-c", program]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-
-
 def _run(program: str, **environment: str) -> dict:
-    result = _python(program, **environment)
+    result = run_python(program, **environment)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -128,7 +122,7 @@ def test_reproducible_blas_is_opt_in_and_listed_as_a_change():
         "fastbp.threads.use_reproducible_blas()\n"
         "print(json.dumps([untouched, fastbp.threads.changes()]))\n"
     )
-    result = _python(program)
+    result = run_python(program)
     if "needs torch's BLAS to be MKL" in result.stderr:
         pytest.skip("torch's BLAS is not MKL on this machine")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -144,7 +138,7 @@ def test_reproducible_blas_refuses_once_mkl_has_run():
         "torch.randn(64, 64) @ torch.randn(64, 64)\n"
         "fastbp.threads.use_reproducible_blas()\n"
     )
-    result = _python(program)
+    result = run_python(program)
     if "needs torch's BLAS to be MKL" in result.stderr:
         pytest.skip("torch's BLAS is not MKL on this machine")
     assert result.returncode != 0
@@ -153,7 +147,7 @@ def test_reproducible_blas_refuses_once_mkl_has_run():
 
 def test_an_unknown_gemm_choice_is_refused():
     program = "import torch, fastbp\nfastbp.nn.MLP([2, 2])(torch.ones(1, 2))\n"
-    result = _python(program, FASTBP_GEMM="blis")
+    result = run_python(program, FASTBP_GEMM="blis")
     assert result.returncode != 0
     assert "FASTBP_GEMM must be one of ('torch', 'scipy'), got 'blis'" in result.stderr
 
@@ -168,7 +162,7 @@ def test_ranks_sharing_too_few_cores_get_a_warning():
         "print(*[str(w.message) for w in caught], sep='\\n')\n"
     )
     ranks = 2 * threads.cores()  # so that 2 threads each are more than the cores
-    result = _python(program, LOCAL_WORLD_SIZE=str(ranks))
+    result = run_python(program, LOCAL_WORLD_SIZE=str(ranks))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{ranks} ranks on this machine each run 2 threads" in result.stdout
     assert "OMP_NUM_THREADS=1" in result.stdout

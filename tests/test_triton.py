@@ -27,6 +27,7 @@ from .conftest import (
     make_network,
     max_abs_error,
     named_results,
+    run_python,
     torch_gradients,
 )
 
@@ -273,11 +274,8 @@ def test_other_devices_are_refused_with_the_device_named():
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    environment.update(env)
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=environment
-    )
+    """A fresh process that decides TRITON_INTERPRET for itself (unset unless given)."""
+    return run_python(code, unset=("TRITON_INTERPRET",), **env)
 
 
 def test_missing_triton_says_how_to_install():
