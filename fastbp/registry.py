@@ -359,6 +359,43 @@ def _gemm_floor(workload: Workload, device: str) -> Step:
     return Step(run, lambda: [w.cpu() for w in weights], trains=False)
 
 
+class _Precomputed(torch.autograd.Function):
+    """``apply(output, gradients, *parameters)``: a copy of ``output`` and, in backward,
+    copies of ``gradients``, as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, output, gradients, *parameters):
+        ctx.gradients = gradients
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, None, *[g.clone() for g in ctx.gradients]
+
+
+class _CostsNothing(torch.nn.Module):
+    """A model whose forward and backward cost nothing: ``sequential``'s parameters, and
+    its output and gradients at ``x``, ``y`` replayed by ``_Precomputed``."""
+
+    def __init__(self, workload: Workload, sequential: torch.nn.Sequential, x, y) -> None:
+        super().__init__()
+        self.sequential = sequential
+        self.output = sequential(x).detach()
+        loss = workload.torch_loss(sequential(x), y)
+        self.gradients = torch.autograd.grad(loss, list(sequential.parameters()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Precomputed.apply(self.output, self.gradients, *self.sequential.parameters())
+
+
+def _drop_in_ceiling(workload: Workload, device: str) -> Step:
+    """torch-eager's loop around ``_CostsNothing``: what the loss, autograd's engine,
+    zero_grad and the optimizer cost alone, the time no drop-in model can beat."""
+    model = _CostsNothing(workload, workload.model(device), *workload.data(device))
+    step = _torch_loop(workload, device, model)
+    return Step(step.run, step.parameters, trains=False)
+
+
 def check_step(
     name: str, workload: Workload, device: str = "cpu", step: Step | None = None,
     steps: int = 2, done: int = 0,
@@ -463,6 +500,8 @@ def _entries() -> list[Entry]:
               step=_compiled(_torch_loop), inference=_inference_of(torch.compile)),
         Entry("torch-manual", "cpu", "the hand-derived step in torch ops + torch.optim",
               step=_fused("torch")),
+        Entry("drop-in-ceiling", "cpu", "torch-eager's loop around a model that costs nothing",
+              step=_drop_in_ceiling),
         Entry("numpy", "cpu", "kernels.reference: the hand derivation in plain numpy",
               _numpy_reference, _numpy_manual, _inference_numpy),
         Entry("fastbp", "cpu", "fastbp.nn.MLP (numba) in torch-eager's loop: the drop-in",
@@ -483,6 +522,8 @@ def _entries() -> list[Entry]:
               inference=_inference_of(torch.compile)),
         Entry("torch-cudagraph", "cuda", "torch-eager's step captured in a CUDA graph",
               step=_cuda_graphed(_torch_loop)),
+        Entry("drop-in-ceiling", "cuda", "torch-eager's loop around a model that costs nothing",
+              step=_drop_in_ceiling),
         Entry("fastbp", "cuda", "fastbp.nn.MLP (Triton) in torch-eager's loop",
               _with_autograd(_whole_network("triton")), _fastbp_loop,
               _inference_of(MLP.from_torch)),

@@ -56,6 +56,19 @@ def test_check_step_catches_an_update_off_by_15_percent():
     assert "within 1%" in check_step("fastbp", workload, "cpu")
 
 
+@pytest.mark.parametrize("workload", ["seeds-2x2x2-sigmoid-b1", "mnist-adam-b128"])
+def test_the_drop_in_ceiling_runs_torch_eagers_loop_around_a_free_model(workload):
+    """Its first update is torch-eager's: the same loss, backward and optimizer work,
+    with the model's own forward and backward replaced by their results."""
+    ceiling = REGISTRY["drop-in-ceiling", "cpu"].step(WORKLOADS[workload], "cpu")
+    eager = REGISTRY["torch-eager", "cpu"].step(WORKLOADS[workload], "cpu")
+    assert not ceiling.trains
+    for step in (ceiling, eager):
+        step.run()
+    for ours, torchs in zip(ceiling.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(ours, torchs, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="a CUDA GPU is present: the script would run the batch"
 )
