@@ -360,8 +360,8 @@ def plan(x, weights, biases, activations, backend: str = "auto") -> Plan:
 # ---------------------------------------------------------------------------
 # Autograd: one eager Function, and custom ops for torch.compile and torch.export
 # ---------------------------------------------------------------------------
-def _refuse_double_backward() -> None:
-    if torch.is_grad_enabled():
+def _refuse_double_backward(always: bool = False) -> None:
+    if always or torch.is_grad_enabled():
         # create_graph=True: a backward that is not itself differentiable would
         # silently drop the second-order terms, so refuse instead.
         raise RuntimeError(
@@ -434,8 +434,7 @@ def _op_plan(x, weights, has_bias, activations: str, biases=None) -> Plan:
     if plan is not None and plan.current(weights, plan.biases if biases is None else biases):
         return plan
     if biases is None:
-        pairs = zip(weights, has_bias, strict=True)
-        biases = [w.new_empty(w.shape[0]) if has else None for w, has in pairs]
+        biases = _unread_biases(weights, has_bias)
     plan = Plan(weights, biases, activations.split(","), backend)
     if plan.reusable:
         _OP_PLANS.pop(key, None)
@@ -443,6 +442,12 @@ def _op_plan(x, weights, has_bias, activations: str, biases=None) -> Plan:
             _OP_PLANS.pop(next(iter(_OP_PLANS)))
         _OP_PLANS[key] = plan
     return plan
+
+
+def _unread_biases(weights, has_bias) -> list:
+    """Bias placeholders for a plan that runs backward only, which reads no bias."""
+    pairs = zip(weights, has_bias, strict=True)
+    return [w.new_empty(w.shape[0]) if has else None for w, has in pairs]
 
 
 def _mlp_forward_kernel(x, weights, biases, has_bias, activations):
@@ -538,6 +543,112 @@ def _functorch_active() -> bool:
     return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
 
 
+# ---------------------------------------------------------------------------
+# torch.func: the same kernels as Functions in the functorch-compatible form
+# ---------------------------------------------------------------------------
+# torch.func.grad and vjp need forward and setup_context apart; vmap needs a rule, as
+# the kernels take plain tensors. Both Functions take ``(spec, *tensors)`` with
+# ``spec = (backend, activations, has_bias, needs_input_grad)`` and the tensors flat.
+def _split(spec, tensors):
+    """``weights, biases (None where a layer has none)`` from the flat parameters."""
+    has_bias = spec[2]
+    weights, present = tensors[: len(has_bias)], tensors[len(has_bias) :]
+    return list(weights), _with_nones(present, has_bias)
+
+
+def _each_of_the_batch(function, info, in_dims, spec, tensors) -> tuple:
+    """``function.apply`` on every member of a vmapped batch, stacked: the vmap rule
+    wherever the batch does not fold into the kernels' rows."""
+    results = []
+    for member in range(info.batch_size):
+        pairs = zip(tensors, in_dims, strict=True)
+        selected = [t if d is None else t.select(d, member) for t, d in pairs]
+        results.append(function.apply(spec, *selected))
+    stacked = tuple(torch.stack(column) for column in zip(*results, strict=True))
+    return stacked, (0,) * len(stacked)
+
+
+class _FuncMLP(torch.autograd.Function):
+    """Every layer's output ``(a₁, …, a_L)`` of ``apply(spec, x, *weights, *biases)``."""
+
+    @staticmethod
+    def forward(spec, x, *parameters):
+        weights, biases = _split(spec, parameters)
+        checked = plan(x, weights, biases, spec[1], spec[0])
+        kernels = checked.kernels
+        return tuple(kernels.outputs(kernels.forward(checked, x.contiguous())[1]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, x, *parameters = inputs
+        ctx.spec = spec
+        ctx.mark_non_differentiable(*output[:-1])
+        ctx.save_for_backward(x, *_split(spec, parameters)[0], *output)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        backend, activations, has_bias, _ = ctx.spec
+        spec = (backend, activations, has_bias, ctx.needs_input_grad[1])
+        grads = _FuncMLPBackward.apply(spec, grad_outputs[-1], *ctx.saved_tensors)
+        grad_x, grad_weights = grads[0], grads[1 : 1 + len(has_bias)]
+        return None, grad_x if spec[3] else None, *grad_weights, *grads[1 + len(has_bias) :]
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(
+            "fastbp's kernels have a hand-derived backward only: forward-mode AD "
+            "(torch.func.jvp, jacfwd, hessian) needs backend='torch'"
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, spec, x, *parameters):
+        if any(d is not None for d in in_dims[2:]):  # a batch of networks: one by one
+            return _each_of_the_batch(_FuncMLP, info, in_dims[1:], spec, (x, *parameters))
+        rows = x.movedim(in_dims[1], 0)  # a batch of inputs is more rows for the kernels
+        outputs = _FuncMLP.apply(spec, rows.reshape(-1, rows.shape[-1]), *parameters)
+        outputs = tuple(a.reshape(*rows.shape[:-1], a.shape[-1]) for a in outputs)
+        return outputs, (0,) * len(outputs)
+
+
+class _FuncMLPBackward(torch.autograd.Function):
+    """``(∂L/∂x, *∂L/∂Wₗ, *∂L/∂bₗ of the layers with a bias)`` of
+    ``apply(spec, grad_output, x, *weights, *outputs)``; ∂L/∂x is zeros unless
+    ``spec``'s needs_input_grad (a Function returns tensors, not None, under vmap)."""
+
+    @staticmethod
+    def forward(spec, grad_output, x, *saved):
+        backend, activations, has_bias, needs_input_grad = spec
+        weights, outputs = list(saved[: len(has_bias)]), list(saved[len(has_bias) :])
+        checked = plan(x, weights, _unread_biases(weights, has_bias), activations, backend)
+        kernels = checked.kernels
+        grad_x, grad_weights, grad_biases = kernels.backward(
+            checked, kernels.saved(x.contiguous(), [a.contiguous() for a in outputs]),
+            grad_output.contiguous(), needs_input_grad,
+        )  # fmt: skip
+        grad_x = torch.zeros_like(x) if grad_x is None else grad_x
+        return grad_x, *grad_weights, *(g for g in grad_biases if g is not None)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        _refuse_double_backward(always=True)
+
+    @staticmethod
+    def vmap(info, in_dims, spec, *tensors):  # jacrev: a batch of cotangents, one by one
+        return _each_of_the_batch(_FuncMLPBackward, info, in_dims[1:], spec, tensors)
+
+
+def _func_mlp(x, weights, biases, activations, backend: str) -> torch.Tensor:
+    """The last layer's output through ``_FuncMLP``, for torch.func transforms."""
+    has_bias = tuple(b is not None for b in biases)
+    spec = (backend, tuple(activations), has_bias, True)
+    present = [b for b in biases if b is not None]
+    return _FuncMLP.apply(spec, x, *weights, *present)[-1]
+
+
 def _run_kernels(plan: Plan, x: torch.Tensor) -> torch.Tensor:
     """The autograd.Function, or the kernels alone when nothing needs a gradient."""
     if plan.backend == "triton" and torch.is_autocast_enabled(x.device.type):
@@ -554,18 +665,16 @@ def tracing() -> bool:
 
 
 def _traced(x, weights, biases, activations, backend: str) -> torch.Tensor:
-    """The network as tracing sees it: torch's ops, or fastbp's custom op, which
-    torch.compile and torch.export trace through its fake implementation."""
+    """The network as tracing sees it: torch's ops; under torch.func, ``_FuncMLP``;
+    else fastbp's custom op, which torch.compile and torch.export trace through its
+    fake implementation."""
     names = check_network(x, weights, biases, list(activations))
     backend = resolve_backend(backend, x)
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if backend == "torch":
         output = torch_forward(rows, weights, biases, names)[-1]
     elif _functorch_active():
-        raise RuntimeError(
-            f"torch.func transforms (grad, vjp, jacrev, vmap) cannot run fastbp's {backend} "
-            "kernels: use backend='torch' for them (torch.func.functional_call works)"
-        )
+        output = _func_mlp(rows, weights, biases, names, backend)
     else:
         output = custom_op_mlp(rows, weights, biases, names)
     return output if x.dim() == 2 else output.reshape(*x.shape[:-1], output.shape[-1])

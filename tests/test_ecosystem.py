@@ -4,6 +4,7 @@ save/load and interop, determinism. (DDP: ``test_distributed.py``.)"""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import pickle
 import subprocess
 import sys
@@ -19,6 +20,10 @@ from fastbp import functional as F
 from .conftest import make_network
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="Triton is not installed (pip install -e '.[test]' on Linux x86-64)",
+)
 # (sizes, batch, bias per layer, activations): batch 1, odd widths, a layer without bias
 NETWORKS = [
     ([3, 5, 2], 1, [True, True], ["relu", "identity"]),
@@ -199,15 +204,73 @@ def test_functional_call_uses_the_given_parameters():
         torch.testing.assert_close(torch.func.functional_call(model, doubled, (X,)), reference(X))
 
 
-def test_torch_func_transforms_are_refused_clearly():
-    model = _model()
-    params = {name: p.detach() for name, p in model.named_parameters()}
+# torch.func on fastbp's kernels (Triton's in its interpreter without a GPU), against
+# the same network in torch's own ops: a network with and one without a bias per layer.
+FUNC_BACKENDS = ["numba", pytest.param("triton", marks=needs_triton)]
 
-    def loss(params):
-        return torch.func.functional_call(model, params, (X,)).sum()
 
-    with pytest.raises(RuntimeError, match="torch.func transforms .* backend='torch'"):
-        torch.func.grad(loss)(params)
+def _func_models(backend):
+    torch.manual_seed(0)
+    ours = fastbp.nn.MLP([3, 4, 2], "tanh", "sigmoid", bias=[True, False], backend=backend)
+    ours = ours.double()
+    params = {name: p.detach() for name, p in ours.named_parameters()}
+    return ours, ours.to_torch(), params
+
+
+def _assert_same(ours, torchs):
+    """Equal results, in the same structure (tuples, dicts of gradients)."""
+    torch.testing.assert_close(ours, torchs)
+
+
+@pytest.mark.parametrize("backend", FUNC_BACKENDS)
+def test_torch_func_grad_and_vjp_over_functional_call(backend):
+    ours, torchs, params = _func_models(backend)
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def loss(model):
+        return lambda p, x: torch.func.functional_call(model, p, (x,)).pow(2).sum()
+
+    for argnums in (0, 1, (0, 1)):
+        _assert_same(
+            torch.func.grad(loss(ours), argnums)(params, x),
+            torch.func.grad(loss(torchs), argnums)(params, x),
+        )
+    cotangent = torch.randn(5, 2, dtype=torch.float64)
+    _assert_same(torch.func.vjp(ours, x)[1](cotangent), torch.func.vjp(torchs, x)[1](cotangent))
+
+
+@pytest.mark.parametrize("backend", FUNC_BACKENDS)
+def test_torch_func_vmap_jacrev_and_per_sample_gradients(backend):
+    ours, torchs, params = _func_models(backend)
+    x = torch.randn(7, 5, 3, dtype=torch.float64)
+    for in_dims in (0, 1):  # a batch of inputs folds into the kernels' rows
+        _assert_same(torch.func.vmap(ours, in_dims)(x), torch.func.vmap(torchs, in_dims)(x))
+    _assert_same(torch.func.jacrev(ours)(x[0]), torch.func.jacrev(torchs)(x[0]))
+
+    def per_sample(model):
+        def loss(p, sample):
+            return torch.func.functional_call(model, p, (sample[None],)).pow(2).sum()
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[0])
+
+    _assert_same(per_sample(ours), per_sample(torchs))
+    ensemble = {name: torch.stack([p, 2 * p]) for name, p in params.items()}
+
+    def outputs(model):  # a batch of networks, each run on its own
+        return torch.func.vmap(lambda p: torch.func.functional_call(model, p, (x[0],)))(ensemble)
+
+    _assert_same(outputs(ours), outputs(torchs))
+
+
+@pytest.mark.parametrize("backend", FUNC_BACKENDS)
+def test_torch_func_second_order_and_forward_mode_are_refused_clearly(backend):
+    ours, _, _ = _func_models(backend)
+    x = torch.randn(3, dtype=torch.float64)
+    twice = torch.func.grad(lambda x: torch.func.grad(lambda x: ours(x).sum())(x).sum())
+    with pytest.raises(RuntimeError, match="double backward .* backend='torch'"):
+        twice(x)
+    with pytest.raises(RuntimeError, match="forward-mode AD .* backend='torch'"):
+        torch.func.jacfwd(ours)(x)
 
 
 @needs_cuda
