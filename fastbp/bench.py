@@ -42,12 +42,29 @@ QUICK_TASKS = ("train", "inference")
 # The element-wise passes: each activation and its derivative on a (1024, 256) array,
 # fastbp's numba kernels beside torch's own CPU ops.
 PASS_SHAPE = (1024, 256)
-PASS_ACTIVATIONS = ("relu", "sigmoid", "tanh")
+_aten = torch.ops.aten
+# Each activation's torch forward and torch's own backward kernel, δ from (g, a, z).
 _TORCH_PASSES = {
-    "relu": (torch.relu, lambda g, a: torch.ops.aten.threshold_backward(g, a, 0)),
-    "sigmoid": (torch.sigmoid, torch.ops.aten.sigmoid_backward),
-    "tanh": (torch.tanh, torch.ops.aten.tanh_backward),
+    "relu": (torch.relu, lambda g, a, z: _aten.threshold_backward(g, a, 0)),
+    "sigmoid": (torch.sigmoid, lambda g, a, z: _aten.sigmoid_backward(g, a)),
+    "tanh": (torch.tanh, lambda g, a, z: _aten.tanh_backward(g, a)),
+    "leaky_relu": (
+        torch.nn.functional.leaky_relu,
+        lambda g, a, z: _aten.leaky_relu_backward(g, z, 0.01, False),
+    ),
+    "gelu": (torch.nn.functional.gelu, lambda g, a, z: _aten.gelu_backward(g, z)),
+    "gelu_tanh": (
+        lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+        lambda g, a, z: _aten.gelu_backward(g, z, approximate="tanh"),
+    ),
+    "silu": (torch.nn.functional.silu, lambda g, a, z: _aten.silu_backward(g, z)),
+    "softplus": (
+        torch.nn.functional.softplus,
+        lambda g, a, z: _aten.softplus_backward(g, z, 1.0, 20.0),
+    ),
+    "elu": (torch.nn.functional.elu, lambda g, a, z: _aten.elu_backward(g, 1.0, 1, 1, False, z)),
 }
+PASS_ACTIVATIONS = tuple(_TORCH_PASSES)  # every activation but the identity
 
 
 # Log lines torch prints while compiling the torch.compile rows, each understood and
@@ -334,9 +351,9 @@ def _pass_calls(name: str, dtype: torch.dtype, generator) -> dict:
     return {
         ("forward", "torch-eager"): lambda: forward(z),
         ("forward", "fastbp"): lambda: threads.call(cpu.activate, arrays[0], name),
-        ("backward", "torch-eager"): lambda: backward(g, a),
+        ("backward", "torch-eager"): lambda: backward(g, a, z),
         ("backward", "fastbp"): lambda: threads.call(
-            cpu.activation_grad, arrays[1], arrays[2], name
+            cpu.activation_grad, arrays[1], arrays[2], name, arrays[0]
         ),
     }
 

@@ -32,6 +32,7 @@ import torch
 from . import activations as _activations
 from . import threads
 from .kernels import cpu
+from .kernels.activations import split_saved
 from .kernels.utils import check_choice, check_one_per_layer
 
 BACKENDS = ("auto", "numba", "triton", "torch")
@@ -171,14 +172,26 @@ def _gpu():
 # ---------------------------------------------------------------------------
 # The kernel sets, each on a Plan: numba's on numpy views, Triton's on tensors
 # ---------------------------------------------------------------------------
-def torch_forward(x, weights, biases, activations) -> list[torch.Tensor]:
+def torch_forward(x, weights, biases, activations, keep=False) -> list[torch.Tensor]:
     """Every layer's output in native torch ops (the "torch" backend, under autograd
-    or not; ``FusedTrainer``'s torch step uses it too)."""
-    outputs = []
+    or not; ``FusedTrainer``'s torch step uses it too); with ``keep``, followed by the
+    z of each layer whose activation's derivative reads it, as the kernels save them
+    (see ``saved_layers``)."""
+    outputs, kept = [], []
     for weight, bias, name in zip(weights, biases, activations, strict=True):
-        x = _activations.get(name).function(torch.nn.functional.linear(x, weight, bias))
+        activation = _activations.get(name)
+        z = torch.nn.functional.linear(x, weight, bias)
+        x = activation.function(z)
         outputs.append(x)
-    return outputs
+        if keep and activation.reads_input:
+            kept.append(z)
+    return outputs + kept
+
+
+def saved_layers(saved: Sequence, activations: Sequence[str]) -> list[tuple]:
+    """``[(aₗ, zₗ or None)]`` per layer from what a forward saved: every layer's output
+    ``a``, then the z of each layer whose activation's derivative reads it."""
+    return split_saved(saved, [_activations.get(a).reads_input for a in activations])
 
 
 def _array(tensor: torch.Tensor | None):
@@ -208,7 +221,7 @@ class NumbaKernels:
         as arrays, since no one but backward sees the hidden ones."""
         x, network = _numpy(x), plan.prepared
         outputs = threads.call(network.forward, x, parallel=network.parallel(x.shape[0]))
-        return torch.from_numpy(outputs[-1]), (x, outputs)
+        return torch.from_numpy(outputs[len(plan.weights) - 1]), (x, outputs)
 
     @staticmethod
     def infer(plan: Plan, x: torch.Tensor) -> torch.Tensor:
@@ -256,7 +269,9 @@ class TritonKernels:
         # make a cycle (node → ctx → output → node) that kept every step's autograd
         # graph and activations alive until Python's gc ran, and, in a CUDA graph
         # capture, the warm-up's AccumulateGrad nodes with them.
-        return outputs[-1], (x, [*outputs[:-1], outputs[-1].detach()])
+        top = len(plan.weights) - 1
+        saved = [*outputs[:top], outputs[top].detach(), *outputs[top + 1 :]]
+        return outputs[top], (x, saved)
 
     @staticmethod
     def infer(plan: Plan, x: torch.Tensor) -> torch.Tensor:
@@ -415,6 +430,8 @@ _apply = super(torch.autograd.Function, _KernelMLP).apply
 # breaking the graph on numpy or Triton launches), at a few µs more dispatch per
 # call than the autograd.Function above. The device picks the kernels: numba on
 # CPU (also for backend="triton" in the interpreter), Triton on CUDA.
+# joins the activation specs in the ops' str argument (a spec may hold commas)
+SPEC_SEPARATOR = ";"
 # The ops' recent plans: a compiled model calls them with its own parameters every
 # time, and building a plan costs as much as a small network's forward. Bounded, since
 # a plan keeps its parameters alive.
@@ -435,7 +452,7 @@ def _op_plan(x, weights, has_bias, activations: str, biases=None) -> Plan:
         return plan
     if biases is None:
         biases = _unread_biases(weights, has_bias)
-    plan = Plan(weights, biases, activations.split(","), backend)
+    plan = Plan(weights, biases, activations.split(SPEC_SEPARATOR), backend)
     if plan.reusable:
         _OP_PLANS.pop(key, None)
         while len(_OP_PLANS) >= OP_PLANS_KEPT:
@@ -451,10 +468,11 @@ def _unread_biases(weights, has_bias) -> list:
 
 
 def _mlp_forward_kernel(x, weights, biases, has_bias, activations):
-    """``fastbp::mlp_forward``: every layer's output ``[a₁, …, a_L]``; gradients flow
-    from ``a_L`` only. ``biases`` holds the biases of the layers whose ``has_bias`` is
-    true (op autograd drops gradients of a tensor list holding None), and ``activations``
-    is comma-separated, "relu,identity" (a schema has no list of str)."""
+    """``fastbp::mlp_forward``: every layer's output ``[a₁, …, a_L]``, then the z of each
+    layer whose activation's derivative reads it; gradients flow from ``a_L`` only.
+    ``biases`` holds the biases of the layers whose ``has_bias`` is true (op autograd
+    drops gradients of a tensor list holding None), and ``activations`` holds the specs
+    joined by ``SPEC_SEPARATOR``, "relu;identity" (a schema has no list of str)."""
     op_plan = _op_plan(x, weights, has_bias, activations, _with_nones(biases, has_bias))
     kernels = op_plan.kernels
     return kernels.outputs(kernels.forward(op_plan, x)[1])
@@ -466,7 +484,9 @@ def _with_nones(present: Sequence[torch.Tensor], has_bias: Sequence[bool]) -> li
 
 
 def _mlp_forward_fake(x, weights, biases, has_bias, activations):
-    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
+    reads = [_activations.get(a).reads_input for a in activations.split(SPEC_SEPARATOR)]
+    kept = [w for w, r in zip(weights, reads, strict=True) if r]
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in [*weights, *kept]]
 
 
 def _mlp_backward_kernel(grad_output, x, weights, has_bias, activations, outputs, needs_input_grad):
@@ -491,7 +511,8 @@ def _mlp_backward_fake(grad_output, x, weights, has_bias, activations, outputs, 
 def _setup_mlp_context(ctx, inputs, output):
     x, weights, _, has_bias, activations = inputs
     ctx.activations, ctx.has_bias = activations, has_bias
-    ctx.mark_non_differentiable(*output[:-1])
+    top = len(weights) - 1
+    ctx.mark_non_differentiable(*output[:top], *output[top + 1 :])
     ctx.save_for_backward(x, *weights, *output)
 
 
@@ -500,7 +521,7 @@ def _mlp_forward_op_backward(ctx, grad_outputs):
     x, *saved = ctx.saved_tensors
     weights, outputs = saved[: len(ctx.has_bias)], saved[len(ctx.has_bias) :]
     grad_x, grad_weights, grad_biases = torch.ops.fastbp.mlp_backward(
-        grad_outputs[-1], x, weights, ctx.has_bias, ctx.activations, outputs,
+        grad_outputs[len(weights) - 1], x, weights, ctx.has_bias, ctx.activations, outputs,
         ctx.needs_input_grad[0],
     )  # fmt: skip
     return grad_x if ctx.needs_input_grad[0] else None, grad_weights, grad_biases, None, None
@@ -533,9 +554,10 @@ def custom_op_mlp(x, weights, biases, activations: Sequence[str]) -> torch.Tenso
     torch.export trace); ``biases`` may hold None."""
     has_bias = [b is not None for b in biases]
     present = [b for b in biases if b is not None]
-    return torch.ops.fastbp.mlp_forward(x, list(weights), present, has_bias, ",".join(activations))[
-        -1
-    ]
+    outputs = torch.ops.fastbp.mlp_forward(
+        x, list(weights), present, has_bias, SPEC_SEPARATOR.join(activations)
+    )
+    return outputs[len(weights) - 1]
 
 
 def _functorch_active() -> bool:
@@ -582,14 +604,15 @@ class _FuncMLP(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         spec, x, *parameters = inputs
         ctx.spec = spec
-        ctx.mark_non_differentiable(*output[:-1])
+        top = len(spec[2]) - 1
+        ctx.mark_non_differentiable(*output[:top], *output[top + 1 :])
         ctx.save_for_backward(x, *_split(spec, parameters)[0], *output)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
         backend, activations, has_bias, _ = ctx.spec
         spec = (backend, activations, has_bias, ctx.needs_input_grad[1])
-        grads = _FuncMLPBackward.apply(spec, grad_outputs[-1], *ctx.saved_tensors)
+        grads = _FuncMLPBackward.apply(spec, grad_outputs[len(has_bias) - 1], *ctx.saved_tensors)
         grad_x, grad_weights = grads[0], grads[1 : 1 + len(has_bias)]
         return None, grad_x if spec[3] else None, *grad_weights, *grads[1 + len(has_bias) :]
 
@@ -646,7 +669,7 @@ def _func_mlp(x, weights, biases, activations, backend: str) -> torch.Tensor:
     has_bias = tuple(b is not None for b in biases)
     spec = (backend, tuple(activations), has_bias, True)
     present = [b for b in biases if b is not None]
-    return _FuncMLP.apply(spec, x, *weights, *present)[-1]
+    return _FuncMLP.apply(spec, x, *weights, *present)[len(weights) - 1]
 
 
 def _run_kernels(plan: Plan, x: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,9 @@ class Linear(_Planned):
     Args:
         in_features, out_features: sizes; ``weight`` is (out_features, in_features).
         bias: whether the layer has a ``bias`` of shape (out_features,).
-        activation: "identity", "relu", "sigmoid" or "tanh", fused into the layer.
+        activation: fused into the layer: a name ("relu", "gelu", …), a spec with
+            parameters ("leaky_relu(negative_slope=0.2)") or a torch module instance
+            (``nn.LeakyReLU(0.2)``); see ``fastbp.kernels.activations``.
         backend: "auto", "numba", "triton" or "torch" (see ``fastbp.functional``).
 
     Inputs are ``(*, in_features)``, as for ``nn.Linear``.
@@ -72,7 +74,7 @@ class Linear(_Planned):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        activation: str = "identity",
+        activation: str | nn.Module = "identity",
         *,
         backend: str = "auto",
         device=None,
@@ -114,7 +116,7 @@ class Linear(_Planned):
 
 def _per_layer(name: str, value, count: int) -> list:
     """A per-layer list from one value or a sequence of ``count`` values."""
-    if isinstance(value, (str, bool)):
+    if isinstance(value, (str, bool, nn.Module)):
         return [value] * count
     values = list(value)
     if len(values) != count:
@@ -148,8 +150,9 @@ class MLP(_Planned, nn.Sequential):
     Args:
         sizes: layer widths ``[in, hidden…, out]``, at least two; or, as for
             ``nn.Sequential``, an ``OrderedDict`` of the children themselves.
-        activation: activation after each hidden layer, one name or one per hidden layer.
-        output_activation: activation after the last layer.
+        activation: activation after each hidden layer, one or one per hidden layer: a
+            name, a spec with parameters or a torch module instance (see ``Linear``).
+        output_activation: activation after the last layer, the same way.
         bias: whether layers have a bias, one flag or one per layer.
         backend: "auto", "numba", "triton" or "torch" (see ``fastbp.functional``).
 
@@ -158,8 +161,9 @@ class MLP(_Planned, nn.Sequential):
     nn.ReLU(), nn.Linear(100, 10))``. Inputs are ``(*, in_features)``.
 
     Editing it is editing an ``nn.Sequential``: while its children are ``Linear``
-    layers (fastbp's or ``torch.nn``'s), each followed by at most one of ``nn.ReLU``,
-    ``nn.Sigmoid``, ``nn.Tanh`` or ``nn.Identity``, with no hooks on them, forward
+    layers (fastbp's or ``torch.nn``'s), each followed by at most one activation module
+    fastbp knows (``nn.ReLU``, ``nn.GELU``, ``nn.LeakyReLU(0.2)``, …: the table in
+    ``fastbp.kernels.activations``), with no hooks on them, forward
     runs them as one fused node; otherwise it runs the children one by one, as
     ``nn.Sequential`` does.
     """
@@ -167,8 +171,8 @@ class MLP(_Planned, nn.Sequential):
     def __init__(
         self,
         sizes: Sequence[int] | OrderedDict,
-        activation: str | Sequence[str] = "relu",
-        output_activation: str = "identity",
+        activation: str | nn.Module | Sequence[str | nn.Module] = "relu",
+        output_activation: str | nn.Module = "identity",
         bias: bool | Sequence[bool] = True,
         *,
         backend: str = "auto",
@@ -185,6 +189,8 @@ class MLP(_Planned, nn.Sequential):
         if len(sizes) < 2:
             raise ValueError(f"sizes must list at least [in, out], got {sizes}")
         num_layers = len(sizes) - 1
+        if isinstance(activation, (str, nn.Module)):  # checked even with no hidden layer
+            activation = _activations.get(activation).name
         hidden = _per_layer("activation", activation, num_layers - 1)
         names = [_activations.get(a).name for a in [*hidden, output_activation]]
         biases = _per_layer("bias", bias, num_layers)
@@ -194,9 +200,9 @@ class MLP(_Planned, nn.Sequential):
                 device=device, dtype=dtype,
             )  # fmt: skip
             self.add_module(str(len(self._modules)), linear)
-            module = _activations.ACTIVATIONS[name].module
+            module = _activations.get(name).module()
             if module is not None:
-                self.add_module(str(len(self._modules)), module())
+                self.add_module(str(len(self._modules)), module)
 
     def __setattr__(self, name: str, value) -> None:
         if name == "backend":
@@ -257,8 +263,9 @@ class MLP(_Planned, nn.Sequential):
     def from_torch(cls, sequential: nn.Sequential, *, backend: str = "auto") -> MLP:
         """An ``MLP`` with a copy of the weights of ``nn.Sequential(Linear, act, …)``.
 
-        Each ``nn.Linear`` may be followed by one of ``nn.ReLU``, ``nn.Sigmoid``,
-        ``nn.Tanh`` or ``nn.Identity``; anything else raises ``ValueError``.
+        Each ``nn.Linear`` may be followed by one activation module fastbp knows, with
+        its parameters (``nn.LeakyReLU(0.2)``, ``nn.GELU(approximate="tanh")``, …);
+        anything else raises a ``ValueError`` that names it and lists what is supported.
         """
         if not isinstance(sequential, nn.Sequential):
             raise TypeError(f"sequential must be an nn.Sequential, got {type(sequential).__name__}")
@@ -287,9 +294,9 @@ class MLP(_Planned, nn.Sequential):
                     dtype=weight.dtype,
                 )  # fmt: skip
             )
-            module = _activations.ACTIVATIONS[name].module
+            module = _activations.get(name).module()
             if module is not None:
-                modules.append(module())
+                modules.append(module)
         sequential = nn.Sequential(*modules)
         _copy_parameters(linears, [m for m in sequential if isinstance(m, nn.Linear)])
         return sequential
@@ -308,7 +315,7 @@ def _layout(children, name: str = "MLP") -> tuple[list[nn.Module], tuple[str, ..
         if activation is None or not linears or names[-1] != "identity":
             raise ValueError(
                 f"{name}[{index}] is {module!r}; fastbp.nn.MLP fuses Linear layers, each "
-                "followed by at most one of nn.ReLU, nn.Sigmoid, nn.Tanh or nn.Identity"
+                f"followed by at most one of {_activations.supported_modules()}"
             )
         names[-1] = activation.name
     if not linears:

@@ -80,9 +80,9 @@ class Workload:
         pairs = zip(self.sizes[:-1], self.sizes[1:], self.activations, strict=True)
         for i, o, name in pairs:
             layers.append(torch.nn.Linear(i, o, bias=self.bias, device=device))
-            module = _activations.get(name).module
+            module = _activations.get(name).module()
             if module is not None:
-                layers.append(module())
+                layers.append(module)
         return torch.nn.Sequential(*layers)
 
     def data(self, device: str = "cpu", seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +131,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload("docs-64x1000x100x10", (1000, 100, 10), 64, False, "mse", 1e-6, reduction="sum"),
         *(_mnist(b) for b in (64, 128, 1024, 4096, 65536)),
         _mnist(128, name="mnist-sigmoid-b128", activation="sigmoid"),
+        _mnist(128, name="mnist-gelu-b128", activation="gelu"),
         _mnist(128, name="mnist-adam-b128", optimizer="adam", lr=1e-3, momentum=0.0),
         # a policy/value network of the size RL libraries train on CPU
         Workload(

@@ -291,12 +291,13 @@ class FusedTrainer:
         """The step in torch ops, or with ``kernels``' forward and backward (Triton's,
         ``functional.KERNELS``) around the torch loss gradient; the optimizer updates."""
         if kernels is None:
-            outputs = F.torch_forward(x, weights, biases, activations)
+            outputs = F.torch_forward(x, weights, biases, activations, keep=True)
         else:
             plan = F.Plan(weights, biases, activations, "triton")
             saved = kernels.forward(plan, x)[1]
             outputs = kernels.outputs(saved)
-        value, g = _torch_loss_and_grad(outputs[-1], y, self.loss, self.reduction == "mean")
+        output = outputs[len(weights) - 1]
+        value, g = _torch_loss_and_grad(output, y, self.loss, self.reduction == "mean")
         if kernels is None:
             grads = _torch_backward(g, x, weights, biases, activations, outputs)
         else:
@@ -461,12 +462,15 @@ def _check_class_range(y: torch.Tensor, classes: int) -> None:
         raise ValueError(f"y holds class index {y[outside][0].item()}, outside [0, {classes})")
 
 
-def _torch_backward(g, x, weights, biases, activations, outputs):
-    """``([∂L/∂Wₗ], [∂L/∂bₗ or None])`` in torch ops, as ``reference.mlp_backward``."""
+def _torch_backward(g, x, weights, biases, activations, saved):
+    """``([∂L/∂Wₗ], [∂L/∂bₗ or None])`` in torch ops, as ``reference.mlp_backward``, from
+    what ``torch_forward(..., keep=True)`` returned."""
     grad_weights, grad_biases = [None] * len(weights), [None] * len(weights)
+    layers = F.saved_layers(saved, activations)
     for layer in reversed(range(len(weights))):
-        delta = _activations.get(activations[layer]).grad(g, outputs[layer])
-        grad_weights[layer] = delta.T @ (x if layer == 0 else outputs[layer - 1])
+        a, z = layers[layer]
+        delta = _activations.get(activations[layer]).grad(g, a, z)
+        grad_weights[layer] = delta.T @ (x if layer == 0 else layers[layer - 1][0])
         if biases[layer] is not None:
             grad_biases[layer] = delta.sum(dim=0)
         if layer > 0:

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import threading
 import warnings
 
@@ -69,12 +70,25 @@ from numba.core import cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import get_cython_function_address, intrinsic, overload
 
-from .reference import ACTIVATIONS, LOSSES, OPTIMIZERS, REDUCTIONS
+from .activations import BY_NAME, parse, split_saved
+from .reference import LOSSES, OPTIMIZERS, REDUCTIONS
 from .utils import check_choice, check_one_per_layer
 
-ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
-IDENTITY, RELU, SIGMOID, TANH = (
-    ACTIVATION_CODES[n] for n in ("identity", "relu", "sigmoid", "tanh")
+# The kernels switch on each layer's row (code, p₀, p₁) of an activations array.
+IDENTITY, RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS, ELU = (
+    BY_NAME[n].code
+    for n in (
+        "identity",
+        "relu",
+        "sigmoid",
+        "tanh",
+        "leaky_relu",
+        "gelu",
+        "gelu_tanh",
+        "silu",
+        "softplus",
+        "elu",
+    )  # fmt: skip
 )
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # A layer without bias gets an empty bias array: one shared per dtype, as it holds nothing.
@@ -338,6 +352,57 @@ def _relu64(z):
     return f8(0.0) if z < f8(0.0) else z
 
 
+# The activations whose derivative reads z: computed in float64, rounded once where
+# stored. erf, expm1 and log1p are libm calls; the rest is the arithmetic above.
+_SQRT1_2, _SQRT_2_OVER_PI = f8(0.7071067811865476), f8(0.7978845608028654)
+_GELU_CUBIC, _INV_SQRT_2PI = f8(0.044715), f8(0.3989422804014327)
+
+
+@njit(inline="always")
+def _sigmoid_of(z):
+    return f8(1.0) / (f8(1.0) + _exp64(-z))
+
+
+@njit(inline="always")
+def _act_with_parameters(z, code, p0, p1):
+    """act(z) of LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS and ELU, in float64."""
+    z = f8(z)
+    if code == LEAKY_RELU:
+        return z if z > 0 else z * p0
+    if code == ELU:
+        return z if z > 0 else p0 * math.expm1(z)
+    if code == SOFTPLUS:
+        scaled = z * p0
+        return z if scaled > p1 else math.log1p(_exp64(scaled)) / p0
+    if code == SILU:
+        return z / (f8(1.0) + _exp64(-z))
+    if code == GELU:
+        return z * (f8(1.0) + math.erf(z * _SQRT1_2)) * f8(0.5)
+    t = _tanh64(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z))  # GELU_TANH
+    return z * (f8(1.0) + t) * f8(0.5)
+
+
+@njit(inline="always")
+def _slope_with_parameters(z, code, p0, p1):
+    """act'(z) of the activations ``_act_with_parameters`` computes, in float64."""
+    z = f8(z)
+    if code == LEAKY_RELU:
+        return f8(1.0) if z > 0 else p0
+    if code == ELU:
+        return f8(1.0) if z > 0 else p0 * _exp64(z)  # NaN z: NaN, as torch's vector loop
+    if code == SOFTPLUS:
+        return f8(1.0) if z * p0 > p1 else _sigmoid_of(z * p0)
+    if code == SILU:
+        s = _sigmoid_of(z)
+        return s * (f8(1.0) + z * (f8(1.0) - s))
+    if code == GELU:
+        cdf = (f8(1.0) + math.erf(z * _SQRT1_2)) * f8(0.5)
+        return cdf + z * _INV_SQRT_2PI * _exp64(-z * z * f8(0.5))
+    t = _tanh64(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z))  # GELU_TANH
+    inner = _SQRT_2_OVER_PI * (f8(1.0) + f8(3.0) * _GELU_CUBIC * z * z)
+    return (f8(1.0) + t) * f8(0.5) + z * f8(0.5) * (f8(1.0) - t * t) * inner
+
+
 exp = _by_float_type("exp", _exp32, _exp64)
 relu = _by_float_type("relu", _relu32, _relu64)
 sigmoid = _by_float_type("sigmoid", _sigmoid32, _sigmoid64)
@@ -488,17 +553,26 @@ def _map(source, target, function):
         target[k] = function(source[k])
 
 
+@njit(inline="always")
+def _map_with_parameters(source, target, code, p0, p1):
+    for k in range(source.shape[0]):
+        target[k] = _act_with_parameters(source[k], code, p0, p1)
+
+
 @kernel
 def _activate_serial(z, activation, out):
     # One loop per activation: with the choice inside one loop, LLVM kept every branch.
-    if activation == RELU:
+    code = int(activation[0])
+    if code == RELU:
         _map(z, out, relu)
-    elif activation == SIGMOID:
+    elif code == SIGMOID:
         _map(z, out, sigmoid)
-    elif activation == TANH:
+    elif code == TANH:
         _map(z, out, tanh)
-    else:
+    elif code == IDENTITY:
         out[:] = z
+    else:
+        _map_with_parameters(z, out, code, activation[1], activation[2])
 
 
 @kernel(parallel=True)
@@ -513,7 +587,8 @@ def _activate_parallel(z, activation, out):
 
 @kernel
 def _activate(z, activation, out):
-    """``out = act(z)``, element by element, for C-contiguous arrays of one shape."""
+    """``out = act(z)``, element by element, for C-contiguous arrays of one shape;
+    ``activation`` is a layer's row (code, p₀, p₁)."""
     source, target = z.reshape(z.size), out.reshape(out.size)
     if source.shape[0] >= PARALLEL_MIN_ELEMENTS:
         _activate_parallel(source, activation, target)
@@ -522,43 +597,46 @@ def _activate(z, activation, out):
 
 
 @njit(inline="always")
-def _delta(g, a, activation, zero, one):
-    """g ⊙ act'(z), from the saved output a = act(z)."""
-    if activation == RELU:
+def _delta(g, a, z, code, p0, p1, zero, one):
+    """g ⊙ act'(z): from the saved output a for RELU, SIGMOID and TANH, from z else."""
+    if code == RELU:
         return zero if a <= zero else g  # a select, as torch's threshold_backward
-    if activation == SIGMOID:
+    if code == SIGMOID:
         return g * (one - a) * a
-    if activation == TANH:
+    if code == TANH:
         return g * fma(-a, a, one)  # 1 − a² rounded once, as torch's tanh_backward
-    return g
+    if code == IDENTITY:
+        return g
+    return f8(g) * _slope_with_parameters(z, code, p0, p1)
 
 
 @kernel
-def _delta_rows(g, a, activation, delta, column_sums):
-    """δ for these rows; adds Σ_rows δ into the float64 ``column_sums`` unless it is empty."""
+def _delta_rows(g, a, z, activation, delta, column_sums):
+    """δ for these rows; adds Σ_rows δ into the float64 ``column_sums`` unless it is empty.
+    ``z`` is the pre-activation where the derivative reads it, else a again."""
     zero, one = a.dtype.type(0), a.dtype.type(1)
+    code, p0, p1 = int(activation[0]), activation[1], activation[2]
     wants_bias = column_sums.shape[0] > 0
     for i in range(g.shape[0]):
         for j in range(g.shape[1]):
-            d = _delta(g[i, j], a[i, j], activation, zero, one)
-            delta[i, j] = d
+            delta[i, j] = _delta(g[i, j], a[i, j], z[i, j], code, p0, p1, zero, one)
             if wants_bias:
-                column_sums[j] += d
+                column_sums[j] += delta[i, j]  # δ as stored: rounded, as torch sums it
 
 
 @kernel(parallel=True)
-def _delta_parallel(g, a, activation, delta, partials, rows):
+def _delta_parallel(g, a, z, activation, delta, partials, rows):
     # Row blocks, each a call of the serial kernel on contiguous slices; partials[c]
     # holds block c's bias sums.
     for c in prange((g.shape[0] + rows - 1) // rows):
         lo, hi = c * rows, (c + 1) * rows
-        _delta_rows(g[lo:hi], a[lo:hi], activation, delta[lo:hi], partials[c])
+        _delta_rows(g[lo:hi], a[lo:hi], z[lo:hi], activation, delta[lo:hi], partials[c])
 
 
 @kernel
-def _delta_and_bias_grad(g, a, activation, delta, grad_bias):
-    """``δ = g ⊙ act'(a)`` into ``delta`` (never g's memory) and, when ``grad_bias`` is
-    non-empty, ``Σ_batch δ``.
+def _delta_and_bias_grad(g, a, z, activation, delta, grad_bias):
+    """``δ = g ⊙ act'(z)`` into ``delta`` (never g's memory) and, when ``grad_bias`` is
+    non-empty, ``Σ_batch δ``; ``z`` is a again unless the derivative reads z.
 
     The sums run in float64, in row blocks fixed by the shape alone, so the
     result does not depend on the thread count.
@@ -567,10 +645,10 @@ def _delta_and_bias_grad(g, a, activation, delta, grad_bias):
     if g.size >= PARALLEL_MIN_ELEMENTS:
         rows = max(1, PARALLEL_BLOCK_ELEMENTS // g.shape[1])
         partials = np.zeros(((g.shape[0] + rows - 1) // rows, width))
-        _delta_parallel(g, a, activation, delta, partials, rows)
+        _delta_parallel(g, a, z, activation, delta, partials, rows)
     else:
         partials = np.zeros((1, width))
-        _delta_rows(g, a, activation, delta, partials[0])
+        _delta_rows(g, a, z, activation, delta, partials[0])
     for j in range(width):
         grad_bias[j] = partials[:, j].sum()
 
@@ -585,9 +663,16 @@ def _rows(space, rows, width):
 
 
 @kernel
-def _layer_forward(gemm, x, weight, bias, activation, out, scratch):
-    """``out = act(x Wᵀ + b)``; z goes through ``scratch`` unless act is the identity."""
-    z = out if activation == IDENTITY else _rows(scratch, out.shape[0], out.shape[1])
+def _layer_forward(gemm, x, weight, bias, activation, out, kept, scratch):
+    """``out = act(x Wᵀ + b)``; z goes into ``kept`` where it has rows (backward reads
+    it), else through ``scratch`` unless act is the identity."""
+    code = int(activation[0])
+    if code == IDENTITY:
+        z = out
+    elif kept.shape[0] > 0:
+        z = kept
+    else:
+        z = _rows(scratch, out.shape[0], out.shape[1])
     # z = x Wᵀ + b as torch's addmm computes it: the GEMM adds its sum to rows holding b,
     # one rounding (an add after the GEMM would be a second, which sums over K=1 amplify).
     has_bias = bias.shape[0] > 0
@@ -595,17 +680,28 @@ def _layer_forward(gemm, x, weight, bias, activation, out, scratch):
         for i in range(z.shape[0]):
             z[i] = bias
     _gemm(gemm, False, True, 1.0, x, weight, 1.0 if has_bias else 0.0, z)
-    if activation != IDENTITY:
+    if code != IDENTITY:
         _activate(z, activation, out)
+
+
+@njit(inline="always")
+def _kept_or(outputs, layer, a):
+    """Layer ``layer``'s kept z from ``outputs`` (every a, then every layer's z slot),
+    or ``a`` where its slot is empty (its derivative reads a only)."""
+    kept = outputs[len(outputs) // 2 + layer]
+    return kept if kept.shape[0] > 0 else a
 
 
 @kernel
 def _mlp_forward(gemm, x, weights, biases, activations, outputs, scratch):
-    for layer in range(len(weights)):
+    """``outputs`` holds every layer's a, then every layer's z slot (empty where the
+    derivative reads a only)."""
+    top = len(weights)
+    for layer in range(top):
         source = x if layer == 0 else outputs[layer - 1]
         _layer_forward(
             gemm, source, weights[layer], biases[layer], activations[layer], outputs[layer],
-            scratch,
+            outputs[top + layer], scratch,
         )  # fmt: skip
 
 
@@ -615,8 +711,8 @@ def _mlp_backward(
     g,             # ∂L/∂a of the last layer, (N, out)
     x,             # the network's input, (N, in)
     weights,       # one (out, in) matrix per layer
-    activations,   # one activation code per layer
-    outputs,       # every layer's output a, as forward saved them
+    activations,   # (L, 3): each layer's activation row (code, p₀, p₁)
+    outputs,       # every layer's output a, then its z slot, as forward saved them
     grad_weights,  # out: ∂L/∂W per layer
     grad_biases,   # out: ∂L/∂b per layer; empty for a layer without bias
     grad_x,        # out: ∂L/∂x; zero rows when x needs no gradient
@@ -628,9 +724,11 @@ def _mlp_backward(
     upstream = g
     for layer in range(top, -1, -1):
         delta = _rows(delta_space, batch, weights[layer].shape[0])
+        a = outputs[layer]
         _delta_and_bias_grad(
-            upstream, outputs[layer], activations[layer], delta, grad_biases[layer]
-        )
+            upstream, a, _kept_or(outputs, layer, a), activations[layer], delta,
+            grad_biases[layer],
+        )  # fmt: skip
         source = x if layer == 0 else outputs[layer - 1]
         _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer])  # ∂W = δᵀ x
         if layer > 0:
@@ -794,7 +892,8 @@ def _gradients(gemm, x, weights, activations, outputs, delta_space, upstream_spa
     for layer in range(len(weights) - 1, -1, -1):
         delta = _rows(delta_space, batch, weights[layer].shape[0])
         activation, a = activations[layer], outputs[layer]
-        _delta_and_bias_grad(upstream, a, activation, delta, grad_biases[layer])
+        z = _kept_or(outputs, layer, a)
+        _delta_and_bias_grad(upstream, a, z, activation, delta, grad_biases[layer])
         source = x if layer == 0 else outputs[layer - 1]
         _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer])
         if layer > 0:
@@ -829,8 +928,8 @@ def _train_step(
     labels,          # (N,) int64 classes of cross-entropy; empty otherwise
     weights,         # one (out, in) matrix per layer, updated in place
     biases,          # one (out,) vector per layer (empty: no bias), updated in place
-    activations,     # one activation code per layer
-    outputs,         # workspace: every layer's output
+    activations,     # (L, 3): each layer's activation row (code, p₀, p₁)
+    outputs,         # workspace: every layer's output, then its z slot (_mlp_forward's)
     delta_space,     # workspaces of N·(widest layer) elements, as _mlp_backward's
     upstream_space,
     grad_weights,    # workspaces: ∂W per layer (Adam's and clipping's)
@@ -892,7 +991,8 @@ def _train_step(
         source = x if layer == 0 else outputs[layer - 1]
         delta = _rows(delta_space, batch, weights[layer].shape[0])
         activation, a = activations[layer], outputs[layer]
-        _delta_and_bias_grad(upstream, a, activation, delta, grad_biases[layer])
+        z = _kept_or(outputs, layer, a)
+        _delta_and_bias_grad(upstream, a, z, activation, delta, grad_biases[layer])
         if layer > 0:  # ∂L/∂aₗ₋₁ = δ Wₗ, taken before Wₗ moves
             upstream = _rows(upstream_space, batch, weights[layer].shape[1])
             _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)
@@ -942,15 +1042,12 @@ def _dtype_of(x: np.ndarray, name: str = "x") -> np.dtype:
     return x.dtype
 
 
-def _activation_code(activation: str) -> int:
-    return ACTIVATION_CODES[check_choice("activation", activation, ACTIVATIONS)]
-
-
 @functools.lru_cache(maxsize=256)
-def _activation_codes(activations: tuple[str, ...]) -> np.ndarray:
-    """The kernels' int64 codes of a network's activations, shared between calls
-    (the kernels only read them; a read-only flag would change their numba type)."""
-    return np.array([_activation_code(a) for a in activations], dtype=np.int64)
+def _activation_rows(activations: tuple[str, ...]) -> np.ndarray:
+    """The kernels' (L, 3) float64 rows (code, p₀, p₁) of a network's activation specs,
+    shared between calls (the kernels only read them; a read-only flag would change
+    their numba type)."""
+    return np.array([parse(a).row for a in activations], dtype=np.float64).reshape(-1, 3)
 
 
 class Network:
@@ -984,12 +1081,15 @@ class Network:
         self.weights, self.biases = tuple(checked_weights), tuple(checked_biases)
         self.widths = (self.weights[0].shape[1], *widths[1:])
         self.has_bias = tuple(bias is not None for bias in biases)
-        self.codes = _activation_codes(tuple(activations))
+        self.activations = _activation_rows(tuple(activations))
+        # where backward reads z, forward keeps it: after every output, in layer order
+        self.keeps = tuple(parse(a).activation.reads_input for a in activations)
         self.holds_originals = not self.copies
         self._widest = max(self.widths[1:])  # what the workspaces hold: layer outputs
         self._largest = max(w.size for w in self.weights)
         self._workspaces = threading.local()
         self._no_grad_x = np.empty((0, self.widths[0]), dtype)  # "∂L/∂x not needed"
+        self._no_z = np.empty((0, 0), dtype)  # the z slot of a layer that keeps none
 
     def parallel(self, batch: int, updates: bool = False) -> bool:
         """Whether a call on ``batch`` rows reaches numba's thread pool: an element-wise
@@ -1015,35 +1115,47 @@ class Network:
         return kept
 
     def forward(self, x: np.ndarray) -> list[np.ndarray]:
-        """Outputs ``[a₁, …, a_L]`` of every layer in one kernel call."""
+        """Outputs ``[a₁, …, a_L]`` of every layer in one kernel call, followed by the
+        pre-activation z of each layer that ``keeps`` it (what backward reads)."""
         x = self._input(x)
         batch, dtype = x.shape[0], self.dtype
-        outputs = tuple([np.empty((batch, w), dtype) for w in self.widths[1:]])
+        outputs = [np.empty((batch, w), dtype) for w in self.widths[1:]]
+        slots = self._z_slots(batch, [None] * len(outputs))
         gemm = _prepare_launch(dtype)
         scratch = self._spaces(batch)[0]
-        _mlp_forward(gemm, x, self.weights, self.biases, self.codes, outputs, scratch)
-        return list(outputs)
+        _mlp_forward(gemm, x, self.weights, self.biases, self.activations, (*outputs, *slots),
+                     scratch)  # fmt: skip
+        return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
+
+    def _z_slots(self, batch: int, kept: list) -> list[np.ndarray]:
+        """Each layer's z slot: ``kept``'s array, a new one where None, for a layer that
+        keeps z; the shared empty one for the others."""
+        pairs = zip(kept, self.keeps, self.widths[1:], strict=True)
+        return [
+            (np.empty((batch, w), self.dtype) if z is None else z) if keeps else self._no_z
+            for z, keeps, w in pairs
+        ]
 
     def backward(self, g, x, outputs, needs_input_grad: bool = True):
         """``(∂L/∂x or None, [∂L/∂Wₗ], [∂L/∂bₗ or None])`` from ``g = ∂L/∂a_L`` and the
         ``outputs`` forward returned for ``x``, in one kernel call."""
         x = self._input(x)
         batch, dtype = x.shape[0], self.dtype
-        if len(outputs) != len(self.weights):
-            raise ValueError(f"outputs must hold {len(self.weights)} arrays, got {len(outputs)}")
-        outputs = tuple(
-            [
-                _exactly("outputs", a, dtype, (batch, w), layer)
-                for layer, (a, w) in enumerate(zip(outputs, self.widths[1:], strict=True))
-            ]
-        )
+        layers = split_saved(outputs, list(self.keeps))
+        checked = [
+            (_exactly("outputs", a, dtype, (batch, w), layer),
+             None if z is None else _exactly("z", z, dtype, (batch, w), layer))
+            for layer, ((a, z), w) in enumerate(zip(layers, self.widths[1:], strict=True))
+        ]  # fmt: skip
+        slots = self._z_slots(batch, [z for _, z in checked])
+        outputs = (*(a for a, _ in checked), *slots)
         g = _exactly("g", g, dtype, (batch, self.widths[-1]))
         grad_weights = tuple([np.empty(w.shape, dtype) for w in self.weights])
         # a layer without bias passes its shared empty one, which the kernel leaves alone
         grad_biases = tuple([np.empty(b.shape, dtype) if b.size else b for b in self.biases])
         grad_x = np.empty((batch, self.widths[0]), dtype) if needs_input_grad else self._no_grad_x
         _mlp_backward(
-            _prepare_launch(dtype), g, x, self.weights, self.codes, outputs, grad_weights,
+            _prepare_launch(dtype), g, x, self.weights, self.activations, outputs, grad_weights,
             grad_biases, grad_x, *self._spaces(batch),
         )  # fmt: skip
         return (
@@ -1061,7 +1173,8 @@ def _exactly(name: str, array: np.ndarray, dtype: np.dtype, shape: tuple, index=
 
 
 def mlp_forward(x, weights, biases, activations) -> list[np.ndarray]:
-    """Outputs ``[a₁, …, a_L]`` of every layer in one kernel call (``reference.mlp_forward``)."""
+    """Outputs ``[a₁, …, a_L]`` of every layer in one kernel call (``reference.mlp_forward``),
+    then the z of each layer whose activation's derivative reads it (``Network.forward``)."""
     return Network(weights, biases, activations, _width(x)).forward(x)
 
 
@@ -1071,6 +1184,7 @@ def mlp_backward(
     """``(∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ])`` in one kernel call (see ``reference.mlp_backward``).
 
     ``biases`` says which layers have one (an array or None); their values are not read.
+    ``outputs`` is what ``mlp_forward`` returned.
     """
     network = Network(weights, biases, activations, _width(x))
     return network.backward(g, x, outputs, needs_input_grad)
@@ -1088,12 +1202,14 @@ def linear_act_forward(x, weight, bias, activation) -> np.ndarray:
 
 
 def linear_act_backward(
-    g, x, weight, a, activation, has_bias=True, needs_input_grad=True
+    g, x, weight, a, activation, has_bias=True, needs_input_grad=True, z=None
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
-    """``(∂L/∂x, ∂L/∂W, ∂L/∂b)`` of one layer (see ``reference.linear_act_backward``)."""
+    """``(∂L/∂x, ∂L/∂W, ∂L/∂b)`` of one layer (see ``reference.linear_act_backward``);
+    ``z`` is needed where the activation's derivative reads it."""
     bias = np.empty(weight.shape[0], weight.dtype) if has_bias else None
+    saved = [a] if z is None else [a, z]
     grad_x, (grad_weight,), (grad_bias,) = mlp_backward(
-        g, x, [weight], [bias], [activation], [a], needs_input_grad
+        g, x, [weight], [bias], [activation], saved, needs_input_grad
     )
     return grad_x, grad_weight, grad_bias
 
@@ -1104,19 +1220,26 @@ def activate(z: np.ndarray, activation: str) -> np.ndarray:
     z = np.ascontiguousarray(z)
     out = np.empty_like(z)
     _prepare_launch(dtype)
-    _activate(z, _activation_code(activation), out)
+    _activate(z, _activation_rows((activation,))[0], out)
     return out
 
 
-def activation_grad(g: np.ndarray, a: np.ndarray, activation: str) -> np.ndarray:
-    """``δ = g ⊙ act'(z)`` from ``a = act(z)``, element by element: the backward pass's
-    element step, for 2-D ``g`` and ``a`` of one shape."""
+def activation_grad(g: np.ndarray, a: np.ndarray, activation: str, z=None) -> np.ndarray:
+    """``δ = g ⊙ act'(z)``, element by element: the backward pass's element step, for
+    2-D ``g``, ``a = act(z)`` and (where the derivative reads it) ``z`` of one shape."""
     dtype = _dtype_of(g, "g")
     g = _matrix("g", g, dtype, (None, None))
     a = _matrix("a", a, dtype, g.shape)
+    if parse(activation).activation.reads_input:
+        if z is None:
+            raise ValueError(f"the derivative of {activation} needs z, the pre-activation")
+        a_or_z = _matrix("z", z, dtype, g.shape)
+    else:
+        a_or_z = a
     delta = np.empty_like(g)
     _prepare_launch(dtype)
-    _delta_and_bias_grad(g, a, _activation_code(activation), delta, _NO_BIAS[dtype])
+    row = _activation_rows((activation,))[0]
+    _delta_and_bias_grad(g, a, a_or_z, row, delta, _NO_BIAS[dtype])
     return delta
 
 
@@ -1252,14 +1375,15 @@ class TrainStep:
             raise ValueError(f"fresh must be a ({count},) bool array, got {fresh.shape}")
         targets, labels = self._targets(y, batch, width)
         if not self._workspaces or self._workspaces[0][0].shape[0] != batch:
-            outputs = tuple(np.empty((batch, w), x.dtype) for w in network.widths[1:])
+            outputs = [np.empty((batch, w), x.dtype) for w in network.widths[1:]]
+            outputs = (*outputs, *network._z_slots(batch, [None] * len(outputs)))
             spaces = [np.empty(batch * network._widest, x.dtype) for _ in "dg"]
             self._workspaces = (outputs, *spaces)
         terms = batch if self.loss == CROSS_ENTROPY else batch * width
         scale = 1.0 / terms if self.scale_by_mean else 1.0
         value, bad = _train_step(
             _prepare_launch(x.dtype), x, targets, labels, network.weights, network.biases,
-            network.codes, *self._workspaces, self._grad_weights, self._grad_biases,
+            network.activations, *self._workspaces, self._grad_weights, self._grad_biases,
             self._first_param, *bound, hyper, fresh, self.loss, scale, self.rule,
             float(max_norm),
         )  # fmt: skip

@@ -58,16 +58,31 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import ACTIVATIONS
-from .utils import check_choice, check_one_per_layer
+from .activations import BY_NAME, CODE_BITS, parse, split_saved
+from .utils import check_one_per_layer
 
 # Globals a kernel reads must be tl.constexpr.
-IDENTITY, RELU, SIGMOID, TANH = (
-    tl.constexpr(ACTIVATIONS.index(n)) for n in ("identity", "relu", "sigmoid", "tanh")
+IDENTITY, RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS, ELU = (
+    tl.constexpr(BY_NAME[n].code)
+    for n in (
+        "identity",
+        "relu",
+        "sigmoid",
+        "tanh",
+        "leaky_relu",
+        "gelu",
+        "gelu_tanh",
+        "silu",
+        "softplus",
+        "elu",
+    )  # fmt: skip
 )
 # The fused kernels take every layer's activation code packed in one constexpr int:
 # as many bits each as the table needs, so that a longer table cannot be misread.
-ACT_BITS = max(1, (len(ACTIVATIONS) - 1).bit_length())
+ACT_BITS = CODE_BITS
+# The fused kernels run the activations whose derivative reads the output alone and
+# that have no parameter; a network with another one takes the layered kernels.
+FUSED_ACTIVATIONS = tuple(int(code) for code in (IDENTITY, RELU, SIGMOID, TANH))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FUSED_MAX_WIDTH = 128  # widest layer output the fused kernels keep in registers
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -80,40 +95,110 @@ FP_FUSION = True
 # ---------------------------------------------------------------------------
 # Element-wise pieces, inlined into the GEMMs' loads and epilogues
 # ---------------------------------------------------------------------------
+# Activations whose derivative reads z (the table's reads_input): forward keeps z.
 @triton.jit
-def _activate(z, ACT: tl.constexpr):
+def _reads_z(ACT: tl.constexpr):
+    return ACT >= LEAKY_RELU
+
+
+@triton.jit
+def _tanh(z):
+    # tanh z = sign(z)(1 − e^{−2|z|}) / (1 + e^{−2|z|}): no overflow for any z, and no
+    # libdevice call, which the interpreter cannot run.
+    t = tl.exp(-2.0 * tl.abs(z))
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(z < 0, -r, r)
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _expm1(z):
+    """eᶻ − 1 without the cancellation near 0 (Kahan: (u − 1)·z/log u, u = eᶻ)."""
+    u = tl.exp(z)
+    ends = (u == 1.0) | (u == 0.0)  # z itself, or −1: where the quotient would be 0/0
+    quotient = (u - 1.0) * (z / tl.log(tl.where(ends, 2.0, u)))
+    return tl.where(u == 1.0, z, tl.where(u == 0.0, -1.0, quotient))
+
+
+@triton.jit
+def _log1p(t):
+    """log(1 + t) without the cancellation for small t (Goldberg: log(u)·t/(u − 1))."""
+    u = 1.0 + t
+    return tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _gelu_tanh_t(z):
+    return _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+
+
+@triton.jit
+def _activate(z, ACT: tl.constexpr, P0, P1):
+    """act(z); P0, P1 are the activation's parameters (the table's order)."""
     if ACT == RELU:
         return tl.where(z < 0, 0.0, z)  # NaN < 0 is False: NaN stays NaN, as in torch
     elif ACT == SIGMOID:
-        return 1.0 / (1.0 + tl.exp(-z))
+        return _sigmoid(z)
     elif ACT == TANH:
-        # tanh z = sign(z)(1 − e^{−2|z|}) / (1 + e^{−2|z|}): no overflow for any z,
-        # and no libdevice call, which the interpreter cannot run.
-        t = tl.exp(-2.0 * tl.abs(z))
-        r = (1.0 - t) / (1.0 + t)
-        return tl.where(z < 0, -r, r)
+        return _tanh(z)
+    elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, z, z * P0)
+    # The branch not taken is clamped by tl.where, not tl.minimum, which would turn a
+    # NaN into the bound: torch gives NaN there.
+    elif ACT == ELU:
+        return tl.where(z > 0, z, P0 * _expm1(tl.where(z > 0, 0.0, z)))
+    elif ACT == SOFTPLUS:
+        scaled = z * P0
+        return tl.where(scaled > P1, z, _log1p(tl.exp(tl.where(scaled > P1, P1, scaled))) / P0)
+    elif ACT == SILU:
+        return z / (1.0 + tl.exp(-z))
+    elif ACT == GELU:
+        return z * (1.0 + tl.erf(z * 0.7071067811865476)) * 0.5
+    elif ACT == GELU_TANH:
+        return z * (1.0 + _gelu_tanh_t(z)) * 0.5
     else:
         return z
 
 
 @triton.jit
-def _delta(g, a, ACT: tl.constexpr):
-    """δ = g ⊙ act'(a), from the saved output a."""
+def _delta(g, a, z, ACT: tl.constexpr, P0, P1):
+    """δ = g ⊙ act'(z): from the saved output a for relu, sigmoid and tanh, from z else."""
     if ACT == RELU:
         return tl.where(a <= 0, 0.0, g)  # a select, as torch's threshold_backward
     elif ACT == SIGMOID:
         return g * (1.0 - a) * a
     elif ACT == TANH:
         return g * (1.0 - a * a)
+    elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, g, g * P0)
+    elif ACT == ELU:
+        return tl.where(z > 0, g, g * P0 * tl.exp(tl.where(z > 0, 0.0, z)))
+    elif ACT == SOFTPLUS:
+        return tl.where(z * P0 > P1, g, g * _sigmoid(z * P0))
+    elif ACT == SILU:
+        s = _sigmoid(z)
+        return g * s * (1.0 + z * (1.0 - s))
+    elif ACT == GELU:
+        cdf = (1.0 + tl.erf(z * 0.7071067811865476)) * 0.5
+        return g * (cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z))
+    elif ACT == GELU_TANH:
+        t = _gelu_tanh_t(z)
+        inner = 0.7978845608028654 * (1.0 + 3 * 0.044715 * z * z)
+        return g * ((1.0 + t) * 0.5 + z * 0.5 * (1.0 - t * t) * inner)
     else:
         return g
 
 
 @triton.jit
-def _epilogue(acc, b_ptr, cols, n, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+def _epilogue(acc, b_ptr, cols, n, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, P0, P1):
+    """(z, act(z)) of an accumulator tile, with the bias added."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(acc.dtype)[None, :]
-    return _activate(acc, ACT)
+    return acc, _activate(acc, ACT, P0, P1)
 
 
 # ---------------------------------------------------------------------------
@@ -121,11 +206,12 @@ def _epilogue(acc, b_ptr, cols, n, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
 # ---------------------------------------------------------------------------
 @triton.jit
 def _layer_forward_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_xk,
+    x_ptr, w_ptr, b_ptr, out_ptr, z_ptr, M, N, K, stride_xm, stride_xk, P0, P1,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """out[M, N] = act(x[M, K] W[N, K]ᵀ + b); one (BM, BN) tile of out per program."""
+    """out[M, N] = act(x[M, K] W[N, K]ᵀ + b), and z = x Wᵀ + b into z_ptr where act's
+    derivative reads it; one (BM, BN) tile of out per program."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
@@ -142,25 +228,32 @@ def _layer_forward_kernel(
             other=0.0,
         )
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION, out_dtype=ACC)
-    a = _epilogue(acc, b_ptr, cols, N, HAS_BIAS, ACT)
+    z, a = _epilogue(acc, b_ptr, cols, N, HAS_BIAS, ACT, P0, P1)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], a.to(out_ptr.dtype.element_ty), mask=mask)
+    if _reads_z(ACT):
+        tl.store(z_ptr + rows[:, None] * N + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _load_delta(
-    g_ptr, a_ptr, rows, cols, M, N, stride_gm, stride_gn, ACT: tl.constexpr, ACC: tl.constexpr
-):
-    """A (rows, cols) tile of δ = g ⊙ act'(a); zero outside (M, N)."""
+    g_ptr, a_ptr, z_ptr, rows, cols, M, N, stride_gm, stride_gn, P0, P1,
+    ACT: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """A (rows, cols) tile of δ = g ⊙ act'(z), from a or (where act' reads it) z;
+    zero outside (M, N)."""
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0)
-    a = tl.load(a_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    return _delta(g.to(ACC), a.to(ACC), ACT)
+    # Where act' reads z, a is not read: z stands in for it. Outside (M, N) g is 0, and
+    # so is δ, since every act' is finite at 0.
+    saved_ptr = z_ptr if _reads_z(ACT) else a_ptr
+    saved = tl.load(saved_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(ACC)
+    return _delta(g.to(ACC), saved, saved, ACT, P0, P1)
 
 
 @triton.jit
 def _layer_grad_input_kernel(
-    g_ptr, a_ptr, w_ptr, dx_ptr, M, N, K, stride_gm, stride_gn,
+    g_ptr, a_ptr, z_ptr, w_ptr, dx_ptr, M, N, K, stride_gm, stride_gn, P0, P1,
     ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
@@ -171,7 +264,9 @@ def _layer_grad_input_kernel(
     acc = tl.zeros((BM, BK), ACC)
     for n0 in range(0, N, BN):
         n = n0 + ns
-        delta = _load_delta(g_ptr, a_ptr, rows, n, M, N, stride_gm, stride_gn, ACT, ACC)
+        delta = _load_delta(
+            g_ptr, a_ptr, z_ptr, rows, n, M, N, stride_gm, stride_gn, P0, P1, ACT, ACC
+        )
         w = tl.load(
             w_ptr + n[:, None] * K + ks[None, :],
             mask=(n[:, None] < N) & (ks[None, :] < K),
@@ -186,12 +281,14 @@ def _layer_grad_input_kernel(
 def _layer_grad_weight_kernel(
     g_ptr,                  # (M, N) ∂L/∂a of this layer's output, strides stride_g*
     a_ptr,                  # (M, N) contiguous saved output a (δ = g ⊙ act'(a))
+    z_ptr,                  # (M, N) contiguous saved z where act' reads it, else a_ptr
     x_ptr,                  # (M, K) this layer's input, strides stride_x*
     out_ptr,                # (splits, N·K + N) partial [∂W | ∂b], one row per split
     M, N, K,
     stride_gm, stride_gn,
     stride_xm, stride_xk,
     rows_per_split,         # batch rows each split sums, a multiple of BM
+    P0, P1,                 # the activation's parameters
     ACT: tl.constexpr,      # activation code
     ACC: tl.constexpr,      # accumulation dtype: float32, or float64 for float64
     PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32"
@@ -220,7 +317,9 @@ def _layer_grad_weight_kernel(
         bias_part = tl.zeros((BN,), ACC)
         for m0 in range(group, tl.minimum(group + GROUP * BM, stop), BM):
             rows = m0 + tl.arange(0, BM)
-            delta = _load_delta(g_ptr, a_ptr, rows, cols, M, N, stride_gm, stride_gn, ACT, ACC)
+            delta = _load_delta(
+                g_ptr, a_ptr, z_ptr, rows, cols, M, N, stride_gm, stride_gn, P0, P1, ACT, ACC
+            )
             x = tl.load(
                 x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                 mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0,
@@ -298,14 +397,17 @@ def _mlp_forward_kernel(
             acc = tl.dot(
                 h_in, w_t, tl.zeros((BM, H), ACC), input_precision=PRECISION, out_dtype=ACC
             )
-        # constexpr bits: bit l of BIASES, bits 2l..2l+1 of ACTS
-        a = _epilogue(
+        # constexpr bits: bit l of BIASES, bits ACT_BITS·l… of ACTS (FUSED_ACTIVATIONS:
+        # no parameters)
+        _, a = _epilogue(
             acc,
             biases[layer],
             hs,
             widths[layer + 1],
             (BIASES >> layer) & 1,
             (ACTS >> (ACT_BITS * layer)) & ((1 << ACT_BITS) - 1),
+            0.0,
+            0.0,
         )
         out = outputs[layer]
         n_out = widths[layer + 1]
@@ -377,11 +479,10 @@ def _mlp_backward_kernel(
             a = tl.load(
                 outputs[layer] + rows[:, None] * n_out + hs[None, :], mask=out_mask, other=0.0
             )
+            code = (ACTS >> (ACT_BITS * layer)) & ((1 << ACT_BITS) - 1)
             # Zeroed padded lanes, as in the forward: g there is δ·0, NaN beside an inf.
             delta = tl.where(
-                hs[None, :] < n_out,
-                _delta(g, a.to(ACC), (ACTS >> (ACT_BITS * layer)) & ((1 << ACT_BITS) - 1)),
-                0.0,
+                hs[None, :] < n_out, _delta(g, a.to(ACC), a.to(ACC), code, 0.0, 0.0), 0.0
             )
             _accumulate(
                 grads + offsets[layer] + n_out * n_in + hs, tl.sum(delta, axis=0), hs < n_out, again
@@ -598,23 +699,35 @@ def _checked(x, weights, biases, activations):
     check_offsets("x", x)
     widest = max(x.shape[1], *(w.shape[0] for w in weights))
     check_offsets(f"a ({x.shape[0]}, {widest}) layer output", x.shape[0] * widest)
-    codes = tuple(_activation_code(a) for a in activations)
+    parsed = tuple(parse(a) for a in activations)
     weights = [w.contiguous() for w in weights]
     biases = [None if b is None else b.contiguous() for b in biases]
-    return weights, biases, codes
-
-
-def _activation_code(activation: str) -> int:
-    return ACTIVATIONS.index(check_choice("activation", activation, ACTIVATIONS))
+    return weights, biases, parsed
 
 
 def _packed(values, bits: int) -> int:
     return sum(int(v) << (bits * layer) for layer, v in enumerate(values))
 
 
-def fusable(weights) -> bool:
-    """Whether a network fits the fused kernels: every layer output ≤ FUSED_MAX_WIDTH."""
-    return all(w.shape[0] <= FUSED_MAX_WIDTH for w in weights)
+def fusable(weights, activations=()) -> bool:
+    """Whether a network fits the fused kernels: every layer output ≤ FUSED_MAX_WIDTH
+    and every activation one of FUSED_ACTIVATIONS."""
+    narrow = all(w.shape[0] <= FUSED_MAX_WIDTH for w in weights)
+    return narrow and all(parse(a).code in FUSED_ACTIVATIONS for a in activations)
+
+
+def _fused_choice(fused, weights, activations, dtype, tf32, backward: bool) -> bool:
+    """``fused`` as given (True refused where the network does not fit), or, for None,
+    ``fused_by_default``."""
+    if fused is None:
+        return fusable(weights, activations) and fused_by_default(weights, dtype, tf32, backward)
+    if fused and not fusable(weights, activations):
+        raise ValueError(
+            f"fused=True needs every layer output at most {FUSED_MAX_WIDTH} wide and "
+            f"activations among identity, relu, sigmoid, tanh, got widths "
+            f"{[w.shape[0] for w in weights]} and {[parse(a).spec for a in activations]}"
+        )
+    return fused
 
 
 def fused_by_default(weights, dtype: torch.dtype, tf32: bool, backward: bool) -> bool:
@@ -635,39 +748,52 @@ def fused_by_default(weights, dtype: torch.dtype, tf32: bool, backward: bool) ->
 
 
 def mlp_forward(x, weights, biases, activations, *, tf32=False, fused=None) -> list[torch.Tensor]:
-    """Outputs ``[a₁, …, a_L]`` of every layer (``reference.mlp_forward``).
+    """Outputs ``[a₁, …, a_L]`` of every layer (``reference.mlp_forward``), then the z of
+    each layer whose activation's derivative reads it (what ``mlp_backward`` reads).
 
     ``fused``: None picks the fused kernel where ``fused_by_default``; True (where
     ``fusable(weights)``) or False forces a path (the tests run both).
     """
-    weights, biases, codes = _checked(x, weights, biases, activations)
-    if fused is None:
-        fused = fused_by_default(weights, x.dtype, tf32, backward=False)
+    weights, biases, parsed = _checked(x, weights, biases, activations)
+    fused = _fused_choice(fused, weights, activations, x.dtype, tf32, backward=False)
     acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
     outputs = [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
+    kept = [x.new_empty(x.shape[0], w.shape[0]) if p.activation.reads_input else None
+            for w, p in zip(weights, parsed, strict=True)]  # fmt: skip
+    saved = outputs + [z for z in kept if z is not None]
     if x.shape[0] == 0:
-        return outputs  # no rows: nothing to launch (a grid of 0 programs is an error)
+        return saved  # no rows: nothing to launch (a grid of 0 programs is an error)
     with _device_guard(x.device):
         if fused:
+            codes = tuple(p.code for p in parsed)
             _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision)
         else:
             layer_input = x
-            for w, b, code, out in zip(weights, biases, codes, outputs, strict=True):
-                _launch_layer_forward(layer_input, w, b, code, out, acc, precision)
+            layers = zip(weights, biases, parsed, outputs, kept, strict=True)
+            for w, b, activation, out, z in layers:
+                _launch_layer_forward(layer_input, w, b, activation, out, z, acc, precision)
                 layer_input = out
-    return outputs
+    return saved
 
 
-def _launch_layer_forward(x, w, b, code, out, acc, precision) -> None:
+def _launch_layer_forward(x, w, b, activation, out, z, acc, precision) -> None:
     (M, K), N = x.shape, w.shape[0]
     blocks = _layer_blocks(x.dtype, interpreted(x.device))
     grid = (triton.cdiv(M, blocks.BM), triton.cdiv(N, blocks.BN))
+    code, p0, p1 = _activation_arguments(activation)
     _layer_forward_kernel[grid](
-        x, w, *_bias_pointers([w], [b]), out, M, N, K, x.stride(0), x.stride(1),
+        x, w, *_bias_pointers([w], [b]), out, out if z is None else z, M, N, K,
+        x.stride(0), x.stride(1), p0, p1,
         HAS_BIAS=b is not None, ACT=code, ACC=acc, PRECISION=precision,
         BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, num_warps=blocks.num_warps,
         enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
+
+
+def _activation_arguments(activation) -> tuple[int, float, float]:
+    """A parsed activation as the layered kernels take it: ACT, P0, P1."""
+    code, p0, p1 = activation.row
+    return int(code), p0, p1
 
 
 def _bias_pointers(weights, biases) -> tuple[torch.Tensor, ...]:
@@ -697,13 +823,18 @@ def mlp_backward(
     ``mlp_forward``.
     """
     has_bias = [b is not None for b in biases]
-    weights, _, codes = _checked(x, weights, [None] * len(weights), activations)
-    for layer, (w, a) in enumerate(zip(weights, outputs, strict=True)):
-        if a.shape != (x.shape[0], w.shape[0]) or not a.is_contiguous():
-            want = (x.shape[0], w.shape[0])
-            raise ValueError(f"outputs[{layer}] must be contiguous {want}, got {tuple(a.shape)}")
-    if g.shape != outputs[-1].shape:
-        raise ValueError(f"g must have shape {tuple(outputs[-1].shape)}, got {tuple(g.shape)}")
+    weights, _, parsed = _checked(x, weights, [None] * len(weights), activations)
+    layers = split_saved(outputs, [p.activation.reads_input for p in parsed])
+    for layer, (w, (a, z)) in enumerate(zip(weights, layers, strict=True)):
+        want = (x.shape[0], w.shape[0])
+        for name, saved in (("output", a), ("z", z)):
+            if saved is not None and (saved.shape != want or not saved.is_contiguous()):
+                raise ValueError(
+                    f"layer {layer}'s saved {name} must be contiguous {want}, "
+                    f"got {tuple(saved.shape)}"
+                )
+    if g.shape != layers[-1][0].shape:
+        raise ValueError(f"g must have shape {tuple(layers[-1][0].shape)}, got {tuple(g.shape)}")
     check_offsets("g", g)
     if x.shape[0] == 0:  # no rows: every gradient is an empty sum
         grad_biases = [
@@ -711,15 +842,22 @@ def mlp_backward(
         ]
         grad_x = x.new_empty(x.shape) if needs_input_grad else None
         return grad_x, [w.new_zeros(w.shape) for w in weights], grad_biases
-    if fused is None:
-        fused = fused_by_default(weights, x.dtype, tf32, backward=True)
+    fused = _fused_choice(fused, weights, activations, x.dtype, tf32, backward=True)
     acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
     grad_x = (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else None
     )
-    launch = _launch_fused_backward if fused else _layered_backward
     with _device_guard(x.device):
-        grad_weights, grad_biases = launch(g, x, weights, codes, outputs, grad_x, acc, precision)
+        if fused:
+            codes = tuple(p.code for p in parsed)
+            outputs = [a for a, _ in layers]
+            grad_weights, grad_biases = _launch_fused_backward(
+                g, x, weights, codes, outputs, grad_x, acc, precision
+            )
+        else:
+            grad_weights, grad_biases = _layered_backward(
+                g, x, weights, parsed, layers, grad_x, acc, precision
+            )
     return (
         grad_x,
         grad_weights,
@@ -779,41 +917,48 @@ def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision
     return [w for w, _ in views], [b for _, b in views]
 
 
-def _layered_backward(g, x, weights, codes, outputs, grad_x, acc, precision):
+def _layered_backward(g, x, weights, activations, layers, grad_x, acc, precision):
+    """Every layer's gradients, top down; ``layers`` holds each layer's (a, z or None)."""
     grad_weights, grad_biases = [None] * len(weights), [None] * len(weights)
     blocks = _layer_blocks(x.dtype, interpreted(x.device))
     for layer in reversed(range(len(weights))):
-        w, a, code = weights[layer], outputs[layer], codes[layer]
-        layer_input = x if layer == 0 else outputs[layer - 1]
+        w, (a, z), activation = weights[layer], layers[layer], activations[layer]
+        saved = (a, a if z is None else z, activation)
+        layer_input = x if layer == 0 else layers[layer - 1][0]
         grad_weights[layer], grad_biases[layer] = _launch_grad_weight(
-            g, a, layer_input, code, acc, precision, blocks
+            g, saved, layer_input, acc, precision, blocks
         )
         if layer > 0 or grad_x is not None:
             dx = grad_x if layer == 0 else torch.empty_like(layer_input)
-            _launch_grad_input(g, a, w, code, dx, acc, precision, blocks)
+            _launch_grad_input(g, saved, w, dx, acc, precision, blocks)
             g = dx
     return grad_weights, grad_biases
 
 
-def _launch_grad_input(g, a, w, code, dx, acc, precision, blocks: Blocks) -> None:
+def _launch_grad_input(g, saved, w, dx, acc, precision, blocks: Blocks) -> None:
+    """``saved``: the layer's (a, z, parsed activation), z being a where act' reads a."""
+    a, z, activation = saved
     (M, N), K = a.shape, w.shape[1]
     grid = (triton.cdiv(M, blocks.BM), triton.cdiv(K, blocks.BK))
+    code, p0, p1 = _activation_arguments(activation)
     _layer_grad_input_kernel[grid](
-        g, a, w, dx, M, N, K, g.stride(0), g.stride(1),
+        g, a, z, w, dx, M, N, K, g.stride(0), g.stride(1), p0, p1,
         ACT=code, ACC=acc, PRECISION=precision,
         BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, num_warps=blocks.num_warps,
         enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
-def _launch_grad_weight(g, a, x, code, acc, precision, blocks: Blocks):
+def _launch_grad_weight(g, saved, x, acc, precision, blocks: Blocks):
+    a, z, activation = saved
     (M, N), K = a.shape, x.shape[1]
     plan = _split_plan(M, N, K, blocks, x.device)
     partials = _workspace(x, plan.splits, N * K + N, direct=plan.splits == 1)
     grid = (triton.cdiv(N, blocks.BN), triton.cdiv(K, blocks.BK), plan.splits)
+    code, p0, p1 = _activation_arguments(activation)
     _layer_grad_weight_kernel[grid](
-        g, a, x, partials, M, N, K, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
-        plan.rows_per_split, ACT=code, ACC=acc, PRECISION=precision,
+        g, a, z, x, partials, M, N, K, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+        plan.rows_per_split, p0, p1, ACT=code, ACC=acc, PRECISION=precision,
         BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, GROUP=SUM_GROUP, num_warps=blocks.num_warps,
         enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
@@ -826,11 +971,14 @@ def linear_act_forward(x, weight, bias, activation, *, tf32=False, fused=None) -
 
 
 def linear_act_backward(
-    g, x, weight, a, activation, has_bias=True, needs_input_grad=True, *, tf32=False, fused=None
-):
-    """``(∂L/∂x, ∂L/∂W, ∂L/∂b)`` of one layer (see ``reference.linear_act_backward``)."""
+    g, x, weight, a, activation, has_bias=True, needs_input_grad=True, *, tf32=False,
+    fused=None, z=None,
+):  # fmt: skip
+    """``(∂L/∂x, ∂L/∂W, ∂L/∂b)`` of one layer (see ``reference.linear_act_backward``);
+    ``z`` where the activation's derivative reads it."""
+    saved = [a] if z is None else [a, z]
     grad_x, (grad_weight,), (grad_bias,) = mlp_backward(
-        g, x, [weight], [weight if has_bias else None], [activation], [a], needs_input_grad,
+        g, x, [weight], [weight if has_bias else None], [activation], saved, needs_input_grad,
         tf32=tf32, fused=fused,
     )  # fmt: skip
     return grad_x, grad_weight, grad_bias

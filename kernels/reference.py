@@ -22,13 +22,32 @@ The loss ``L`` reaches the layer through its output only, so backward receives
 
        δ = ∂L/∂z = g ⊙ act'(z)
 
-   Every activation here has a derivative that is a function of its *output*,
-   so backward needs ``a`` but never ``z``, and forward need not keep ``z``:
+   For identity, relu, sigmoid and tanh the derivative is a function of the
+   *output*, so backward needs ``a`` but not ``z``::
 
        identity  a = z               act' = 1
        relu      a = max(z, 0)       act' = 0 where a ≤ 0, else 1
        sigmoid   a = 1 / (1 + e⁻ᶻ)   act' = a (1 − a)
        tanh      a = tanh z          act' = 1 − a²
+
+   For the others it is written in terms of ``z`` (as torch computes it), and the
+   kernels keep ``z`` from forward for those layers; this oracle recomputes it.
+   With σ the sigmoid, Φ the standard normal CDF and φ = Φ' its density::
+
+       leaky_relu  a = z if z > 0 else s·z           act' = 1 if z > 0 else s
+       elu         a = z if z > 0 else α(eᶻ − 1)     act' = 1 if z > 0 else α eᶻ
+       softplus    a = log(1 + e^{βz})/β             act' = σ(βz)
+                   (a = z where βz > threshold)      act' = 1 there
+       silu        a = z σ(z)                        act' = σ(z) (1 + z (1 − σ(z)))
+       gelu        a = z Φ(z)                        act' = Φ(z) + z φ(z),
+                   Φ(z) = (1 + erf(z/√2))/2,          φ(z) = e^{−z²/2}/√(2π)
+       gelu_tanh   a = z/2 (1 + t),                  act' = (1 + t)/2
+                   t = tanh(k(z + c z³)),              + z/2 (1 − t²) k (1 + 3c z²)
+                   k = √(2/π), c = 0.044715
+
+   silu's derivative follows from the product rule and σ' = σ(1 − σ); softplus'
+   from d/dz log(1 + e^{βz}) = βe^{βz}/(1 + e^{βz}); gelu_tanh's from the product
+   rule and tanh' = 1 − tanh².
 
 2. Through the affine map. Entry (n, j) of z is ``z[n,j] = Σ_k x[n,k] W[j,k] + b[j]``,
    so ``∂z[n,j]/∂W[j,k] = x[n,k]``, ``∂z[n,j]/∂b[j] = 1`` and ``∂z[n,j]/∂x[n,k] = W[j,k]``.
@@ -80,36 +99,100 @@ the gradient passes.
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
+import numpy as np
+from scipy import special
+
+from .activations import NAMES, parse
 from .utils import check_choice
 
-ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh")
+ACTIVATIONS = NAMES  # every activation's name (specs add parameters: activations.py)
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # e⁻ᶻ overflows to inf for z ≪ 0: σ → 0, as intended
+        return 1 / (1 + np.exp(-z))
+
+
+def _erf(z: np.ndarray) -> np.ndarray:
+    """erf in z's dtype; through float64 for longdouble, which scipy's erf does not take."""
+    return (
+        special.erf(z.astype(np.float64)).astype(z.dtype)
+        if z.dtype == np.longdouble
+        else special.erf(z)
+    )
 
 
 def activate(z: np.ndarray, activation: str) -> np.ndarray:
-    """``act(z)``, element by element."""
-    check_choice("activation", activation, ACTIVATIONS)
-    if activation == "identity":
+    """``act(z)``, element by element; ``activation`` is a spec (see activations.py)."""
+    parsed = parse(activation)
+    name, values = parsed.activation.name, parsed.values
+    if name == "identity":
         return z
-    if activation == "relu":
+    if name == "relu":
         return np.where(z < 0, np.zeros_like(z), z)
-    if activation == "sigmoid":
-        with np.errstate(over="ignore"):  # e⁻ᶻ overflows to inf for z ≪ 0: σ → 0, as intended
-            return 1 / (1 + np.exp(-z))
-    return np.tanh(z)  # tanh
+    if name == "sigmoid":
+        return _sigmoid(z)
+    if name == "tanh":
+        return np.tanh(z)
+    negative = np.minimum(z, 0)  # the branch not taken must not overflow
+    with np.errstate(over="ignore", invalid="ignore"):
+        if name == "leaky_relu":
+            return np.where(z > 0, z, z * z.dtype.type(values[0]))
+        if name == "elu":
+            return np.where(z > 0, z, z.dtype.type(values[0]) * np.expm1(negative))
+        if name == "softplus":
+            beta, threshold = values
+            scaled = z * z.dtype.type(beta)
+            soft = np.log1p(np.exp(np.minimum(scaled, threshold))) / z.dtype.type(beta)
+            return np.where(scaled > threshold, z, soft)
+        if name == "silu":
+            return z * _sigmoid(z)
+        if name == "gelu":
+            return z * (1 + _erf(z / math.sqrt(2))) / 2
+        t = np.tanh(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z**3))  # gelu_tanh
+        return z * (1 + t) / 2
 
 
-def activation_grad(g: np.ndarray, a: np.ndarray, activation: str) -> np.ndarray:
-    """``δ = g ⊙ act'(z)``, with ``act'`` written in terms of the output ``a = act(z)``."""
-    check_choice("activation", activation, ACTIVATIONS)
-    if activation == "identity":
+def activation_grad(
+    g: np.ndarray, a: np.ndarray, activation: str, z: np.ndarray | None = None
+) -> np.ndarray:
+    """``δ = g ⊙ act'(z)``, from the output ``a = act(z)`` for identity, relu, sigmoid and
+    tanh, from the pre-activation ``z`` for the others."""
+    parsed = parse(activation)
+    name, values = parsed.activation.name, parsed.values
+    if name == "identity":
         return g
-    if activation == "relu":
+    if name == "relu":
         return np.where(a <= 0, np.zeros_like(g), g)
-    if activation == "sigmoid":
+    if name == "sigmoid":
         return g * (1 - a) * a
-    return g * (1 - a * a)  # tanh
+    if name == "tanh":
+        return g * (1 - a * a)
+    if z is None:
+        raise ValueError(f"the derivative of {name} needs z, the pre-activation")
+    with np.errstate(over="ignore", invalid="ignore"):
+        if name == "leaky_relu":
+            return np.where(z > 0, g, g * values[0])
+        if name == "elu":
+            # a NaN z gives NaN, as torch's vectorized loop (its scalar tail passes g)
+            return np.where(z > 0, g, g * values[0] * np.exp(np.minimum(z, 0)))
+        if name == "softplus":
+            beta, threshold = values
+            return np.where(z * beta > threshold, g, g * _sigmoid(beta * z))
+        if name == "silu":
+            s = _sigmoid(z)
+            return g * s * (1 + z * (1 - s))
+        if name == "gelu":
+            cdf = (1 + _erf(z / math.sqrt(2))) / 2
+            pdf = np.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+            return g * (cdf + z * pdf)
+        t = np.tanh(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z**3))  # gelu_tanh
+        slope = (1 + t) / 2 + z / 2 * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * z * z)
+        return g * slope
 
 
 def linear_act_forward(
@@ -130,13 +213,15 @@ def linear_act_backward(
     activation: str,
     has_bias: bool = True,
     needs_input_grad: bool = True,
+    z: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
     """Gradients ``(∂L/∂x, ∂L/∂W, ∂L/∂b)`` of one layer from ``g = ∂L/∂a``.
 
-    ``a`` is the output saved by forward; ``∂L/∂x`` is None unless asked for,
-    ``∂L/∂b`` is None for a layer without bias.
+    ``a`` is the output saved by forward, ``z`` its pre-activation (needed only where
+    the derivative reads it); ``∂L/∂x`` is None unless asked for, ``∂L/∂b`` is None for
+    a layer without bias.
     """
-    delta = activation_grad(g, a, activation)
+    delta = activation_grad(g, a, activation, z)
     grad_weight = delta.T @ x
     grad_bias = delta.sum(axis=0) if has_bias else None
     grad_input = delta @ weight if needs_input_grad else None
@@ -167,12 +252,20 @@ def mlp_backward(
     outputs: list[np.ndarray],
     needs_input_grad: bool = True,
 ) -> tuple[np.ndarray | None, list[np.ndarray], list[np.ndarray | None]]:
-    """``(∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ])`` from ``g = ∂L/∂a_L`` and the saved ``outputs``."""
-    inputs = [x, *outputs[:-1]]
+    """``(∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ])`` from ``g = ∂L/∂a_L`` and the saved ``outputs``.
+
+    Where an activation's derivative reads z, z is recomputed from the layer's input,
+    weight and bias (the kernels keep it from forward instead).
+    """
+    inputs = [x, *outputs[: len(weights) - 1]]
     grad_weights: list[np.ndarray] = [None] * len(weights)  # type: ignore[list-item]
     grad_biases: list[np.ndarray | None] = [None] * len(weights)
     for layer in reversed(range(len(weights))):
         wants_grad_in = layer > 0 or needs_input_grad
+        z = None
+        if parse(activations[layer]).activation.reads_input:
+            z = inputs[layer] @ weights[layer].T
+            z = z if biases[layer] is None else z + biases[layer]
         g, grad_weights[layer], grad_biases[layer] = linear_act_backward(
             g,
             inputs[layer],
@@ -181,6 +274,7 @@ def mlp_backward(
             activations[layer],
             has_bias=biases[layer] is not None,
             needs_input_grad=wants_grad_in,
+            z=z,
         )
     return g, grad_weights, grad_biases
 

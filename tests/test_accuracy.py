@@ -11,7 +11,7 @@ plus 4 units in the last place of the largest reference value
 import pytest
 import torch
 
-from fastbp.kernels.reference import ACTIVATIONS
+from fastbp.kernels.activations import TABLE
 from fastbp.registry import entries
 
 from .conftest import assert_as_accurate_as_torch
@@ -29,6 +29,9 @@ NETWORKS = [
     [3, 600],  # at batch 127, 76 200 outputs: the parallel passes, in uneven row blocks
 ]
 BATCHES = [1, 3, 64, 127]
+# The activations whose derivative reads the output; the others, with their parameters,
+# are judged the same way in test_activations.py.
+ACTIVATIONS = [activation.name for activation in TABLE if not activation.reads_input]
 # The numpy oracle is validated in test_reference.py; here fastbp's own CPU backends
 # are judged (test_triton.py judges the Triton kernels the same way).
 UNDER_TEST = [

@@ -35,7 +35,7 @@ NETWORKS = [
 def _op_arguments(sizes, batch, bias, activations, dtype):
     x, weights, biases, grad_output = make_network(sizes, batch, bias, dtype=dtype)
     present = [b for b in biases if b is not None]
-    return x, weights, present, grad_output, (bias, ",".join(activations))
+    return x, weights, present, grad_output, (bias, F.SPEC_SEPARATOR.join(activations))
 
 
 # ---------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def test_custom_op_and_autograd_function_agree_bit_for_bit(network):
 def test_intermediate_outputs_of_the_forward_op_carry_no_gradient():
     x, weights, biases, _ = make_network([4, 6, 3], 2, False, dtype=torch.float32)
     weights = [w.requires_grad_() for w in weights]
-    hidden, output = torch.ops.fastbp.mlp_forward(x, weights, [], [False, False], "relu,identity")
+    hidden, output = torch.ops.fastbp.mlp_forward(x, weights, [], [False, False], "relu;identity")
     assert not hidden.requires_grad and output.requires_grad
 
 

@@ -120,9 +120,18 @@ def test_frozen_weights_still_give_input_gradient():
     assert x.grad is not None and x.grad.shape == x.shape
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+# elu at a NaN input is left out: torch's own δ there depends on the element's place
+# (NaN in its vectorized loop, g in its scalar tail); test_activations.py checks it.
+SPECIAL_CASES = [
+    (activation, value)
+    for activation in ACTIVATIONS
+    for value in (float("nan"), float("inf"), -float("inf"))
+    if not (activation == "elu" and value != value)
+]
+
+
+@pytest.mark.parametrize("activation, value", SPECIAL_CASES)
 @pytest.mark.parametrize("where", ["x", "weight", "bias", "grad"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_nan_and_inf_propagate_exactly_as_in_torch(activation, where, value):
     x, (weight,), (bias,), grad_output = make_network([5, 4], 3, dtype=torch.float32, seed=7)
     target = {"x": x, "weight": weight, "bias": bias, "grad": grad_output}[where]
@@ -197,9 +206,10 @@ BAD_LINEAR_INPUTS = {
         "backend 'numba' runs on CPU tensors only, got x on meta",
     ),
     "unknown activation": (
-        dict(activation="gelu"),
+        dict(activation="swish"),
         ValueError,
-        r"activation must be one of \('identity', 'relu', 'sigmoid', 'tanh'\), got 'gelu'",
+        r"activation must be one of identity, relu, sigmoid, tanh, leaky_relu\(negative_slope\), "
+        r"gelu, gelu_tanh, silu, softplus\(beta, threshold\), elu\(alpha\), got 'swish'",
     ),
     "unknown backend": (
         dict(backend="cuda"),

@@ -57,7 +57,8 @@ def test_round_trip_with_torch_is_exact(dtype):
     "modules, message",
     [
         ([nn.ReLU()], "sequential\\[0\\] is ReLU"),
-        ([nn.Linear(2, 2), nn.GELU()], "sequential\\[1\\] is GELU"),
+        ([nn.Linear(2, 2), nn.CELU()], "sequential\\[1\\] is CELU"),
+        ([nn.Linear(2, 2), nn.GELU(), nn.SiLU()], "sequential\\[2\\] is SiLU"),
         ([nn.Linear(2, 2), nn.ReLU(), nn.Tanh()], "sequential\\[2\\] is Tanh"),
         ([], "at least one nn.Linear"),
     ],
