@@ -24,6 +24,7 @@ pre-activation ``z`` of those layers too, as torch keeps their input: one more
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -94,7 +95,14 @@ def parse(spec, argument: str = "activation") -> Parsed:
     supported otherwise."""
     if isinstance(spec, Parsed):
         return spec
-    match = _SPEC.match(spec) if isinstance(spec, str) else None
+    if isinstance(spec, str):
+        return _parse_string(spec, argument)
+    raise ValueError(f"{argument} must be one of {supported()}, got {spec!r}")
+
+
+@functools.lru_cache(maxsize=256)  # launchers parse on every call: a few µs each otherwise
+def _parse_string(spec: str, argument: str) -> Parsed:
+    match = _SPEC.match(spec)
     if match is None or match.group(1) not in BY_NAME:
         raise ValueError(f"{argument} must be one of {supported()}, got {spec!r}")
     activation = BY_NAME[match.group(1)]

@@ -363,42 +363,69 @@ def _sigmoid_of(z):
     return f8(1.0) / (f8(1.0) + _exp64(-z))
 
 
+# Each activation whose derivative reads z, as act(z, p₀, p₁) and act'(z, p₀, p₁),
+# in float64: one function each, so that each pass is one tight loop.
 @njit(inline="always")
-def _act_with_parameters(z, code, p0, p1):
-    """act(z) of LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS and ELU, in float64."""
-    z = f8(z)
-    if code == LEAKY_RELU:
-        return z if z > 0 else z * p0
-    if code == ELU:
-        return z if z > 0 else p0 * math.expm1(z)
-    if code == SOFTPLUS:
-        scaled = z * p0
-        return z if scaled > p1 else math.log1p(_exp64(scaled)) / p0
-    if code == SILU:
-        return z / (f8(1.0) + _exp64(-z))
-    if code == GELU:
-        return z * (f8(1.0) + math.erf(z * _SQRT1_2)) * f8(0.5)
-    t = _tanh64(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z))  # GELU_TANH
-    return z * (f8(1.0) + t) * f8(0.5)
+def _leaky_relu(z, p0, p1):
+    return z if z > 0 else z * p0
 
 
 @njit(inline="always")
-def _slope_with_parameters(z, code, p0, p1):
-    """act'(z) of the activations ``_act_with_parameters`` computes, in float64."""
-    z = f8(z)
-    if code == LEAKY_RELU:
-        return f8(1.0) if z > 0 else p0
-    if code == ELU:
-        return f8(1.0) if z > 0 else p0 * _exp64(z)  # NaN z: NaN, as torch's vector loop
-    if code == SOFTPLUS:
-        return f8(1.0) if z * p0 > p1 else _sigmoid_of(z * p0)
-    if code == SILU:
-        s = _sigmoid_of(z)
-        return s * (f8(1.0) + z * (f8(1.0) - s))
-    if code == GELU:
-        cdf = (f8(1.0) + math.erf(z * _SQRT1_2)) * f8(0.5)
-        return cdf + z * _INV_SQRT_2PI * _exp64(-z * z * f8(0.5))
-    t = _tanh64(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z))  # GELU_TANH
+def _leaky_relu_slope(z, p0, p1):
+    return f8(1.0) if z > 0 else p0
+
+
+@njit(inline="always")
+def _elu(z, p0, p1):
+    return z if z > 0 else p0 * math.expm1(z)
+
+
+@njit(inline="always")
+def _elu_slope(z, p0, p1):
+    return f8(1.0) if z > 0 else p0 * _exp64(z)  # NaN z: NaN, as torch's vector loop
+
+
+@njit(inline="always")
+def _softplus(z, p0, p1):
+    scaled = z * p0
+    return z if scaled > p1 else math.log1p(_exp64(scaled)) / p0
+
+
+@njit(inline="always")
+def _softplus_slope(z, p0, p1):
+    return f8(1.0) if z * p0 > p1 else _sigmoid_of(z * p0)
+
+
+@njit(inline="always")
+def _silu(z, p0, p1):
+    return z / (f8(1.0) + _exp64(-z))
+
+
+@njit(inline="always")
+def _silu_slope(z, p0, p1):
+    s = _sigmoid_of(z)
+    return s * (f8(1.0) + z * (f8(1.0) - s))
+
+
+@njit(inline="always")
+def _gelu(z, p0, p1):
+    return z * (f8(1.0) + math.erf(z * _SQRT1_2)) * f8(0.5)
+
+
+@njit(inline="always")
+def _gelu_slope(z, p0, p1):
+    cdf = (f8(1.0) + math.erf(z * _SQRT1_2)) * f8(0.5)
+    return cdf + z * _INV_SQRT_2PI * _exp64(-z * z * f8(0.5))
+
+
+@njit(inline="always")
+def _gelu_tanh(z, p0, p1):
+    return z * (f8(1.0) + _tanh64(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z))) * f8(0.5)
+
+
+@njit(inline="always")
+def _gelu_tanh_slope(z, p0, p1):
+    t = _tanh64(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z))
     inner = _SQRT_2_OVER_PI * (f8(1.0) + f8(3.0) * _GELU_CUBIC * z * z)
     return (f8(1.0) + t) * f8(0.5) + z * f8(0.5) * (f8(1.0) - t * t) * inner
 
@@ -554,25 +581,35 @@ def _map(source, target, function):
 
 
 @njit(inline="always")
-def _map_with_parameters(source, target, code, p0, p1):
+def _map_with(source, target, function, p0, p1):
     for k in range(source.shape[0]):
-        target[k] = _act_with_parameters(source[k], code, p0, p1)
+        target[k] = function(f8(source[k]), p0, p1)
 
 
 @kernel
 def _activate_serial(z, activation, out):
     # One loop per activation: with the choice inside one loop, LLVM kept every branch.
-    code = int(activation[0])
+    code, p0, p1 = int(activation[0]), activation[1], activation[2]
     if code == RELU:
         _map(z, out, relu)
     elif code == SIGMOID:
         _map(z, out, sigmoid)
     elif code == TANH:
         _map(z, out, tanh)
-    elif code == IDENTITY:
-        out[:] = z
+    elif code == LEAKY_RELU:
+        _map_with(z, out, _leaky_relu, p0, p1)
+    elif code == ELU:
+        _map_with(z, out, _elu, p0, p1)
+    elif code == SOFTPLUS:
+        _map_with(z, out, _softplus, p0, p1)
+    elif code == SILU:
+        _map_with(z, out, _silu, p0, p1)
+    elif code == GELU:
+        _map_with(z, out, _gelu, p0, p1)
+    elif code == GELU_TANH:
+        _map_with(z, out, _gelu_tanh, p0, p1)
     else:
-        _map_with_parameters(z, out, code, activation[1], activation[2])
+        out[:] = z
 
 
 @kernel(parallel=True)
@@ -597,31 +634,61 @@ def _activate(z, activation, out):
 
 
 @njit(inline="always")
-def _delta(g, a, z, code, p0, p1, zero, one):
-    """g ⊙ act'(z): from the saved output a for RELU, SIGMOID and TANH, from z else."""
+def _delta_from_a(g, a, code, zero, one):
+    """g ⊙ act'(z) of RELU, SIGMOID, TANH and IDENTITY, from the saved output a."""
     if code == RELU:
         return zero if a <= zero else g  # a select, as torch's threshold_backward
     if code == SIGMOID:
         return g * (one - a) * a
     if code == TANH:
         return g * fma(-a, a, one)  # 1 − a² rounded once, as torch's tanh_backward
-    if code == IDENTITY:
-        return g
-    return f8(g) * _slope_with_parameters(z, code, p0, p1)
+    return g
+
+
+@kernel
+def _delta_rows_from_a(g, a, code, delta, column_sums):
+    """``_delta_rows`` of the activations whose derivative reads a."""
+    zero, one = a.dtype.type(0), a.dtype.type(1)
+    wants_bias = column_sums.shape[0] > 0
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            d = _delta_from_a(g[i, j], a[i, j], code, zero, one)
+            delta[i, j] = d
+            if wants_bias:
+                column_sums[j] += d
+
+
+@njit(inline="always")
+def _delta_loop_from_z(g, z, p0, p1, delta, column_sums, slope):
+    """δ = g · slope(z, p₀, p₁) in float64, rounded once where stored."""
+    wants_bias = column_sums.shape[0] > 0
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            delta[i, j] = f8(g[i, j]) * slope(f8(z[i, j]), p0, p1)
+            if wants_bias:
+                column_sums[j] += delta[i, j]  # δ as stored: rounded, as torch sums it
 
 
 @kernel
 def _delta_rows(g, a, z, activation, delta, column_sums):
     """δ for these rows; adds Σ_rows δ into the float64 ``column_sums`` unless it is empty.
-    ``z`` is the pre-activation where the derivative reads it, else a again."""
-    zero, one = a.dtype.type(0), a.dtype.type(1)
+    ``z`` is the pre-activation where the derivative reads it, else a again. One loop
+    per activation, as in ``_activate_serial``."""
     code, p0, p1 = int(activation[0]), activation[1], activation[2]
-    wants_bias = column_sums.shape[0] > 0
-    for i in range(g.shape[0]):
-        for j in range(g.shape[1]):
-            delta[i, j] = _delta(g[i, j], a[i, j], z[i, j], code, p0, p1, zero, one)
-            if wants_bias:
-                column_sums[j] += delta[i, j]  # δ as stored: rounded, as torch sums it
+    if code in (IDENTITY, RELU, SIGMOID, TANH):
+        _delta_rows_from_a(g, a, code, delta, column_sums)
+    elif code == LEAKY_RELU:
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _leaky_relu_slope)
+    elif code == ELU:
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _elu_slope)
+    elif code == SOFTPLUS:
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _softplus_slope)
+    elif code == SILU:
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _silu_slope)
+    elif code == GELU:
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _gelu_slope)
+    else:  # GELU_TANH
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _gelu_tanh_slope)
 
 
 @kernel(parallel=True)

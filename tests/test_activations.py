@@ -186,7 +186,7 @@ def test_spec_strings_are_canonical():
 
 
 @pytest.mark.parametrize("backend", ["numba", pytest.param("triton", marks=needs_triton)])
-@pytest.mark.parametrize("spec", ["gelu", "elu(alpha=0.7)", "softplus(beta=2.0, threshold=1.0)"])
+@pytest.mark.parametrize("spec", [*SPECS, "softplus(beta=2.0, threshold=1.0)"])
 def test_fused_trainer_equals_the_torch_loop(spec, backend):
     torch.manual_seed(0)
     model = fastbp.nn.MLP([5, 7, 3], activation=spec, output_activation=spec).double()
