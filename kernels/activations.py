@@ -63,6 +63,9 @@ TABLE: tuple[Activation, ...] = (
     Activation("elu", (("alpha", 1.0),), True, "z if z > 0 else alpha·(eᶻ − 1)"),
 )
 NAMES: tuple[str, ...] = tuple(a.name for a in TABLE)
+# Each entry's code, under the name the kernels' switches use: the table's order.
+CODES = tuple(range(len(TABLE)))
+IDENTITY, RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS, ELU = CODES
 BY_NAME = {a.name: a for a in TABLE}
 # bits that hold one code, where kernels pack several into an integer
 CODE_BITS = max(1, (len(TABLE) - 1).bit_length())

@@ -70,26 +70,24 @@ from numba.core import cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import get_cython_function_address, intrinsic, overload
 
-from .activations import BY_NAME, parse, split_saved
+# The kernels switch on each layer's row (code, p₀, p₁) of an activations array.
+from .activations import (
+    ELU,
+    GELU,
+    GELU_TANH,
+    IDENTITY,
+    LEAKY_RELU,
+    RELU,
+    SIGMOID,
+    SILU,
+    SOFTPLUS,
+    TANH,
+    parse,
+    split_saved,
+)
 from .reference import LOSSES, OPTIMIZERS, REDUCTIONS
 from .utils import check_choice, check_one_per_layer
 
-# The kernels switch on each layer's row (code, p₀, p₁) of an activations array.
-IDENTITY, RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS, ELU = (
-    BY_NAME[n].code
-    for n in (
-        "identity",
-        "relu",
-        "sigmoid",
-        "tanh",
-        "leaky_relu",
-        "gelu",
-        "gelu_tanh",
-        "silu",
-        "softplus",
-        "elu",
-    )  # fmt: skip
-)
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # A layer without bias gets an empty bias array: one shared per dtype, as it holds nothing.
 _NO_BIAS = {dtype: np.empty(0, dtype) for dtype in DTYPES}
@@ -1157,6 +1155,9 @@ class Network:
         self._workspaces = threading.local()
         self._no_grad_x = np.empty((0, self.widths[0]), dtype)  # "∂L/∂x not needed"
         self._no_z = np.empty((0, 0), dtype)  # the z slot of a layer that keeps none
+        # every slot empty: what most networks pass, built once (a small network's
+        # call costs about as much as its Python)
+        self._no_slots = None if any(self.keeps) else (self._no_z,) * len(self.keeps)
 
     def parallel(self, batch: int, updates: bool = False) -> bool:
         """Whether a call on ``batch`` rows reaches numba's thread pool: an element-wise
@@ -1187,12 +1188,26 @@ class Network:
         x = self._input(x)
         batch, dtype = x.shape[0], self.dtype
         outputs = [np.empty((batch, w), dtype) for w in self.widths[1:]]
-        slots = self._z_slots(batch, [None] * len(outputs))
+        slots = self._no_slots or self._z_slots(batch, [None] * len(outputs))
         gemm = _prepare_launch(dtype)
         scratch = self._spaces(batch)[0]
         _mlp_forward(gemm, x, self.weights, self.biases, self.activations, (*outputs, *slots),
                      scratch)  # fmt: skip
+        if self._no_slots:
+            return outputs
         return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
+
+    def _saved(self, saved, batch: int) -> tuple:
+        """What forward returned, checked, as the kernels take it: every layer's output,
+        then every layer's z slot."""
+        layers = split_saved(saved, list(self.keeps))
+        checked = [
+            (_exactly("outputs", a, self.dtype, (batch, w), layer),
+             None if z is None else _exactly("z", z, self.dtype, (batch, w), layer))
+            for layer, ((a, z), w) in enumerate(zip(layers, self.widths[1:], strict=True))
+        ]  # fmt: skip
+        slots = self._no_slots or self._z_slots(batch, [z for _, z in checked])
+        return (*(a for a, _ in checked), *slots)
 
     def _z_slots(self, batch: int, kept: list) -> list[np.ndarray]:
         """Each layer's z slot: ``kept``'s array, a new one where None, for a layer that
@@ -1208,14 +1223,7 @@ class Network:
         ``outputs`` forward returned for ``x``, in one kernel call."""
         x = self._input(x)
         batch, dtype = x.shape[0], self.dtype
-        layers = split_saved(outputs, list(self.keeps))
-        checked = [
-            (_exactly("outputs", a, dtype, (batch, w), layer),
-             None if z is None else _exactly("z", z, dtype, (batch, w), layer))
-            for layer, ((a, z), w) in enumerate(zip(layers, self.widths[1:], strict=True))
-        ]  # fmt: skip
-        slots = self._z_slots(batch, [z for _, z in checked])
-        outputs = (*(a for a, _ in checked), *slots)
+        outputs = self._saved(outputs, batch)
         g = _exactly("g", g, dtype, (batch, self.widths[-1]))
         grad_weights = tuple([np.empty(w.shape, dtype) for w in self.weights])
         # a layer without bias passes its shared empty one, which the kernel leaves alone

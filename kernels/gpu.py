@@ -58,25 +58,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import BY_NAME, CODE_BITS, parse, split_saved
+from .activations import CODE_BITS, CODES, parse, split_saved
 from .utils import check_one_per_layer
 
 # Globals a kernel reads must be tl.constexpr.
-IDENTITY, RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS, ELU = (
-    tl.constexpr(BY_NAME[n].code)
-    for n in (
-        "identity",
-        "relu",
-        "sigmoid",
-        "tanh",
-        "leaky_relu",
-        "gelu",
-        "gelu_tanh",
-        "silu",
-        "softplus",
-        "elu",
-    )  # fmt: skip
-)
+IDENTITY, RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS, ELU = map(
+    tl.constexpr, CODES
+)  # the table's order, as kernels/activations.py names them
 # The fused kernels take every layer's activation code packed in one constexpr int:
 # as many bits each as the table needs, so that a longer table cannot be misread.
 ACT_BITS = CODE_BITS
