@@ -735,7 +735,9 @@ def mlp(
         x: input of shape (*, in_features), any strides; leading dimensions are batch.
         weights: one (out, in) tensor per layer, ``nn.Linear``'s layout.
         biases: one (out,) tensor or None per layer.
-        activations: one of "identity", "relu", "sigmoid", "tanh" per layer.
+        activations: one per layer: a name ("relu", "gelu", …), a spec with parameters
+            ("leaky_relu(negative_slope=0.2)") or a torch activation module instance
+            (see ``fastbp.kernels.activations``).
         backend: "auto", "numba", "triton" or "torch" (see the module docstring).
 
     Returns:
