@@ -24,7 +24,6 @@ pre-activation ``z`` of those layers too, as torch keeps their input: one more
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -98,12 +97,22 @@ def parse(spec, argument: str = "activation") -> Parsed:
     supported otherwise."""
     if isinstance(spec, Parsed):
         return spec
-    if isinstance(spec, str):
-        return _parse_string(spec, argument)
-    raise ValueError(f"{argument} must be one of {supported()}, got {spec!r}")
+    if not isinstance(spec, str):
+        raise ValueError(f"{argument} must be one of {supported()}, got {spec!r}")
+    # Launchers parse on every call: a few µs each without this. A plain dict, not
+    # functools.lru_cache, which torch.compile warns about when it traces a call.
+    parsed = _PARSED.get(spec)
+    if parsed is None:
+        if len(_PARSED) >= PARSED_KEPT:
+            _PARSED.clear()
+        parsed = _PARSED[spec] = _parse_string(spec, argument)
+    return parsed
 
 
-@functools.lru_cache(maxsize=256)  # launchers parse on every call: a few µs each otherwise
+_PARSED: dict[str, Parsed] = {}
+PARSED_KEPT = 1024
+
+
 def _parse_string(spec: str, argument: str) -> Parsed:
     match = _SPEC.match(spec)
     if match is None or match.group(1) not in BY_NAME:
