@@ -37,29 +37,24 @@ class Activation:
     name: str
     parameters: tuple[tuple[str, float], ...] = ()  # (name, torch's default), in torch's order
     reads_input: bool = False  # backward needs z, so forward keeps it
-    formula: str = ""  # for messages and the README
 
     @property
     def code(self) -> int:
         return NAMES.index(self.name)
 
 
+# The formulas and derivatives are in reference.py's docstring and the README.
 TABLE: tuple[Activation, ...] = (
-    Activation("identity", formula="z"),
-    Activation("relu", formula="max(z, 0)"),
-    Activation("sigmoid", formula="1 / (1 + e⁻ᶻ)"),
-    Activation("tanh", formula="tanh z"),
-    Activation("leaky_relu", (("negative_slope", 0.01),), True, "z if z > 0 else negative_slope·z"),
-    Activation("gelu", (), True, "z·Φ(z) = z/2·(1 + erf(z/√2))"),
-    Activation("gelu_tanh", (), True, "z/2·(1 + tanh(√(2/π)(z + 0.044715 z³)))"),
-    Activation("silu", (), True, "z·σ(z)"),
-    Activation(
-        "softplus",
-        (("beta", 1.0), ("threshold", 20.0)),
-        True,
-        "log(1 + e^{beta·z})/beta, or z where beta·z > threshold",
-    ),
-    Activation("elu", (("alpha", 1.0),), True, "z if z > 0 else alpha·(eᶻ − 1)"),
+    Activation("identity"),
+    Activation("relu"),
+    Activation("sigmoid"),
+    Activation("tanh"),
+    Activation("leaky_relu", (("negative_slope", 0.01),), reads_input=True),
+    Activation("gelu", reads_input=True),  # exact: z·Φ(z)
+    Activation("gelu_tanh", reads_input=True),  # nn.GELU(approximate="tanh")
+    Activation("silu", reads_input=True),
+    Activation("softplus", (("beta", 1.0), ("threshold", 20.0)), reads_input=True),
+    Activation("elu", (("alpha", 1.0),), reads_input=True),
 )
 NAMES: tuple[str, ...] = tuple(a.name for a in TABLE)
 # Each entry's code, under the name the kernels' switches use: the table's order.
@@ -140,10 +135,13 @@ def _keywords(argument: str, spec: str, text: str | None) -> dict[str, float]:
         try:
             if not equals:
                 raise ValueError
+            if name.strip() in given:
+                raise ValueError
             given[name.strip()] = float(value)
         except ValueError:
             raise ValueError(
-                f"{argument} {spec!r}: parameters are written name=number, got {item.strip()!r}"
+                f"{argument} {spec!r}: parameters are written name=number, each once, "
+                f"got {item.strip()!r}"
             ) from None
     return given
 
@@ -173,11 +171,6 @@ def supported() -> str:
         a.name + (f"({', '.join(p for p, _ in a.parameters)})" if a.parameters else "")
         for a in TABLE
     )
-
-
-def reads_input(spec) -> bool:
-    """Whether backward of this activation reads the pre-activation z (kept by forward)."""
-    return parse(spec).activation.reads_input
 
 
 def split_saved(saved, reads: list[bool], name: str = "outputs") -> list[tuple]:

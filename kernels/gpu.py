@@ -74,6 +74,7 @@ FUSED_ACTIVATIONS = tuple(int(code) for code in (IDENTITY, RELU, SIGMOID, TANH))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FUSED_MAX_WIDTH = 128  # widest layer output the fused kernels keep in registers
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+PARAMETERS_AS_FLOATS = tl.constexpr(INTERPRETING)  # see _param
 INT32_MAX = 2**31 - 1  # the kernels' offsets are int32: no tensor may span more
 # a·b + c as one FMA, one rounding: Triton's default through 3.9, which 3.10 turns
 # off; named at every launch so that results do not change with Triton's version.
@@ -120,13 +121,25 @@ def _log1p(t):
 
 
 @triton.jit
+def _param(p, z):
+    """An activation parameter (a float64 argument) in z's dtype, as torch takes it. The
+    interpreter passes the Python float itself, which tl.cast would round to float32 on
+    the way; arithmetic with z keeps it in z's dtype there."""
+    if PARAMETERS_AS_FLOATS:
+        return p
+    else:
+        return p.to(z.dtype)
+
+
+@triton.jit
 def _gelu_tanh_t(z):
     return _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
 
 
 @triton.jit
 def _activate(z, ACT: tl.constexpr, P0, P1):
-    """act(z); P0, P1 are the activation's parameters (the table's order)."""
+    """act(z); P0, P1 are the activation's parameters (the table's order), taken in z's
+    dtype as torch takes them (the fused kernels pass none: their branches never read them)."""
     if ACT == RELU:
         return tl.where(z < 0, 0.0, z)  # NaN < 0 is False: NaN stays NaN, as in torch
     elif ACT == SIGMOID:
@@ -134,14 +147,16 @@ def _activate(z, ACT: tl.constexpr, P0, P1):
     elif ACT == TANH:
         return _tanh(z)
     elif ACT == LEAKY_RELU:
-        return tl.where(z > 0, z, z * P0)
+        return tl.where(z > 0, z, z * _param(P0, z))
     # The branch not taken is clamped by tl.where, not tl.minimum, which would turn a
     # NaN into the bound: torch gives NaN there.
     elif ACT == ELU:
-        return tl.where(z > 0, z, P0 * _expm1(tl.where(z > 0, 0.0, z)))
+        return tl.where(z > 0, z, _param(P0, z) * _expm1(tl.where(z > 0, 0.0, z)))
     elif ACT == SOFTPLUS:
-        scaled = z * P0
-        return tl.where(scaled > P1, z, _log1p(tl.exp(tl.where(scaled > P1, P1, scaled))) / P0)
+        beta, threshold = _param(P0, z), _param(P1, z)
+        scaled = z * beta
+        above = scaled > threshold
+        return tl.where(above, z, _log1p(tl.exp(tl.where(above, threshold, scaled))) / beta)
     elif ACT == SILU:
         return z / (1.0 + tl.exp(-z))
     elif ACT == GELU:
@@ -154,7 +169,8 @@ def _activate(z, ACT: tl.constexpr, P0, P1):
 
 @triton.jit
 def _delta(g, a, z, ACT: tl.constexpr, P0, P1):
-    """δ = g ⊙ act'(z): from the saved output a for relu, sigmoid and tanh, from z else."""
+    """δ = g ⊙ act'(z): from the saved output a for relu, sigmoid and tanh, from z else;
+    P0, P1 as in ``_activate``."""
     if ACT == RELU:
         return tl.where(a <= 0, 0.0, g)  # a select, as torch's threshold_backward
     elif ACT == SIGMOID:
@@ -162,11 +178,12 @@ def _delta(g, a, z, ACT: tl.constexpr, P0, P1):
     elif ACT == TANH:
         return g * (1.0 - a * a)
     elif ACT == LEAKY_RELU:
-        return tl.where(z > 0, g, g * P0)
+        return tl.where(z > 0, g, g * _param(P0, z))
     elif ACT == ELU:
-        return tl.where(z > 0, g, g * P0 * tl.exp(tl.where(z > 0, 0.0, z)))
+        return tl.where(z > 0, g, g * _param(P0, z) * tl.exp(tl.where(z > 0, 0.0, z)))
     elif ACT == SOFTPLUS:
-        return tl.where(z * P0 > P1, g, g * _sigmoid(z * P0))
+        scaled = z * _param(P0, z)
+        return tl.where(scaled > _param(P1, z), g, g * _sigmoid(scaled))
     elif ACT == SILU:
         s = _sigmoid(z)
         return g * s * (1.0 + z * (1.0 - s))
@@ -194,7 +211,8 @@ def _epilogue(acc, b_ptr, cols, n, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, P0
 # ---------------------------------------------------------------------------
 @triton.jit
 def _layer_forward_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, z_ptr, M, N, K, stride_xm, stride_xk, P0, P1,
+    x_ptr, w_ptr, b_ptr, out_ptr, z_ptr, M, N, K, stride_xm, stride_xk,
+    P0: tl.float64, P1: tl.float64,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
@@ -241,7 +259,8 @@ def _load_delta(
 
 @triton.jit
 def _layer_grad_input_kernel(
-    g_ptr, a_ptr, z_ptr, w_ptr, dx_ptr, M, N, K, stride_gm, stride_gn, P0, P1,
+    g_ptr, a_ptr, z_ptr, w_ptr, dx_ptr, M, N, K, stride_gm, stride_gn,
+    P0: tl.float64, P1: tl.float64,
     ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
@@ -276,7 +295,8 @@ def _layer_grad_weight_kernel(
     stride_gm, stride_gn,
     stride_xm, stride_xk,
     rows_per_split,         # batch rows each split sums, a multiple of BM
-    P0, P1,                 # the activation's parameters
+    P0: tl.float64,         # the activation's parameters: as given, in float64 (a
+    P1: tl.float64,         # float argument is float32 otherwise); used in acc's dtype
     ACT: tl.constexpr,      # activation code
     ACC: tl.constexpr,      # accumulation dtype: float32, or float64 for float64
     PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32"
@@ -467,11 +487,15 @@ def _mlp_backward_kernel(
             a = tl.load(
                 outputs[layer] + rows[:, None] * n_out + hs[None, :], mask=out_mask, other=0.0
             )
-            code = (ACTS >> (ACT_BITS * layer)) & ((1 << ACT_BITS) - 1)
             # Zeroed padded lanes, as in the forward: g there is δ·0, NaN beside an inf.
             delta = tl.where(
-                hs[None, :] < n_out, _delta(g, a.to(ACC), a.to(ACC), code, 0.0, 0.0), 0.0
-            )
+                hs[None, :] < n_out,
+                _delta(
+                    g, a.to(ACC), a.to(ACC),
+                    (ACTS >> (ACT_BITS * layer)) & ((1 << ACT_BITS) - 1), 0.0, 0.0,
+                ),
+                0.0,
+            )  # fmt: skip
             _accumulate(
                 grads + offsets[layer] + n_out * n_in + hs, tl.sum(delta, axis=0), hs < n_out, again
             )
