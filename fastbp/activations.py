@@ -160,6 +160,21 @@ def from_module(module: nn.Module) -> Bound | None:
     return None
 
 
+# The attributes that hold a module's parameters: the table's parameter names, which
+# are torch's; nn.GELU's approximate picks between two entries.
+_SETTINGS = {
+    entry.module: tuple(name for name, _ in table.BY_NAME[kind].parameters)
+    for kind, entry in IN_TORCH.items()
+    if table.BY_NAME[kind].parameters
+} | {nn.GELU: ("approximate",)}
+
+
+def settings(module: nn.Module) -> tuple:
+    """What an activation module is set to (its parameters' values; () for the others),
+    so that a change to one is seen: ``fastbp.nn.MLP`` keys its layout on it."""
+    return tuple(getattr(module, name) for name in _SETTINGS.get(type(module), ()))
+
+
 def supported_modules() -> str:
     """The torch modules ``from_module`` knows, for error messages."""
     modules = dict.fromkeys(e.module.__name__ for e in IN_TORCH.values())

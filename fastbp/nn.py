@@ -242,8 +242,9 @@ class MLP(_Planned, nn.Sequential):
 
     def _fused_layout(self, children):
         """``_layout(children)``, or None where they do not fuse; kept until a child is
-        replaced or a Linear's activation is set."""
-        key = (children, _last_edit[0])
+        replaced, a Linear's activation is set or an activation child's parameter is
+        changed (``model[1].negative_slope = 0.3``)."""
+        key = (children, _last_edit[0], tuple(map(_activations.settings, children)))
         cached = self.__dict__.get("_layout_cache")
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -233,3 +233,19 @@ def test_reference_recomputes_what_the_kernels_keep():
     np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-12)
     for mine, exact in zip([*ours[1], ours[2][0]], [*theirs[1], theirs[2][0]], strict=True):
         np.testing.assert_allclose(mine, exact, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "module, attribute, value",
+    [(nn.LeakyReLU(0.2), "negative_slope", 0.7), (nn.ELU(), "alpha", 0.3),
+     (nn.Softplus(), "beta", 3.0), (nn.GELU(), "approximate", "tanh")],
+    ids=lambda v: v if isinstance(v, str) else None,
+)  # fmt: skip
+def test_a_changed_activation_child_takes_effect_at_the_next_call(module, attribute, value):
+    model = fastbp.nn.MLP([3, 4, 2], activation=module)
+    x = torch.randn(5, 3)
+    before = model(x)
+    setattr(model[1], attribute, value)
+    after = model(x)
+    torch.testing.assert_close(after, model.to_torch()(x))
+    assert not torch.equal(before, after)
