@@ -508,11 +508,17 @@ def _mlp_backward_fake(grad_output, x, weights, has_bias, activations, outputs, 
     return grad_x, [torch.empty_like(w) for w in weights], grad_biases
 
 
+def _only_the_output_differentiable(ctx, saved, layers: int) -> None:
+    """Gradients flow from the last layer's output alone: not from the hidden outputs
+    or the kept z's that a forward also returns."""
+    top = layers - 1
+    ctx.mark_non_differentiable(*saved[:top], *saved[top + 1 :])
+
+
 def _setup_mlp_context(ctx, inputs, output):
     x, weights, _, has_bias, activations = inputs
     ctx.activations, ctx.has_bias = activations, has_bias
-    top = len(weights) - 1
-    ctx.mark_non_differentiable(*output[:top], *output[top + 1 :])
+    _only_the_output_differentiable(ctx, output, len(weights))
     ctx.save_for_backward(x, *weights, *output)
 
 
@@ -604,8 +610,7 @@ class _FuncMLP(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         spec, x, *parameters = inputs
         ctx.spec = spec
-        top = len(spec[2]) - 1
-        ctx.mark_non_differentiable(*output[:top], *output[top + 1 :])
+        _only_the_output_differentiable(ctx, output, len(spec[2]))
         ctx.save_for_backward(x, *_split(spec, parameters)[0], *output)
 
     @staticmethod

@@ -77,6 +77,7 @@ from .activations import (
     GELU_TANH,
     IDENTITY,
     LEAKY_RELU,
+    MAX_PARAMETERS,
     RELU,
     SIGMOID,
     SILU,
@@ -406,24 +407,35 @@ def _silu_slope(z, p0, p1):
 
 
 @njit(inline="always")
+def _normal_cdf(z):
+    """Φ(z) = (1 + erf(z/√2))/2: GELU's factor."""
+    return (f8(1.0) + math.erf(z * _SQRT1_2)) * f8(0.5)
+
+
+@njit(inline="always")
 def _gelu(z, p0, p1):
-    return z * (f8(1.0) + math.erf(z * _SQRT1_2)) * f8(0.5)
+    return z * _normal_cdf(z)
 
 
 @njit(inline="always")
 def _gelu_slope(z, p0, p1):
-    cdf = (f8(1.0) + math.erf(z * _SQRT1_2)) * f8(0.5)
-    return cdf + z * _INV_SQRT_2PI * _exp64(-z * z * f8(0.5))
+    return _normal_cdf(z) + z * _INV_SQRT_2PI * _exp64(-z * z * f8(0.5))
+
+
+@njit(inline="always")
+def _gelu_tanh_t(z):
+    """tanh(√(2/π)(z + 0.044715 z³)): the tanh GELU approximation's factor."""
+    return _tanh64(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z))
 
 
 @njit(inline="always")
 def _gelu_tanh(z, p0, p1):
-    return z * (f8(1.0) + _tanh64(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z))) * f8(0.5)
+    return z * (f8(1.0) + _gelu_tanh_t(z)) * f8(0.5)
 
 
 @njit(inline="always")
 def _gelu_tanh_slope(z, p0, p1):
-    t = _tanh64(_SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z))
+    t = _gelu_tanh_t(z)
     inner = _SQRT_2_OVER_PI * (f8(1.0) + f8(3.0) * _GELU_CUBIC * z * z)
     return (f8(1.0) + t) * f8(0.5) + z * f8(0.5) * (f8(1.0) - t * t) * inner
 
@@ -1112,7 +1124,8 @@ def _activation_rows(activations: tuple[str, ...]) -> np.ndarray:
     """The kernels' (L, 3) float64 rows (code, p₀, p₁) of a network's activation specs,
     shared between calls (the kernels only read them; a read-only flag would change
     their numba type)."""
-    return np.array([parse(a).row for a in activations], dtype=np.float64).reshape(-1, 3)
+    rows = np.array([parse(a).row for a in activations], dtype=np.float64)
+    return rows.reshape(-1, 1 + MAX_PARAMETERS)
 
 
 class Network:
@@ -1187,8 +1200,7 @@ class Network:
         pre-activation z of each layer that ``keeps`` it (what backward reads)."""
         x = self._input(x)
         batch, dtype = x.shape[0], self.dtype
-        outputs = [np.empty((batch, w), dtype) for w in self.widths[1:]]
-        slots = self._no_slots or self._z_slots(batch, [None] * len(outputs))
+        outputs, slots = self.new_outputs(batch)
         gemm = _prepare_launch(dtype)
         scratch = self._spaces(batch)[0]
         _mlp_forward(gemm, x, self.weights, self.biases, self.activations, (*outputs, *slots),
@@ -1196,6 +1208,12 @@ class Network:
         if self._no_slots:
             return outputs
         return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
+
+    def new_outputs(self, batch: int) -> tuple[list, list | tuple]:
+        """``(every layer's output, every layer's z slot)`` for ``batch`` rows, new: what
+        ``_mlp_forward`` writes."""
+        outputs = [np.empty((batch, w), self.dtype) for w in self.widths[1:]]
+        return outputs, self._no_slots or self._z_slots(batch, [None] * len(outputs))
 
     def _saved(self, saved, batch: int) -> tuple:
         """What forward returned, checked, as the kernels take it: every layer's output,
@@ -1450,8 +1468,7 @@ class TrainStep:
             raise ValueError(f"fresh must be a ({count},) bool array, got {fresh.shape}")
         targets, labels = self._targets(y, batch, width)
         if not self._workspaces or self._workspaces[0][0].shape[0] != batch:
-            outputs = [np.empty((batch, w), x.dtype) for w in network.widths[1:]]
-            outputs = (*outputs, *network._z_slots(batch, [None] * len(outputs)))
+            outputs = tuple(item for part in network.new_outputs(batch) for item in part)
             spaces = [np.empty(batch * network._widest, x.dtype) for _ in "dg"]
             self._workspaces = (outputs, *spaces)
         terms = batch if self.loss == CROSS_ENTROPY else batch * width
