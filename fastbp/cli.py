@@ -245,7 +245,9 @@ def _parser() -> argparse.ArgumentParser:
         "--implementations", type=_comma_list, help="comma-separated names (default: all)"
     )
     bench_parser.add_argument(
-        "--tasks", type=_comma_list, help="train, inference or both (default: both)"
+        "--tasks",
+        type=_comma_list,
+        help="comma-separated: train, inference, passes (default: all; --quick: train, inference)",
     )
     bench_parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     bench_parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15, quick 5)")

@@ -1,7 +1,13 @@
-"""The numba kernels' own exp, sigmoid and tanh (``kernels/cpu.py``), written so
-that LLVM vectorizes them: error over the whole input range against a wider float,
-no worse than torch's own functions, and torch's results for every special value."""
+"""The numba kernels' own exp, sigmoid and tanh, and expm1, log1p and the normal CDF
+(``kernels/cpu.py``), written so that LLVM vectorizes them: error over the whole input
+range against a wider float (no worse than torch's own functions, or within the ulps
+their comments state), torch's results for every special value, and the normal CDF's
+coefficients reproduced by the fit that made them (``tools/fit_erfc.py``)."""
 
+import importlib.util
+from pathlib import Path
+
+import mpmath
 import numba
 import numpy as np
 import pytest
@@ -114,4 +120,107 @@ def test_the_functions_compile_to_vector_code_without_libm_calls():
         _sigmoid_then_tanh(x, np.empty_like(x))
     for assembly in _sigmoid_then_tanh.inspect_asm().values():
         assert not any(name in assembly for name in ("tanhf", "expf", "tanh@", "exp@")), "libm"
+        assert "ymm" in assembly or "zmm" in assembly, "no vector registers"
+
+
+@numba.njit(error_model="numpy")
+def _helpers(x, out, which):
+    for i in range(x.shape[0]):
+        if which == 0:
+            out[i] = cpu.expm1_nonpositive(x[i])
+        elif which == 1:
+            out[i] = cpu.log1p_unit(x[i])
+        else:
+            out[i] = cpu.normal_cdf(x[i])[0]
+
+
+def _normal_cdf_truth(x: np.ndarray) -> np.ndarray:
+    with mpmath.workdps(30):
+        return np.array([np.longdouble(mpmath.nstr(mpmath.ncdf(float(v)), 25)) for v in x])
+
+
+# (helper, its domain as a sample, the truth in a wider float); ulps allowed per dtype
+HELPERS = {
+    "expm1": (
+        0,
+        lambda dtype: (
+            -np.concatenate([np.linspace(0, 80, 200_001), np.geomspace(1e-30, 2, 50_001)])
+        ),
+        lambda x: np.expm1(x.astype(np.longdouble)),
+        {np.float32: 1.0, np.float64: 1.0},
+    ),
+    "log1p": (
+        1,
+        lambda dtype: np.concatenate([np.linspace(0, 1, 200_001), np.geomspace(1e-30, 1, 50_001)]),
+        lambda x: np.log1p(x.astype(np.longdouble)),
+        {np.float32: 1.5, np.float64: 1.5},
+    ),
+    # float32 from its normal range's end, −13.2; a sample, as mpmath is slow
+    "normal_cdf": (
+        2,
+        lambda dtype: np.concatenate(
+            [
+                np.linspace(-40 if dtype == np.float64 else -13.2, 9, 6001),
+                np.geomspace(1e-12, 3, 1001),
+                -np.geomspace(1e-12, 3, 1001),
+            ]
+        ),  # fmt: skip
+        _normal_cdf_truth,
+        {np.float32: 6.0, np.float64: 8.0},
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("name", list(HELPERS))
+def test_expm1_log1p_and_the_normal_cdf_are_within_their_stated_ulps(name, dtype):
+    which, sample, truth, allowed = HELPERS[name]
+    x = sample(dtype).astype(dtype)
+    out = np.empty_like(x)
+    _helpers(x, out, which)
+    assert _ulps(out, truth(x), dtype) <= allowed[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+def test_the_helpers_special_values(dtype):
+    cases = {  # which: [(x, expected)]
+        0: [(-np.inf, -1.0), (-0.0, -0.0), (0.0, 0.0), (-1e-30, -1e-30), (np.nan, np.nan)],
+        1: [(0.0, 0.0), (1.0, np.log(2.0)), (np.nan, np.nan)],
+        2: [(-np.inf, 0.0), (np.inf, 1.0), (0.0, 0.5), (-50.0, 0.0), (50.0, 1.0), (np.nan, np.nan)],
+    }
+    for which, pairs in cases.items():
+        x = np.array([p[0] for p in pairs], dtype)
+        expected = np.array([p[1] for p in pairs], dtype)
+        out = np.empty_like(x)
+        _helpers(x, out, which)
+        same = (out == expected) & (np.signbit(out) == np.signbit(expected))
+        same |= np.isnan(out) & np.isnan(expected)
+        assert same.all(), (which, x[~same], out[~same])
+
+
+def test_the_normal_cdfs_coefficients_are_the_fits_output():
+    """``kernels/cpu.py`` holds what ``tools/fit_erfc.py`` prints, to the last bit."""
+    path = Path(__file__).parents[1] / "tools" / "fit_erfc.py"
+    spec = importlib.util.spec_from_file_location("fit_erfc", path)
+    fit_erfc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_erfc)
+    for name, (p, fit) in fit_erfc.fits().items():
+        assert getattr(cpu, f"_{name}_FIT") == (p, fit.mid, fit.half), name
+        assert getattr(cpu, f"_{name.lower()}").coefficients == fit.coefficients, name
+
+
+@numba.njit(error_model="numpy")
+def _every_helper(x, out):
+    for i in range(x.shape[0]):
+        cdf, gaussian = cpu.normal_cdf(x[i])
+        out[i] = cpu.expm1_nonpositive(x[i]) + cpu.log1p_unit(gaussian) + cdf
+
+
+def test_the_helpers_compile_to_vector_code_without_libm_calls():
+    """libm's erf, expm1 and log1p kept the GELU, ELU and softplus passes scalar."""
+    for dtype in DTYPES:
+        x = np.ones(64, dtype)
+        _every_helper(x, np.empty_like(x))
+    for assembly in _every_helper.inspect_asm().values():
+        assert not any(f in assembly for f in ("erf", "expm1", "log1p", "exp@", "expf")), "libm"
         assert "ymm" in assembly or "zmm" in assembly, "no vector registers"
