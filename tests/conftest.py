@@ -7,6 +7,9 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from typing import IO, NamedTuple
 
 import numpy as np
 import pytest
@@ -36,12 +39,50 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available() and any(item.name == SM90_TEST for item in items):
+        sm90_compile(config)  # started now, so that it overlaps the rest of the suite
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="long run: opt in with --run-slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session):
+    worker = getattr(session.config, "_fastbp_sm90", None)
+    if worker is None:
+        return
+    if worker.process.poll() is None:  # its test did not run
+        worker.process.kill()
+        worker.process.wait()
+    worker.output.close()
+
+
+# The sm_90 compile check (test_triton.py) compiles every Triton kernel variant for an
+# H100 in a process of its own: minutes of one core, so it starts at collection.
+SM90_TEST = "test_every_kernel_compiles_for_an_h100"
+SM90_WORKER = Path(__file__).with_name("triton_compile_worker.py")
+
+
+class _Worker(NamedTuple):
+    process: subprocess.Popen
+    output: IO[str]  # stdout and stderr together, in a file: a pipe left unread would fill
+
+
+def sm90_compile(config) -> _Worker:
+    """The sm_90 compile worker of this session, started on first use, without
+    TRITON_INTERPRET so that it compiles for the GPU."""
+    worker = getattr(config, "_fastbp_sm90", None)
+    if worker is None:
+        output = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed at session finish)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        process = subprocess.Popen(
+            [sys.executable, str(SM90_WORKER)],
+            stdout=output, stderr=subprocess.STDOUT, text=True, env=env,
+        )  # fmt: skip
+        worker = config._fastbp_sm90 = _Worker(process, output)
+    return worker
 
 
 def make_network(sizes, batch, bias=True, dtype=torch.float64, seed=0, scale=1.0):

@@ -5,6 +5,7 @@ their comments state), torch's results for every special value, and the normal C
 coefficients reproduced by the fit that made them (``tools/fit_erfc.py``)."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import mpmath
@@ -222,5 +223,5 @@ def test_the_helpers_compile_to_vector_code_without_libm_calls():
         x = np.ones(64, dtype)
         _every_helper(x, np.empty_like(x))
     for assembly in _every_helper.inspect_asm().values():
-        assert not any(f in assembly for f in ("erf", "expm1", "log1p", "exp@", "expf")), "libm"
+        assert not re.findall(r"\b(erff?|expm1f?|log1pf?|expf?)\b", assembly), "libm"
         assert "ymm" in assembly or "zmm" in assembly, "no vector registers"

@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +26,7 @@ from .conftest import (
     max_abs_error,
     named_results,
     run_python,
+    sm90_compile,
     torch_gradients,
 )
 
@@ -328,16 +327,16 @@ def test_import_and_cpu_training_never_import_triton():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the real tests compile every kernel")
-def test_every_kernel_compiles_for_an_h100():
+def test_every_kernel_compiles_for_an_h100(request):
     # The interpreter accepts what a GPU compiler refuses (tl.dot blocks < 16,
-    # loop-carried shape changes, shared memory): compile for sm_90 here.
-    worker = Path(__file__).with_name("triton_compile_worker.py")
-    result = subprocess.run(
-        [sys.executable, str(worker)], capture_output=True, text=True,
-        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "compiled" in result.stdout
+    # loop-carried shape changes, shared memory): compile for sm_90 here, in the
+    # worker that conftest started at collection.
+    worker = sm90_compile(request.config)
+    returncode = worker.process.wait()
+    worker.output.seek(0)
+    output = worker.output.read()
+    assert returncode == 0, output
+    assert "compiled" in output
 
 
 # ---------------------------------------------------------------------------
