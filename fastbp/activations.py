@@ -172,7 +172,8 @@ _SETTINGS = {
 def settings(module: nn.Module) -> tuple:
     """What an activation module is set to (its parameters' values; () for the others),
     so that a change to one is seen: ``fastbp.nn.MLP`` keys its layout on it."""
-    return tuple(getattr(module, name) for name in _SETTINGS.get(type(module), ()))
+    names = _SETTINGS.get(type(module))  # None for most children: checked every call
+    return () if names is None else tuple(getattr(module, name) for name in names)
 
 
 def supported_modules() -> str:
