@@ -38,6 +38,7 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available() and any(item.name == SM90_TEST for item in items):
         sm90_compile(config)  # started now, so that it overlaps the rest of the suite
