@@ -177,12 +177,14 @@ def fma(typingctx, a, b, c):
         return None
 
     def codegen(context, builder, signature, args):
-        kind = args[0].type
-        signature_ = ir.FunctionType(kind, [kind] * 3)
-        function = builder.module.declare_intrinsic("llvm.fma", [kind], signature_)
-        return builder.call(function, args)
+        return builder.call(_llvm_fma(builder, args[0].type), args)
 
     return a(a, b, c), codegen
+
+
+def _llvm_fma(builder, kind):
+    """LLVM's fma for the float type ``kind``, declared in the module being built."""
+    return builder.module.declare_intrinsic("llvm.fma", [kind], ir.FunctionType(kind, [kind] * 3))
 
 
 def _polynomial(*coefficients: float):
@@ -197,8 +199,7 @@ def _polynomial(*coefficients: float):
 
         def codegen(context, builder, signature, args):
             kind = args[0].type
-            signature_ = ir.FunctionType(kind, [kind] * 3)
-            fma_ = builder.module.declare_intrinsic("llvm.fma", [kind], signature_)
+            fma_ = _llvm_fma(builder, kind)
             cast = np.float32 if w == types.float32 else np.float64
             result = ir.Constant(kind, float(cast(coefficients[0])))
             for c in coefficients[1:]:
