@@ -78,6 +78,7 @@ SPECIAL = [0.0, -0.0, 1e-30, -1e-30, 1e-8, -1e-8, 3.0, -3.0, 40.0, -40.0, 800.0,
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.usefixtures("torch_at_the_limits")
 def test_element_wise_passes_match_torch_over_the_whole_range(spec, dtype):
     """act and δ over a sweep and the special values: NaN and inf where torch gives them,
     errors against float64 no worse than torch's."""

@@ -3,6 +3,7 @@ and the GPU batch's script and report."""
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +20,47 @@ from .conftest import run_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_prints_its_progress_and_table_and_nothing_else(tmp_path):
+def test_bench_prints_a_progress_bar_and_a_summary_and_nothing_else(tmp_path):
     result = run_cli(
         "bench", "--device", "cpu", "--rounds", "1", "--workloads", "docs-64x1000x100x10",
-        "--implementations", "torch-eager,torch-compile", "--output-dir", str(tmp_path),
+        "--implementations", "torch-eager,torch-compile,fastbp", "--output-dir", str(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    foreign = [line for line in result.stderr.splitlines() if line and not line.startswith("cpu ")]
+    # tqdm redraws one line with carriage returns; nothing else may reach stderr
+    bar = re.compile(r"(cpu docs-64x1000x100x10 .*|[^a-z]*)\d+/\d+ \[[\d:]+<[\d:?]+\]")
+    parts = [part for line in result.stderr.splitlines() for part in line.split("\r")]
+    foreign = [part for part in parts if part.strip() and not bar.fullmatch(part.strip())]
     assert not foreign, foreign
-    assert "| docs-64x1000x100x10 | cpu | train | torch-compile |" in result.stdout
+    lines = result.stdout.splitlines()
+    summary = [line for line in lines if line.startswith("cpu  docs-64x1000x100x10")]
+    assert len(summary) == 1 and "drop-in train" in summary[0], result.stdout
+    assert "drop-in inference" in summary[0] and "FusedTrainer" not in summary[0]
+    assert len(lines) <= 8, result.stdout
+    table = (tmp_path / "bench.md").read_text()
+    assert "| docs-64x1000x100x10 | cpu | train | torch-compile |" in table
+
+
+def test_the_summary_gives_each_workload_its_speedups():
+    row = lambda device, name, task, us: {  # noqa: E731
+        "device": device, "workload": "w", "task": task, "implementation": name, "median_us": us
+    }  # fmt: skip
+    rows = [
+        row("cpu", "torch-eager", "train", 100.0), row("cpu", "fastbp", "train", 80.0),
+        row("cpu", "fastbp-fused", "train", 25.0), row("cuda", "torch-eager", "train", 90.0),
+        row("cuda", "torch-cudagraph", "train", 30.0), row("cuda", "fastbp-fused", "train", 10.0),
+    ]  # fmt: skip
+    assert bench.summary(rows).splitlines() == [
+        "cpu  w  drop-in train 1.25×, FusedTrainer 4.00×",
+        "cuda w  FusedTrainer 9.00×, FusedTrainer vs torch's CUDA graph 3.00×",
+    ]
+
+
+def test_the_default_run_names_only_what_the_registry_has():
+    for preset in bench.PRESETS.values():
+        assert set(preset.workloads or ()) <= set(WORKLOADS)
+        names = {name for name, _ in REGISTRY}
+        assert set(preset.implementations or ()) <= names
+        assert set(preset.tasks) <= set(bench.TASKS)
 
 
 def test_a_compiled_row_that_ran_eagerly_is_marked():
@@ -88,7 +121,7 @@ def test_gpu_report_gathers_the_parts(tmp_path, monkeypatch):
     part = tmp_path / "part"
     bench.run(
         ["docs-64x1000x100x10"], ["cpu"], ["torch-eager"], rounds=1, round_seconds=0.01,
-        output_dir=part, tasks=("inference",), progress=lambda line: None,
+        output_dir=part, tasks=("inference",), show_progress=False,
     )  # fmt: skip
     out = tmp_path / "out"
     out.mkdir()

@@ -132,6 +132,7 @@ SPECIAL_CASES = [
 
 @pytest.mark.parametrize("activation, value", SPECIAL_CASES)
 @pytest.mark.parametrize("where", ["x", "weight", "bias", "grad"])
+@pytest.mark.usefixtures("torch_at_the_limits")
 def test_nan_and_inf_propagate_exactly_as_in_torch(activation, where, value):
     x, (weight,), (bias,), grad_output = make_network([5, 4], 3, dtype=torch.float32, seed=7)
     target = {"x": x, "weight": weight, "bias": bias, "grad": grad_output}[where]

@@ -123,6 +123,7 @@ def test_kernels_as_accurate_as_torch(device, fused, batch, sizes, activation, b
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("special", [math.inf, -math.inf, math.nan], ids=str)
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf·0 in numpy
+@pytest.mark.usefixtures("torch_at_the_limits")
 def test_special_values_cross_layers_as_in_torch(device, fused, sizes, activation, special):
     # The fused kernels pad each layer to a power of 2: padded lanes must not turn
     # an inf in one row into NaN in the next layer's real lanes.
@@ -216,6 +217,7 @@ def test_gradcheck_float64(device, bias):
     "activation, value",
     [(a, v) for a in NAMES for v in (float("nan"), float("inf")) if not (a == "elu" and v != v)],
 )
+@pytest.mark.usefixtures("torch_at_the_limits")
 def test_nan_and_inf_propagate_as_in_torch(device, activation, value):
     x, weights, biases, grad_output = make_network([5, 4], 3, dtype=torch.float32, seed=7)
     x[0, 1] = value
