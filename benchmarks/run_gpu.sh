@@ -62,7 +62,7 @@ parts=()
 for workload in $workloads; do
     echo "== fastbp bench --device cuda --workloads $workload" | tee -a "$log"
     part=$(mktemp -d)
-    if timeout "${GPU_BENCH_TIMEOUT:-90}" "$python" -m fastbp.cli bench --device cuda --workloads "$workload" \
+    if timeout "${GPU_BENCH_TIMEOUT:-90}" "$python" -m fastbp.cli bench --full --device cuda --workloads "$workload" \
         --rounds "$rounds" --output-dir "$part" 2>&1 | tee -a "$log"; then
         parts+=("$part")
     else

@@ -20,9 +20,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import __version__, threads
 from .registry import (
@@ -35,10 +37,41 @@ from .registry import (
     entries,
 )
 
-QUICK_WORKLOADS = ("docs-64x1000x100x10", "mnist-784x256x128x10-b128")
-QUICK_SKIPS = ("torch-compile", "fastbp-compile")  # compiling alone outlasts the quick budget
 TASKS = ("train", "inference", "passes")
-QUICK_TASKS = ("train", "inference")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a ``fastbp bench`` run covers when the command line does not narrow it.
+    None for workloads or implementations: every one in the registry."""
+
+    workloads: tuple[str, ...] | None
+    implementations: tuple[str, ...] | None
+    tasks: tuple[str, ...]
+    rounds: int
+    round_seconds: float  # each implementation's share of one round
+
+
+# The answers a newcomer wants, in about two minutes on 2 cores: the drop-in and
+# FusedTrainer against torch-eager (and on GPU against torch's CUDA-graph step), with
+# the floors that say how far either could go. torch.compile is left to --full:
+# compiling alone takes longer than the whole default run.
+DEFAULT = Preset(
+    workloads=(
+        "docs-64x1000x100x10", "mnist-784x256x128x10-b128", "seeds-2x2x2-sigmoid-b1",
+        "rl-8x64x64x2-tanh-b64",
+    ),
+    implementations=(
+        "gemm-floor", "torch-eager", "drop-in-ceiling", "torch-cudagraph", "fastbp",
+        "fastbp-fused",
+    ),
+    tasks=("train", "inference"), rounds=7, round_seconds=0.05,
+)  # fmt: skip
+PRESETS = {
+    "default": DEFAULT,
+    "quick": replace(DEFAULT, workloads=DEFAULT.workloads[:2], rounds=3, round_seconds=0.02),
+    "full": Preset(None, None, TASKS, rounds=15, round_seconds=0.1),
+}
 # The element-wise passes: each activation and its derivative on a (1024, 256) array,
 # fastbp's numba kernels beside torch's own CPU ops.
 PASS_SHAPE = (1024, 256)
@@ -219,27 +252,26 @@ def bench_workload(
     names: list[str],
     rounds: int,
     round_seconds: float,
-    progress: Callable[[str], None],
+    bar: tqdm,
     task: str = "train",
 ) -> list[dict]:
-    """Check, warm up and time ``names`` on one workload; one result row each."""
+    """Check, warm up and time ``names`` on one workload; one result row each.
+    ``bar`` advances once per implementation prepared and once per round."""
     # Fresh compile caches per workload: torch.optim's step() is one function for every
     # optimizer, and each new optimizer adds a cache entry until dynamo stops compiling.
     torch._dynamo.reset()
     prepared, first_calls, checks = {}, {}, {}
+    label = f"{device} {workload.name} {task}"
     with watch_compiles() as watch:
         for name in names:
             watch.current = name
-            progress(f"{device} {workload.name} {task}: checking and warming up {name}")
+            bar.set_description_str(f"{label}: checking {name}")
             call, first_calls[name], checks[name] = _prepare(name, workload, device, task)
             prepared[name] = (call, _steps_per_round(call, device, round_seconds))
+            bar.update()
         watch.current = None
-        times = time_interleaved(
-            prepared,
-            rounds,
-            device,
-            lambda i: progress(f"{device} {workload.name} {task}: round {i + 1}/{rounds}"),
-        )
+        bar.set_description_str(f"{label}: timing")
+        times = time_interleaved(prepared, rounds, device, lambda _: bar.update())
     fell_back = watch.fell_back_names(names)
     medians = {name: statistics.median(values) for name, values in times.items()}
     eager, floor = medians.get("torch-eager"), medians.get("gemm-floor")
@@ -358,11 +390,12 @@ def _pass_calls(name: str, dtype: torch.dtype, generator) -> dict:
     }
 
 
-def bench_passes(rounds: int, round_seconds: float, progress) -> list[dict]:
+def bench_passes(rounds: int, round_seconds: float, bar: tqdm) -> list[dict]:
     """Every activation's forward and backward pass, fastbp's and torch's, in one run."""
     rows, generator = [], torch.Generator().manual_seed(0)
     elements = PASS_SHAPE[0] * PASS_SHAPE[1]
     for dtype in (torch.float32, torch.float64):
+        bar.set_description_str(f"cpu element passes, {str(dtype)[6:]}")
         calls = {
             (name, *key): call
             for name in PASS_ACTIVATIONS
@@ -371,8 +404,8 @@ def bench_passes(rounds: int, round_seconds: float, progress) -> list[dict]:
         prepared = {
             key: (run, _steps_per_round(run, "cpu", round_seconds)) for key, run in calls.items()
         }
-        progress(f"cpu element passes, {dtype}: {rounds} rounds")
-        times = time_interleaved(prepared, rounds)
+        bar.update()
+        times = time_interleaved(prepared, rounds, on_round=lambda _: bar.update())
         shape = "x".join(map(str, PASS_SHAPE))
         for (name, direction, implementation), values in times.items():
             median = statistics.median(values)
@@ -387,23 +420,19 @@ def bench_passes(rounds: int, round_seconds: float, progress) -> list[dict]:
     return rows
 
 
-def run(
-    workloads: list[str],
-    devices: list[str],
-    implementations: list[str] | None,
-    rounds: int,
-    round_seconds: float,
-    output_dir: Path,
-    tasks: tuple[str, ...] = TASKS,
-    progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
-) -> list[dict]:
-    """The whole comparison: rows, printed table, ``bench.json`` and ``bench.png``."""
-    threads.ensure_policy()
-    rows = []
-    for device in devices:
-        if not available(device):
-            progress(f"{device}: not on this machine, skipped")
-            continue
+# The bar counts implementations prepared and rounds timed: no rate, which would mix them.
+BAR = "{desc} {bar:20} {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
+Unit = tuple[str, str, str, list[str]]  # (device, workload, task, implementations)
+
+
+def plan(
+    workloads: list[str], devices: list[str], implementations: list[str] | None,
+    tasks: tuple[str, ...],
+) -> list[Unit]:  # fmt: skip
+    """What a run times on this machine, in order: one unit per device, workload and task
+    that has implementations to time (a device this machine lacks has none)."""
+    units = []
+    for device in (d for d in devices if available(d)):
         for workload in (w for w in workloads if device in WORKLOADS[w].devices):
             for task in (t for t in tasks if t != "passes"):
                 does = "step" if task == "train" else "inference"
@@ -413,16 +442,77 @@ def run(
                     if implementations is None or entry.name in implementations
                 ]
                 if names:
-                    rows += bench_workload(
-                        WORKLOADS[workload], device, names, rounds, round_seconds, progress, task
-                    )
-    passes = implementations is None or {"torch-eager", "fastbp"} <= set(implementations)
-    if "passes" in tasks and "cpu" in devices and passes:  # the numba kernels' element passes
-        rows += bench_passes(rounds, round_seconds, progress)
+                    units.append((device, workload, task, names))
+    return units
+
+
+def _times_passes(devices, implementations, tasks) -> bool:
+    wanted = implementations is None or {"torch-eager", "fastbp"} <= set(implementations)
+    return "passes" in tasks and "cpu" in devices and wanted
+
+
+def run(
+    workloads: list[str],
+    devices: list[str],
+    implementations: list[str] | None,
+    rounds: int,
+    round_seconds: float,
+    output_dir: Path,
+    tasks: tuple[str, ...] = TASKS,
+    show_progress: bool = True,
+) -> list[dict]:
+    """The whole comparison: rows, ``bench.json``, ``bench.md`` (the table) and
+    ``bench.png``, with a progress bar on stderr."""
+    threads.ensure_policy()
+    units = plan(workloads, devices, implementations, tasks)
+    passes = _times_passes(devices, implementations, tasks)
+    total = sum(len(names) + rounds for *_, names in units) + (2 * (1 + rounds) if passes else 0)
+    rows = []
+    progress = dict(total=total, disable=not show_progress, file=sys.stderr, bar_format=BAR)
+    with tqdm(**progress) as bar:
+        for device, workload, task, names in units:
+            rows += bench_workload(
+                WORKLOADS[workload], device, names, rounds, round_seconds, bar, task
+            )
+        if passes:  # the numba kernels' element passes
+            rows += bench_passes(rounds, round_seconds, bar)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "bench.json").write_text(
         json.dumps({"machine": machine(), "results": rows}, indent=2)
     )
+    (output_dir / "bench.md").write_text(format_table(rows) + "\n")
     if rows:
         plot(rows, output_dir / "bench.png")
     return rows
+
+
+def _speedup(rows: dict, name: str, task: str, baseline: str) -> str | None:
+    ours, theirs = rows.get((name, task)), rows.get((baseline, task))
+    if ours is None or theirs is None:
+        return None
+    return f"{theirs['median_us'] / ours['median_us']:.2f}×"
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per device and workload: the drop-in (training, inference) and
+    FusedTrainer as speedups over torch-eager, and on CUDA over torch's CUDA-graph step."""
+    by_unit: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        if row.get("task") in ("train", "inference"):
+            unit = by_unit.setdefault((row["device"], row["workload"]), {})
+            unit[row["implementation"], row["task"]] = row
+    width = max((len(workload) for _, workload in by_unit), default=0)
+    lines = []
+    for (device, workload), unit in by_unit.items():
+        parts = []
+        for label, name, task, baseline in (
+            ("drop-in train", "fastbp", "train", "torch-eager"),
+            ("drop-in inference", "fastbp", "inference", "torch-eager"),
+            ("FusedTrainer", "fastbp-fused", "train", "torch-eager"),
+            ("FusedTrainer vs torch's CUDA graph", "fastbp-fused", "train", "torch-cudagraph"),
+        ):
+            speedup = _speedup(unit, name, task, baseline)
+            if speedup is not None:
+                parts.append(f"{label} {speedup}")
+        lines.append(f"{device:<4} {workload:<{width}}  " + ", ".join(parts))
+    return "\n".join(lines)

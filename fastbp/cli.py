@@ -43,22 +43,18 @@ def _changes(changes: dict[str, tuple[str, str]]) -> str:
 
 
 def bench(arguments: argparse.Namespace) -> int:
-    """Time every training step and forward pass of the registry, CPU and GPU side by side."""
+    """Time the registry's training steps and forward passes, CPU and GPU side by side."""
     from pathlib import Path
 
     from fastbp import bench as benchmarks
     from fastbp import registry
 
-    quick = arguments.quick
-    workloads = arguments.workloads or list(
-        benchmarks.QUICK_WORKLOADS if quick else registry.WORKLOADS
-    )
+    preset = benchmarks.PRESETS[arguments.preset]
+    workloads = arguments.workloads or list(preset.workloads or registry.WORKLOADS)
     known_names = sorted({name for name, _ in registry.REGISTRY})
-    implementations = arguments.implementations
-    if implementations is None and quick:
-        implementations = [n for n in known_names if n not in benchmarks.QUICK_SKIPS]
+    implementations = arguments.implementations or preset.implementations
     unknown = [w for w in workloads if w not in registry.WORKLOADS]
-    unknown += [n for n in implementations or [] if n not in known_names]
+    unknown += [n for n in arguments.implementations or [] if n not in known_names]
     unknown += [t for t in arguments.tasks or [] if t not in benchmarks.TASKS]
     if unknown:
         raise _UsageError(
@@ -67,17 +63,26 @@ def bench(arguments: argparse.Namespace) -> int:
             f"tasks: {', '.join(benchmarks.TASKS)}"
         )
     devices = ["cpu", "cuda"] if arguments.device == "all" else [arguments.device]
+    missing = [d for d in devices if not registry.available(d)]
+    if missing and arguments.device != "all":
+        raise _UsageError(f"--device {arguments.device}: no such device on this machine")
+    output_dir = Path(arguments.output_dir)
     rows = benchmarks.run(
         workloads,
         devices,
-        implementations,
-        rounds=arguments.rounds or (5 if quick else 15),
-        round_seconds=0.02 if quick else 0.1,
-        output_dir=Path(arguments.output_dir),
-        tasks=tuple(arguments.tasks or (benchmarks.QUICK_TASKS if quick else benchmarks.TASKS)),
+        None if implementations is None else list(implementations),
+        rounds=arguments.rounds or preset.rounds,
+        round_seconds=preset.round_seconds,
+        output_dir=output_dir,
+        tasks=tuple(arguments.tasks or preset.tasks),
     )
-    print(benchmarks.format_table(rows))
-    print(f"\nwrote {Path(arguments.output_dir) / 'bench.json'} and bench.png")
+    print("Speedups over torch-eager (higher is faster); on CUDA also over torch's step")
+    print("in a CUDA graph. Every implementation was first checked against torch-eager.")
+    print(benchmarks.summary(rows))
+    if missing:
+        print(f"{', '.join(missing)}: not on this machine, not timed")
+    print(f"\nEvery row: {output_dir / 'bench.md'} (table), {output_dir / 'bench.json'}, "
+          f"{output_dir / 'bench.png'}")  # fmt: skip
     return 0
 
 
@@ -235,23 +240,39 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help=info.__doc__.splitlines()[0]).set_defaults(run=info)
     bench_parser = commands.add_parser("bench", help=bench.__doc__)
+    presets = bench_parser.add_mutually_exclusive_group()
+    presets.add_argument(
+        "--quick", dest="preset", action="store_const", const="quick",
+        help="two workloads, few rounds (under a minute)",
+    )  # fmt: skip
+    presets.add_argument(
+        "--full", dest="preset", action="store_const", const="full",
+        help="every workload and implementation of the registry, torch.compile and the "
+        "element-wise passes included, 15 rounds (about 15 minutes on 2 cores)",
+    )  # fmt: skip
+    bench_parser.set_defaults(preset="default")
     bench_parser.add_argument(
-        "--quick", action="store_true", help="two workloads, no torch.compile, few rounds"
+        "--workloads",
+        type=_comma_list,
+        help="comma-separated workload names (default: four; --full: all)",
     )
     bench_parser.add_argument(
-        "--workloads", type=_comma_list, help="comma-separated workload names (default: all)"
-    )
-    bench_parser.add_argument(
-        "--implementations", type=_comma_list, help="comma-separated names (default: all)"
+        "--implementations",
+        type=_comma_list,
+        help="comma-separated names (default: the floors, torch and fastbp; --full: all)",
     )
     bench_parser.add_argument(
         "--tasks",
         type=_comma_list,
-        help="comma-separated: train, inference, passes (default: all; --quick: train, inference)",
+        help="comma-separated: train, inference, passes (default: train, inference; --full: all)",
     )
     bench_parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    bench_parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15, quick 5)")
-    bench_parser.add_argument("--output-dir", default=".", help="where bench.json/png go")
+    bench_parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds (default 7, --quick 3, --full 15)"
+    )
+    bench_parser.add_argument(
+        "--output-dir", default=".", help="where bench.json, bench.md and bench.png go"
+    )
     bench_parser.set_defaults(run=bench)
     examples_parser = commands.add_parser("examples", help=examples.__doc__)
     examples_parser.add_argument(
