@@ -4,7 +4,7 @@ Groups are named after the workload and task (``train docs-64x1000x100x10 cpu``,
 Every implementation comes from ``fastbp.registry``, the registry the tests
 check; each benchmark first checks, once, that it computes what torch-eager
 computes, then times it. ``extra_info`` holds samples/s, GFLOP/s and the
-two ratios of ``fastbp.bench.figures`` (those baselines run first in each
+ratios of ``fastbp.bench.figures`` (those baselines run first in each
 group, so their medians are known when the others finish).
 
 A plain ``pytest`` runs each once as a check; the torch.compile entries, whose
@@ -33,11 +33,14 @@ def _record(benchmark, name: str, workload, training=True) -> None:
     _medians[benchmark.group, name] = median
     eager = _medians.get((benchmark.group, "torch-eager"))
     floor = _medians.get((benchmark.group, "gemm-floor"))
-    found = figures(workload, median, eager, floor, training)
+    roofline = _medians.get((benchmark.group, "roofline-floor"))
+    found = figures(workload, median, eager, floor, training, roofline)
     benchmark.extra_info.update({k: v for k, v in found.items() if v is not None})
 
 
-def _skip_unless_runnable(request, name: str, device: str, workload) -> None:
+def _skip_unless_runnable(request, name: str, device: str, workload, task="train") -> None:
+    if not REGISTRY[name, device].runs(workload, task):
+        pytest.skip(f"{name} trains the loss names only; {workload.name}'s is written in torch")
     if not available(device):
         pytest.skip("needs a CUDA GPU; none on this machine")
     if device not in workload.devices:
@@ -66,7 +69,7 @@ def test_train_step(benchmark, request, workload, key):
 @pytest.mark.parametrize("key", INFERENCE, ids=lambda key: "-".join(key))
 def test_inference(benchmark, request, workload, key):
     (name, device), workload = key, WORKLOADS[workload]
-    _skip_unless_runnable(request, name, device, workload)
+    _skip_unless_runnable(request, name, device, workload, "inference")
     forward = REGISTRY[key].inference(workload, device)
     check_inference(name, workload, device, forward())
     benchmark.group = f"inference {workload.name} {device}"

@@ -62,7 +62,8 @@ DEFAULT = Preset(
         "rl-8x64x64x2-tanh-b64",
     ),
     implementations=(
-        "gemm-floor", "torch-eager", "drop-in-ceiling", "torch-cudagraph", "fastbp",
+        "gemm-floor", "roofline-floor", "torch-eager", "drop-in-ceiling", "torch-cudagraph",
+        "fastbp",
         "fastbp-fused",
     ),
     tasks=("train", "inference"), rounds=7, round_seconds=0.05,
@@ -158,15 +159,19 @@ def watch_compiles():
             logger.removeFilter(watch)
 
 
-def figures(workload: Workload, seconds: float, eager=None, floor=None, training=True) -> dict:
-    """What one median time per call means: throughput and the two ratios of one run
-    (speedup over torch eager, time over the GEMM floor), None without the baseline."""
+def figures(
+    workload: Workload, seconds: float, eager=None, floor=None, training=True, roofline=None
+) -> dict:
+    """What one median time per call means: throughput and the ratios of one run
+    (speedup over torch eager, time over the GEMM and roofline floors), None without
+    the baseline."""
     return {
         "median_us": seconds * 1e6,
         "samples_per_s": workload.batch / seconds,
         "gflop_per_s": workload.flops(training) / seconds / 1e9,
         "speedup_vs_torch_eager": eager / seconds if eager else None,
         "ratio_to_gemm_floor": seconds / floor if floor else None,
+        "ratio_to_roofline_floor": seconds / roofline if roofline else None,
     }
 
 
@@ -275,13 +280,14 @@ def bench_workload(
     fell_back = watch.fell_back_names(names)
     medians = {name: statistics.median(values) for name, values in times.items()}
     eager, floor = medians.get("torch-eager"), medians.get("gemm-floor")
+    roofline = medians.get("roofline-floor")
     return [
         {
             "workload": workload.name,
             "device": device,
             "task": task,
             "implementation": name,
-            **figures(workload, median, eager, floor, task == "train"),
+            **figures(workload, median, eager, floor, task == "train", roofline),
             "first_call_s": first_calls[name],
             "checked": checks[name],
             "fell_back_to_eager": name in fell_back,
@@ -322,8 +328,8 @@ def format_table(rows: list[dict]) -> str:
     """Markdown: median time per call, samples/s and the two ratios, per workload and task."""
     lines = [
         "| workload | device | task | implementation | µs/call | samples/s "
-        "| vs torch-eager | vs GEMM floor |",
-        "|---|---|---|---|---:|---:|---:|---:|",
+        "| vs torch-eager | vs GEMM floor | vs roofline floor |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for row in rows:
@@ -334,7 +340,8 @@ def format_table(rows: list[dict]) -> str:
             f"| {row['workload']} | {row['device']} | {row.get('task', 'train')} | {name} "
             f"| {row['median_us']:.1f} | {row['samples_per_s']:,.0f} "
             f"| {fmt(row['speedup_vs_torch_eager'], '.2f')}× faster "
-            f"| {fmt(row['ratio_to_gemm_floor'], '.2f')}× |"
+            f"| {fmt(row['ratio_to_gemm_floor'], '.2f')}× "
+            f"| {fmt(row.get('ratio_to_roofline_floor'), '.2f')}× |"
         )
     return "\n".join(lines)
 
@@ -435,11 +442,11 @@ def plan(
     for device in (d for d in devices if available(d)):
         for workload in (w for w in workloads if device in WORKLOADS[w].devices):
             for task in (t for t in tasks if t != "passes"):
-                does = "step" if task == "train" else "inference"
                 names = [
                     entry.name
-                    for entry in entries(device, does)
-                    if implementations is None or entry.name in implementations
+                    for entry in entries(device)
+                    if entry.runs(WORKLOADS[workload], task)
+                    and (implementations is None or entry.name in implementations)
                 ]
                 if names:
                     units.append((device, workload, task, names))

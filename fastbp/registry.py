@@ -33,6 +33,55 @@ TORCH_LOSSES = {
     "cross_entropy": torch.nn.functional.cross_entropy,
     "bce_with_logits": torch.nn.functional.binary_cross_entropy_with_logits,
 }
+
+
+# ---------------------------------------------------------------------------
+# Losses written in torch, as FusedTrainer takes them (loss=<callable>)
+# ---------------------------------------------------------------------------
+def ppo_loss(output, actions, advantages, old_log_probs, returns, clip=0.2):
+    """PPO's clipped surrogate + value + entropy over one policy/value network whose
+    last column is the value and the others the action logits (CleanRL's weights)."""
+    logits, value = output[:, :-1], output[:, -1]
+    log_probs = torch.log_softmax(logits, dim=1)
+    ratio = torch.exp(log_probs.gather(1, actions[:, None])[:, 0] - old_log_probs)
+    clipped = torch.clamp(ratio, 1 - clip, 1 + clip)
+    surrogate = -torch.minimum(ratio * advantages, clipped * advantages).mean()
+    value_loss = 0.5 * ((value - returns) ** 2).mean()
+    entropy = -(log_probs.exp() * log_probs).sum(dim=1).mean()
+    return surrogate + 0.5 * value_loss - 0.01 * entropy
+
+
+def huber_loss(output, y, delta=1.0):
+    """The Huber loss as a user writes it: ½d² within ``delta``, linear beyond."""
+    distance = (output - y).abs()
+    quadratic = 0.5 * distance * distance
+    return torch.where(distance < delta, quadratic, delta * (distance - 0.5 * delta)).mean()
+
+
+def _ppo_targets(batch: int, actions: int, generator) -> tuple[torch.Tensor, ...]:
+    """(actions, advantages, old log-probabilities, returns) of a random rollout."""
+    taken = torch.randint(0, actions, (batch,), generator=generator)
+    old = torch.log_softmax(torch.randn(batch, actions, generator=generator), dim=1)
+    old_log_probs = old.gather(1, taken[:, None])[:, 0]
+    advantages = torch.randn(batch, generator=generator)
+    return taken, advantages, old_log_probs, torch.randn(batch, generator=generator)
+
+
+# A loss written in torch, for a workload: the function and how its targets are drawn,
+# (batch, output width, generator) -> targets.
+@dataclass(frozen=True)
+class TorchLoss:
+    function: Callable[..., torch.Tensor]
+    targets: Callable[..., tuple[torch.Tensor, ...]]
+
+
+CALLABLE_LOSSES = {
+    "ppo": TorchLoss(ppo_loss, lambda batch, width, gen: _ppo_targets(batch, width - 1, gen)),
+    "huber": TorchLoss(
+        huber_loss, lambda batch, width, gen: (torch.randn(batch, width, generator=gen),)
+    ),
+}
+
 # (output, ∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ or None])
 Gradients = tuple[torch.Tensor, torch.Tensor, Tensors, list[torch.Tensor | None]]
 Runner = Callable[
@@ -51,7 +100,7 @@ class Workload:
     sizes: tuple[int, ...]
     batch: int
     bias: bool
-    loss: str
+    loss: str  # a fastbp loss name, or a key of CALLABLE_LOSSES
     lr: float
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adam", as torch.optim's
     momentum: float = 0.0
@@ -85,14 +134,29 @@ class Workload:
                 layers.append(module)
         return torch.nn.Sequential(*layers)
 
-    def data(self, device: str = "cpu", seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def callable_loss(self) -> TorchLoss | None:
+        """The loss written in torch this workload trains with; None for a loss name."""
+        return CALLABLE_LOSSES.get(self.loss)
+
+    @property
+    def fused_loss(self):
+        """What ``FusedTrainer``'s ``loss=`` takes for this workload."""
+        custom = self.callable_loss
+        return self.loss if custom is None else custom.function
+
+    def data(self, device: str = "cpu", seed: int = 1) -> tuple[torch.Tensor, Tensors]:
+        """``(x, targets)``: the batch and what the loss takes beside the output."""
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(self.batch, self.sizes[0], generator=generator)
-        if self.loss == "cross_entropy":
-            y = torch.randint(0, self.sizes[-1], (self.batch,), generator=generator)
+        width, custom = self.sizes[-1], self.callable_loss
+        if custom is not None:
+            targets = custom.targets(self.batch, width, generator)
+        elif self.loss == "cross_entropy":
+            targets = (torch.randint(0, width, (self.batch,), generator=generator),)
         else:
-            y = torch.randn(self.batch, self.sizes[-1], generator=generator)
-        return x.to(device), y.to(device)
+            targets = (torch.randn(self.batch, width, generator=generator),)
+        return x.to(device), [t.to(device) for t in targets]
 
     def numpy_parameters(self) -> tuple[list, list]:
         """``model()``'s weights and biases (None without bias) as numpy copies."""
@@ -101,8 +165,11 @@ class Workload:
         biases = [None if m.bias is None else m.bias.detach().numpy().copy() for m in layers]
         return weights, biases
 
-    def torch_loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return TORCH_LOSSES[self.loss](output, y, reduction=self.reduction)
+    def torch_loss(self, output: torch.Tensor, *targets: torch.Tensor) -> torch.Tensor:
+        custom = self.callable_loss
+        if custom is not None:
+            return custom.function(output, *targets)
+        return TORCH_LOSSES[self.loss](output, *targets, reduction=self.reduction)
 
     def torch_optimizer(self, parameters, fused: bool | None = None) -> torch.optim.Optimizer:
         """The workload's torch.optim optimizer; ``fused=True``: torch's fused kernel."""
@@ -144,6 +211,18 @@ WORKLOADS: dict[str, Workload] = {
             "adam",
             activation="tanh",
         ),  # fmt: skip
+        # PPO's policy/value network on CartPole: 2 action logits and a value
+        Workload(
+            "rl-ppo-8x64x64x3-b64",
+            (8, 64, 64, 3),
+            64,
+            True,
+            "ppo",
+            3e-4,
+            "adam",
+            activation="tanh",
+        ),  # fmt: skip
+        Workload("docs-huber-64x1000x100x10", (1000, 100, 10), 64, False, "huber", 1e-3),
         # the seeds' network (E2): 2-2-2 sigmoid, one sample
         Workload(
             "seeds-2x2x2-sigmoid-b1",
@@ -239,13 +318,13 @@ def _torch_loop(
 ) -> Step:
     """``nn.Sequential`` (or ``model``) in the plain loop: torch's loss and optimizer."""
     model = workload.model(device).to(dtype) if model is None else model
-    x, y = workload.data(device)
-    x, y = x.to(dtype), (y if y.dtype == torch.int64 else y.to(dtype))
+    x, targets = workload.data(device)
+    x, targets = x.to(dtype), [t.to(dtype) if t.is_floating_point() else t for t in targets]
     optimizer = workload.torch_optimizer(model.parameters(), fused)
 
     def run():
         optimizer.zero_grad(set_to_none=True)
-        loss = workload.torch_loss(model(x), y)
+        loss = workload.torch_loss(model(x), *targets)
         loss.backward()
         optimizer.step()
         return loss
@@ -311,18 +390,20 @@ def _fused(backend: str) -> Callable[[Workload, str], Step]:
     def make(workload: Workload, device: str) -> Step:
         model = MLP.from_torch(workload.model(device))
         trainer = FusedTrainer(
-            model, workload.loss, workload.reduction,
+            model, workload.fused_loss, workload.reduction,
             workload.torch_optimizer(model.parameters()), backend=backend,
+            compile_loss=workload.callable_loss is not None,
         )  # fmt: skip
-        x, y = workload.data(device)
-        return Step(lambda: trainer.step(x, y), _parameters_of(model))
+        x, targets = workload.data(device)
+        return Step(lambda: trainer.step(x, *targets), _parameters_of(model))
 
     return make
 
 
 def _numpy_manual(workload: Workload, device: str) -> Step:
     weights, biases = workload.numpy_parameters()
-    x, y = (t.numpy() for t in workload.data())
+    x, (y,) = workload.data()
+    x, y = x.numpy(), y.numpy()
     activations = workload.activations
     optimizer = workload.numpy_optimizer()
 
@@ -360,6 +441,25 @@ def _gemm_floor(workload: Workload, device: str) -> Step:
     return Step(run, lambda: [w.cpu() for w in weights], trains=False)
 
 
+def _roofline_floor(workload: Workload, device: str) -> Step:
+    """The GEMM floor plus the bytes a step must move beyond its GEMMs, at the copy
+    bandwidth of this run: every parameter and its optimizer state (SGD's momentum
+    buffer, Adam's two moments), read and written once, as one ``copy_`` of that many
+    elements. The activations between layers are left out: a step that blocks the
+    batch keeps them in cache, and the GEMM floor's own GEMMs write them anyway."""
+    gemms = _gemm_floor(workload, device)
+    parameters = sum(p.numel() for p in workload.model(device).parameters())
+    states = 2 if workload.optimizer == "adam" else int(workload.momentum != 0)
+    source = torch.zeros(parameters * (1 + states), device=device)
+    target = torch.empty_like(source)
+
+    def run():
+        gemms.run()
+        target.copy_(source)
+
+    return Step(run, gemms.parameters, trains=False)
+
+
 class _Precomputed(torch.autograd.Function):
     """``apply(output, gradients, *parameters)``: a copy of ``output`` and, in backward,
     copies of ``gradients``, as one autograd node."""
@@ -378,11 +478,11 @@ class _CostsNothing(torch.nn.Module):
     """A model whose forward and backward cost nothing: ``sequential``'s parameters, and
     its output and gradients at ``x``, ``y`` replayed by ``_Precomputed``."""
 
-    def __init__(self, workload: Workload, sequential: torch.nn.Sequential, x, y) -> None:
+    def __init__(self, workload: Workload, sequential: torch.nn.Sequential, x, targets) -> None:
         super().__init__()
         self.sequential = sequential
         self.output = sequential(x).detach()
-        loss = workload.torch_loss(sequential(x), y)
+        loss = workload.torch_loss(sequential(x), *targets)
         self.gradients = torch.autograd.grad(loss, list(sequential.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -486,6 +586,13 @@ class Entry:
     gradients: Runner | None = None
     step: Callable[[Workload, str], Step] | None = None
     inference: Callable[[Workload, str], Callable[[], torch.Tensor]] | None = None
+    callable_losses: bool = True  # its step trains a workload whose loss is written in torch
+
+    def runs(self, workload: Workload, task: str = "train") -> bool:
+        """Whether this entry times ``task`` ("train" or "inference") on ``workload``."""
+        if task == "inference":
+            return self.inference is not None
+        return self.step is not None and (self.callable_losses or not workload.callable_loss)
 
 
 def _entries() -> list[Entry]:
@@ -493,6 +600,8 @@ def _entries() -> list[Entry]:
     return [
         Entry("gemm-floor", "cpu", "the step's GEMMs alone (torch.mm into preallocated tensors)",
               step=_gemm_floor),
+        Entry("roofline-floor", "cpu", "the GEMM floor + parameters and optimizer state read "
+              "and written once, at this run's copy bandwidth", step=_roofline_floor),
         Entry("torch-eager", "cpu", "nn.Sequential, torch's loss and torch.optim in a plain loop",
               torch_eager, _torch_loop, _inference_of(lambda m: m)),
         Entry("torch-fused-optim", "cpu", "torch-eager with torch.optim's fused=True kernel",
@@ -504,7 +613,7 @@ def _entries() -> list[Entry]:
         Entry("drop-in-ceiling", "cpu", "torch-eager's loop around a model that costs nothing",
               step=_drop_in_ceiling),
         Entry("numpy", "cpu", "kernels.reference: the hand derivation in plain numpy",
-              _numpy_reference, _numpy_manual, _inference_numpy),
+              _numpy_reference, _numpy_manual, _inference_numpy, callable_losses=False),
         Entry("fastbp", "cpu", "fastbp.nn.MLP (numba) in torch-eager's loop: the drop-in",
               _with_autograd(_whole_network("numba")), _fastbp_loop,
               _inference_of(MLP.from_torch)),
@@ -512,9 +621,11 @@ def _entries() -> list[Entry]:
               _with_autograd(_layer_by_layer("numba"))),
         Entry("fastbp-compile", "cpu", "fastbp's loop under torch.compile (custom ops)",
               step=_compiled(_fastbp_loop), inference=_inference_of(_compiled_fastbp)),
-        Entry("fastbp-fused", "cpu", "FusedTrainer: forward, loss, backward, update in one call",
-              step=_fused("numba")),
+        Entry("fastbp-fused", "cpu", "FusedTrainer: forward, loss, backward, update in one call "
+              "(a loss written in torch: compiled, compile_loss=True)", step=_fused("numba")),
         Entry("gemm-floor", "cuda", "the step's GEMMs alone", step=_gemm_floor),
+        Entry("roofline-floor", "cuda", "the GEMM floor + parameters and optimizer state "
+              "read and written once", step=_roofline_floor),
         Entry("torch-eager", "cuda", "torch-eager on CUDA", torch_eager, _torch_loop,
               _inference_of(lambda m: m)),
         Entry("torch-fused-optim", "cuda", "torch-eager with torch.optim's fused=True kernel",

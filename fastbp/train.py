@@ -50,7 +50,7 @@ _UNSUPPORTED["adamw"] = _UNSUPPORTED["adam"]
 _STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}
 _STATE_KEYS["adamw"] = _STATE_KEYS["adam"]
 _UNSET = object()
-_SETTINGS = ("loss", "reduction", "backend", "max_grad_norm")
+_SETTINGS = ("loss", "reduction", "backend", "max_grad_norm", "compile_loss")
 
 
 def _rule(optimizer: torch.optim.Optimizer) -> str:
@@ -82,8 +82,15 @@ class FusedTrainer:
 
     Args:
         model: the ``fastbp.nn.MLP`` whose parameters are updated in place.
-        loss: "mse", "cross_entropy" (int64 class labels) or "bce_with_logits".
-        reduction: "mean" or "sum", as in ``torch.nn.functional``'s losses.
+        loss: "mse", "cross_entropy" (int64 class labels) or "bce_with_logits", computed
+            inside the step's kernel; or a callable ``loss(output, *targets)`` returning
+            a scalar tensor, written in torch ops: the step then runs fastbp's forward,
+            takes ∂L/∂output by autograd over the loss alone, and runs the fused backward
+            and update. A callable whose graph reaches the model's parameters (or any
+            other tensor that requires grad) is refused, since that gradient would be
+            dropped: a weight penalty belongs in ``weight_decay``.
+        reduction: "mean" or "sum", as in ``torch.nn.functional``'s losses (the loss
+            names only; a callable reduces as it likes).
         optimizer: a ``torch.optim.SGD`` (momentum, weight_decay), ``Adam`` or
             ``AdamW`` (betas, eps, weight_decay) over exactly the model's parameters,
             in any number of param groups; or "sgd", "adam" or "adamw", built with
@@ -92,12 +99,18 @@ class FusedTrainer:
         max_grad_norm: clip the gradients' global 2-norm to this before each update,
             as ``torch.nn.utils.clip_grad_norm_``; None (the default) does not clip.
         backend: "auto", "numba" (CPU), "triton" (CUDA) or "torch" (any device).
+        compile_loss: for a callable loss, run its value and gradient under
+            ``torch.compile`` (``torch.func.grad_and_value``) from the second step on,
+            after the first step has checked its graph eagerly. torch's autograd engine
+            costs more than a small network's whole fused step on a CPU; compiled, the
+            loss costs about what its forward does. The first compile takes seconds.
 
     The hyperparameters live in ``trainer.optimizer.param_groups``, read at every step;
     the state in ``trainer.optimizer.state``. Options the kernels do not implement
     (nesterov, dampening, amsgrad, maximize, differentiable) raise, at construction
-    and at any step where a group has them. ``step(x, y)`` returns the 0-dim loss of
-    the forward pass before the update; ``x`` is ``(batch, in_features)``.
+    and at any step where a group has them. ``step(x, y)`` (``step(x, *targets)`` for
+    a callable loss) returns the 0-dim loss of the forward pass before the update;
+    ``x`` is ``(batch, in_features)``.
     """
 
     def __init__(
@@ -114,12 +127,14 @@ class FusedTrainer:
         *,
         max_grad_norm: float | None = None,
         backend: str = "auto",
+        compile_loss: bool = False,
     ) -> None:
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.nn.MLP, got {type(model).__name__}")
         object.__setattr__(self, "model", model)
         self.loss, self.reduction, self.backend = loss, reduction, backend
         self.max_grad_norm = max_grad_norm
+        self.compile_loss = compile_loss
         options = {
             name: value
             for name, value in zip(
@@ -138,7 +153,8 @@ class FusedTrainer:
     # -- settings: each takes effect at the next step, or raises ----------------
     def __setattr__(self, name: str, value) -> None:
         if name == "loss":
-            value = check_choice("loss", value, reference.LOSSES)
+            if not callable(value):
+                value = check_choice("loss", value, reference.LOSSES)
         elif name == "reduction":
             value = check_choice("reduction", value, reference.REDUCTIONS)
         elif name == "backend":
@@ -150,6 +166,9 @@ class FusedTrainer:
                 raise ValueError(
                     f"max_grad_norm must be a finite number > 0 or None, got {value!r}"
                 )
+        elif name == "compile_loss":
+            if not isinstance(value, bool):
+                raise TypeError(f"compile_loss must be True or False, got {value!r}")
         elif name in ("model", "optimizer"):
             raise AttributeError(f"{name} is fixed at construction: make a new FusedTrainer")
         elif not name.startswith("_"):
@@ -159,6 +178,8 @@ class FusedTrainer:
             )
         if name in ("loss", "reduction"):
             object.__setattr__(self, "_kernel", None)  # the next step builds one anew
+        if name in ("loss", "compile_loss"):
+            object.__setattr__(self, "_compiled_loss", None)
         object.__setattr__(self, name, value)
 
     def _optimizer(self, optimizer, options: dict) -> torch.optim.Optimizer:
@@ -215,8 +236,21 @@ class FusedTrainer:
             _check_group(self.optimizer, index, self._rule)
 
     # -- the step ---------------------------------------------------------------
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One training step on the batch ``(x, y)``; returns the loss before the update."""
+    def step(self, x: torch.Tensor, *targets) -> torch.Tensor:
+        """One training step on the batch ``x`` and its targets; returns the loss before
+        the update. A loss name takes one target ``y``; a callable loss is called as
+        ``loss(output, *targets)``."""
+        custom = callable(self.loss)
+        if self.compile_loss and not custom:
+            raise ValueError(
+                f"compile_loss=True compiles a callable loss; the {self.loss!r} loss runs "
+                "inside fastbp's kernel already: set compile_loss=False"
+            )
+        if not custom and len(targets) != 1:
+            raise TypeError(
+                f"step takes x and one target y for the {self.loss!r} loss, "
+                f"got {len(targets)} targets"
+            )
         fused = self.model.fused()
         if fused is None:
             raise ValueError(
@@ -230,15 +264,20 @@ class FusedTrainer:
         if not (unchanged and x.__class__ is torch.Tensor and x.dim() == 2 and plan.fits(x)):
             x = F.check_tensor("x", x, 2)  # the layout or x changed: every check
             F.check_network(x, weights, biases, activations)
-        self._check_target(x, y, weights[-1].shape[0])
+        if custom:
+            if x.shape[0] == 0:
+                raise ValueError("x must hold at least one sample, got a batch of 0")
+        else:
+            self._check_target(x, targets[0], weights[-1].shape[0])
         backend = F.resolve_backend(self.backend, x)
         if backend == "numba":
             self._check_step_hooks()
-            return self._numba_step(x, y, weights, biases, activations, unchanged)
+            return self._numba_step(x, targets, weights, biases, activations, unchanged)
         self._check_groups()
         if self.loss == "cross_entropy":
-            _check_class_range(y, weights[-1].shape[0])
-        return self._torch_step(x, y, weights, biases, activations, F.KERNELS.get(backend))
+            _check_class_range(targets[0], weights[-1].shape[0])
+        kernels = F.KERNELS.get(backend)
+        return self._torch_step(x, targets, weights, biases, activations, kernels)
 
     def _check_target(self, x: torch.Tensor, y, classes: int) -> None:
         """Reject a bad ``y`` before any parameter changes."""
@@ -261,10 +300,12 @@ class FusedTrainer:
                 f"got {F.describe(y)}"
             )
 
-    def _numba_step(self, x, y, weights, biases, activations, unchanged) -> torch.Tensor:
+    def _numba_step(self, x, targets, weights, biases, activations, unchanged) -> torch.Tensor:
+        custom = callable(self.loss)
         if not unchanged:
             plan = F.plan(x, weights, biases, activations, "numba")
-            kernel = cpu.TrainStep(plan.prepared, self.loss, self.reduction, self._rule)
+            loss = None if custom else self.loss  # None: the gradient is given
+            kernel = cpu.TrainStep(plan.prepared, loss, self.reduction, self._rule)
             self._kernel, self._binding = (plan, kernel), None
         plan, kernel = self._kernel
         binding = self._binding
@@ -276,18 +317,25 @@ class FusedTrainer:
             ordered = _sequential_order(weights, biases)
             binding = self._binding = _Binding(self.optimizer, ordered, kernel, self._rule)
             hyper = binding.hyper()
-        value = threads.call(
-            kernel, _numpy(x), _numpy(y), binding.arrays, hyper, binding.fresh,
-            self.max_grad_norm or 0.0, parallel=plan.prepared.parallel(x.shape[0], updates=True),
+        parallel = plan.prepared.parallel(x.shape[0], updates=True)
+        if custom:
+            output = threads.call(kernel.forward, _numpy(x), parallel=parallel)
+            value, y = self._callable_loss(torch.from_numpy(output), targets)
+            y = y.numpy()
+        else:
+            y = _numpy(targets[0])
+        result = threads.call(
+            kernel, _numpy(x), y, binding.arrays, hyper, binding.fresh,
+            self.max_grad_norm or 0.0, parallel=parallel,
         )  # fmt: skip
         binding.stepped()
         # What optimizer.step() would mark: an lr scheduler, which wraps step() to set it,
         # warns that it stepped first when it finds this unset.
         self.optimizer._opt_called = True
-        return torch.scalar_tensor(value, dtype=x.dtype)
+        return value if custom else torch.scalar_tensor(result, dtype=x.dtype)
 
     @torch.no_grad()
-    def _torch_step(self, x, y, weights, biases, activations, kernels=None) -> torch.Tensor:
+    def _torch_step(self, x, targets, weights, biases, activations, kernels=None) -> torch.Tensor:
         """The step in torch ops, or with ``kernels``' forward and backward (Triton's,
         ``functional.KERNELS``) around the torch loss gradient; the optimizer updates."""
         if kernels is None:
@@ -297,7 +345,11 @@ class FusedTrainer:
             saved = kernels.forward(plan, x)[1]
             outputs = kernels.outputs(saved)
         output = outputs[len(weights) - 1]
-        value, g = _torch_loss_and_grad(output, y, self.loss, self.reduction == "mean")
+        if callable(self.loss):
+            value, g = self._callable_loss(output, targets)
+        else:
+            mean = self.reduction == "mean"
+            value, g = _torch_loss_and_grad(output, targets[0], self.loss, mean)
         if kernels is None:
             grads = _torch_backward(g, x, weights, biases, activations, outputs)
         else:
@@ -314,6 +366,21 @@ class FusedTrainer:
         for parameter in parameters:
             parameter.grad = None
         return value
+
+    def _callable_loss(self, output: torch.Tensor, targets) -> tuple:
+        """``(L, ∂L/∂ŷ)`` of the callable loss: eager autograd with the graph checked,
+        or, with ``compile_loss``, compiled once the first step has checked it."""
+        compiled = self._compiled_loss
+        if compiled is not None:
+            grad, value = compiled(output, *targets)
+            return value.detach().reshape(()), grad
+        result = _loss_and_grad_by_autograd(self.loss, output, targets, self.model)
+        if self.compile_loss:
+            loss = self.loss
+            scalar = lambda output, *targets: loss(output, *targets).reshape(())  # noqa: E731
+            compiled = torch.compile(torch.func.grad_and_value(scalar))
+            object.__setattr__(self, "_compiled_loss", compiled)
+        return result
 
     # -- optimizer state, in torch.optim's format ---------------------------------
     def state_dict(self) -> dict:
@@ -460,6 +527,70 @@ def _check_class_range(y: torch.Tensor, classes: int) -> None:
     outside = (y < 0) | (y >= classes)
     if outside.any():
         raise ValueError(f"y holds class index {y[outside][0].item()}, outside [0, {classes})")
+
+
+def _loss_and_grad_by_autograd(loss, output: torch.Tensor, targets, model) -> tuple:
+    """``(L, ∂L/∂ŷ)`` of a loss written in torch: autograd over the loss alone, on a
+    leaf copy of the network's output (the network is never in the graph)."""
+    leaf = output.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        value = loss(leaf, *targets)
+    _check_loss_graph(value, leaf, model)
+    (grad,) = torch.autograd.grad(value, leaf)
+    return value.detach().reshape(()), grad
+
+
+def _check_loss_graph(value, output: torch.Tensor, model) -> None:
+    """Refuse a loss whose gradient FusedTrainer could not apply in full: one that is
+    not a scalar tensor, that does not depend on the output, or whose graph reaches a
+    tensor other than the output that requires grad (the model's parameters among
+    them): that tensor's gradient would be dropped."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"loss must return a scalar tensor, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(
+            f"loss must return a scalar tensor, got {F.describe(value)}: reduce it "
+            "(for example with .mean() or .sum())"
+        )
+    leaves = _graph_leaves(value)
+    if not any(leaf is output for leaf in leaves):
+        raise ValueError(
+            "loss does not depend on the model's output (its result has no gradient with "
+            "respect to the output it was given)"
+        )
+    for leaf in leaves:
+        if leaf is output:
+            continue
+        names = {id(p): name for name, p in model.named_parameters()}
+        if id(leaf) in names:
+            raise ValueError(
+                f"loss reaches the model's parameter {names[id(leaf)]!r}: FusedTrainer "
+                "applies the gradient through the output only, so that term's gradient "
+                "would be dropped. A weight penalty belongs in the optimizer's weight_decay; "
+                "anything else, train with the torch loop"
+            )
+        raise ValueError(
+            f"loss reaches a tensor that requires grad besides the output "
+            f"({F.describe(leaf)}): its gradient would be dropped. Detach it, or train "
+            "it with the torch loop"
+        )
+
+
+def _graph_leaves(value: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors that require grad and that ``value``'s autograd graph reaches."""
+    if value.grad_fn is None:
+        return [value] if value.requires_grad else []
+    leaves, seen, stack = [], set(), [value.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None:
+            leaves.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
 
 
 def _torch_backward(g, x, weights, biases, activations, saved):

@@ -1089,6 +1089,8 @@ def _mlp_backward(
 # The training step: forward, loss gradient, backward and update in one call
 # ---------------------------------------------------------------------------
 MSE, CROSS_ENTROPY, BCE_WITH_LOGITS = range(3)
+# The step of a loss written in torch: TrainStep.forward ran, targets holds ∂L/∂ŷ.
+GIVEN_GRADIENT = 3
 SGD, ADAM, ADAMW = range(3)
 # A parameter's row of the ``hyper`` array every update reads.
 LR, MOMENTUM, WEIGHT_DECAY, BETA1, BETA2, EPS = range(6)
@@ -1271,7 +1273,7 @@ def _clip_coefficient(grad_weights, grad_biases, max_norm):
 def _train_step(
     gemm,            # address of the BLAS ?gemm (bind_gemm)
     x,               # the batch, (N, in)
-    targets,         # (N, out) targets of MSE and BCE; (0, 0) for cross-entropy
+    targets,         # (N, out) targets of MSE and BCE, or ∂L/∂ŷ (GIVEN_GRADIENT); (0, 0) for CE
     labels,          # (N,) int64 classes of cross-entropy; empty otherwise
     weights,         # one (out, in) matrix per layer, updated in place
     biases,          # one (out,) vector per layer (empty: no bias), updated in place
@@ -1286,14 +1288,16 @@ def _train_step(
     steps,           # one 1-element array per parameter: Adam's count, incremented here
     hyper,           # (parameters, 6): each parameter's LR, MOMENTUM, … row
     fresh,           # (parameters,): 1 where SGD's momentum buffer starts this step
-    loss,            # MSE, CROSS_ENTROPY or BCE_WITH_LOGITS
+    loss,            # MSE, CROSS_ENTROPY, BCE_WITH_LOGITS or GIVEN_GRADIENT
     scale,           # 1/terms for a mean, else 1
     rule,            # SGD, ADAM or ADAMW
     max_norm,        # clip_grad_norm_'s max_norm; 0: no clipping
 ):  # fmt: skip
     """One step on every layer; returns ``(loss before the update, -1)``, or, without
     touching anything, ``(NaN, i)`` when label i is not a class and ``(NaN, -2 - p)``
-    when parameter p's state arrays are not the size its rule reads."""
+    when parameter p's state arrays are not the size its rule reads. With
+    GIVEN_GRADIENT the forward has run already (``outputs`` holds it) and the loss,
+    computed by the caller, is returned as 0."""
     top = len(weights) - 1
     for layer in range(top + 1):
         p = first_param[layer]
@@ -1309,10 +1313,13 @@ def _train_step(
         bad = _first_bad_label(labels, weights[top].shape[0])
         if bad >= 0:
             return np.nan, bad
-    _mlp_forward(gemm, x, weights, biases, activations, outputs, delta_space)
     batch = x.shape[0]
-    upstream = _rows(upstream_space, batch, weights[top].shape[0])
-    value = _loss_and_grad(outputs[top], targets, labels, loss, scale, upstream)
+    if loss == GIVEN_GRADIENT:
+        upstream, value = targets, 0.0
+    else:
+        _mlp_forward(gemm, x, weights, biases, activations, outputs, delta_space)
+        upstream = _rows(upstream_space, batch, weights[top].shape[0])
+        value = _loss_and_grad(outputs[top], targets, labels, loss, scale, upstream)
     for layer in range(top + 1):
         p = first_param[layer]
         if rule != SGD:
@@ -1670,13 +1677,17 @@ class TrainStep:
     ``__call__`` takes them with each step's ``hyper`` (one row per parameter) and
     ``fresh`` flags. Parameters are ordered as ``nn.Sequential`` orders them: W₁, b₁,
     W₂, … (biases only where a layer has one). Workspaces are kept between steps.
+
+    ``loss=None`` runs a loss computed by the caller: ``forward(x)`` returns the
+    network's output (a view of a workspace, valid until the next call), and the step
+    then takes ∂L/∂ŷ (scaled as the caller's loss is) in place of ``y``.
     """
 
     def __init__(self, network: Network, loss="mse", reduction="mean", optimizer="sgd") -> None:
         if not network.holds_originals:
             raise ValueError(f"{network.copies[0]} must be C-contiguous to be updated in place")
         self.network = network
-        self.loss = _code("loss", loss, LOSSES)
+        self.loss = GIVEN_GRADIENT if loss is None else _code("loss", loss, LOSSES)
         self.scale_by_mean = _code("reduction", reduction, REDUCTIONS) == 0
         self.rule = _code("optimizer", optimizer, OPTIMIZERS)
         first_param, sizes = [], []
@@ -1688,6 +1699,7 @@ class TrainStep:
         self._grad_weights = tuple(np.empty_like(w) for w in network.weights)
         self._grad_biases = tuple(np.empty_like(b) for b in network.biases)
         self._workspaces: tuple = ()
+        self._forwarded: np.ndarray | None = None  # the x of forward(), for loss=None
 
     def bind(self, states, steps) -> tuple:
         """``(states, steps)`` checked for the kernel: two flat arrays per parameter
@@ -1709,8 +1721,36 @@ class TrainStep:
             raise ValueError("every array of steps must hold one element")
         return states, steps
 
+    def _prepare(self, x) -> np.ndarray:
+        """``x`` checked, with workspaces for its batch."""
+        network = self.network
+        x = network._input(x)
+        batch = x.shape[0]
+        if batch == 0:
+            raise ValueError("x must hold at least one sample, got a batch of 0")
+        if not self._workspaces or self._workspaces[0][0].shape[0] != batch:
+            outputs = tuple(item for part in network.new_outputs(batch) for item in part)
+            spaces = [np.empty(batch * network._widest, x.dtype) for _ in "dg"]
+            self._workspaces = (outputs, *spaces)
+        return x
+
+    def forward(self, x) -> np.ndarray:
+        """The network's output at ``x``, kept in the workspaces for the next step of a
+        ``loss=None`` TrainStep; a view, valid until the next call."""
+        network = self.network
+        x = self._prepare(x)
+        outputs, delta_space, _ = self._workspaces
+        _mlp_forward(
+            _prepare_launch(x.dtype), x, network.weights, network.biases, network.activations,
+            outputs, delta_space,
+        )  # fmt: skip
+        self._forwarded = x
+        return outputs[len(network.weights) - 1]
+
     def _targets(self, y, batch: int, width: int):
         """``(targets, labels)`` checked against the output, one of them empty."""
+        if self.loss == GIVEN_GRADIENT:
+            return _exactly("the loss gradient", y, self.network.dtype, (batch, width)), _NO_LABELS
         if self.loss == CROSS_ENTROPY:
             if y.dtype.kind not in "iu":
                 raise TypeError(
@@ -1728,19 +1768,19 @@ class TrainStep:
         (parameters,) bool; ``max_norm`` > 0 clips the gradients as ``clip_grad_norm_``.
         """
         network, count = self.network, len(self.sizes)
-        x = network._input(x)
+        if self.loss == GIVEN_GRADIENT:
+            x = self._forwarded
+            if x is None:
+                raise ValueError("a loss=None TrainStep needs forward(x) before each step")
+            self._forwarded = None
+        else:
+            x = self._prepare(x)
         batch, width = x.shape[0], network.widths[-1]
-        if batch == 0:
-            raise ValueError("x must hold at least one sample, got a batch of 0")
         if hyper.shape != (count, 6) or hyper.dtype != np.float64:
             raise ValueError(f"hyper must be a ({count}, 6) float64 array, got {hyper.shape}")
         if fresh.shape != (count,) or fresh.dtype != np.bool_:
             raise ValueError(f"fresh must be a ({count},) bool array, got {fresh.shape}")
         targets, labels = self._targets(y, batch, width)
-        if not self._workspaces or self._workspaces[0][0].shape[0] != batch:
-            outputs = tuple(item for part in network.new_outputs(batch) for item in part)
-            spaces = [np.empty(batch * network._widest, x.dtype) for _ in "dg"]
-            self._workspaces = (outputs, *spaces)
         terms = batch if self.loss == CROSS_ENTROPY else batch * width
         scale = 1.0 / terms if self.scale_by_mean else 1.0
         value, bad = _train_step(
