@@ -1,5 +1,5 @@
 """The numba kernels' own exp, sigmoid and tanh, and expm1, log1p and the normal CDF
-(``kernels/cpu.py``), written so that LLVM vectorizes them: error over the whole input
+(``fastbp/kernels/cpu.py``), written so that LLVM vectorizes them: error over the whole input
 range against a wider float (no worse than torch's own functions, or within the ulps
 their comments state), torch's results for every special value, and the normal CDF's
 coefficients reproduced by the fit that made them (``tools/fit_erfc.py``)."""
@@ -200,7 +200,7 @@ def test_the_helpers_special_values(dtype):
 
 
 def test_the_normal_cdfs_coefficients_are_the_fits_output():
-    """``kernels/cpu.py`` holds what ``tools/fit_erfc.py`` prints (to an ulp of the
+    """``fastbp/kernels/cpu.py`` holds what ``tools/fit_erfc.py`` prints (to an ulp of the
     largest coefficient, in case another mpmath rounds its 40 digits differently)."""
     path = Path(__file__).parents[1] / "tools" / "fit_erfc.py"
     spec = importlib.util.spec_from_file_location("fit_erfc", path)

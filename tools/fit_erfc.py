@@ -1,6 +1,6 @@
 """Fit the polynomials of the CPU kernels' normal CDF Φ (GELU's factor), and print them.
 
-``kernels/cpu.py`` computes Φ(z) from u = |z|/√2 in two pieces (its "Elementary
+``fastbp/kernels/cpu.py`` computes Φ(z) from u = |z|/√2 in two pieces (its "Elementary
 functions" note has the math); the coefficients in it are this script's output::
 
     python tools/fit_erfc.py

@@ -3,15 +3,20 @@ r"""CPU kernels: the reference's forward and backward, jitted with numba and fus
 The math is the one written out in ``reference.py``; this file only changes how
 it is computed. Per layer, with W in ``nn.Linear``'s (out, in) layout::
 
-    forward     z = x Wᵀ            one GEMM
-                a = act(z + b)      one fused pass over z, in place
-    backward    δ = g ⊙ act'(a)     one fused pass that also sums ∂L/∂b = Σ_batch δ
+    forward     z = x Wᵀ + b        one GEMM into rows that hold b (beta = 1: one
+                                    rounding, as torch's addmm)
+                a = act(z)          one pass, out of place: z is kept where backward
+                                    reads it, else it lives in a scratch buffer
+    backward    δ = g ⊙ act'(·)     one pass into a δ buffer that also sums
+                                    ∂L/∂b = Σ_batch δ; act' reads a (identity, relu,
+                                    sigmoid, tanh) or z (the other six)
                 ∂L/∂W = δᵀ x        one GEMM
                 ∂L/∂x = δ W         one GEMM, skipped when x needs no gradient
 
-A whole network runs every layer in one call: ``mlp_forward`` keeps each
-layer's output (backward's only saved state), ``mlp_backward`` writes
-``∂L/∂aₗ₋₁ = δₗ Wₗ`` straight into layer l−1's δ buffer and turns it into δ in place.
+A whole network runs every layer in one call: ``mlp_forward`` keeps each layer's
+output, and z where the derivative reads it (backward's only saved state);
+``mlp_backward`` writes ``∂L/∂aₗ₋₁ = δₗ Wₗ`` into a second workspace, which layer
+l−1's pass reads to write its own δ.
 
 GEMMs go to a Fortran BLAS ``?gemm`` chosen by ``bind_gemm``, because numba's
 own ``np.dot`` is ~1.8× slower on these shapes and, through scipy's OpenBLAS,

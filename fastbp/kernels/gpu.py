@@ -4,7 +4,8 @@ The math is the one written out in ``reference.py``. Per layer, with W in
 ``nn.Linear``'s (out, in) layout, x (M, K), W (N, K)::
 
     forward     a = act(x Wᵀ + b)       one tiled GEMM; bias and activation in its epilogue
-    backward    δ = g ⊙ act'(a)         never stored: recomputed where g is loaded
+    backward    δ = g ⊙ act'(·)         never stored: recomputed where g is loaded, from
+                                        a (identity, relu, sigmoid, tanh) or z (the others)
                 ∂L/∂x = δ W             a GEMM over N whose loads of g turn into δ
                 ∂L/∂W = δᵀ x            a GEMM over the batch M, split over M when the
                 ∂L/∂b = Σ_batch δ       layer is small and the batch long; ∂b is summed
@@ -64,7 +65,7 @@ from .utils import check_one_per_layer
 # Globals a kernel reads must be tl.constexpr.
 IDENTITY, RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS, ELU = map(
     tl.constexpr, CODES
-)  # the table's order, as kernels/activations.py names them
+)  # the table's order, as fastbp/kernels/activations.py names them
 # The fused kernels take every layer's activation code packed in one constexpr int:
 # as many bits each as the table needs, so that a longer table cannot be misread.
 ACT_BITS = CODE_BITS
