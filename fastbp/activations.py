@@ -1,4 +1,4 @@
-"""The activations in torch: each entry of ``fastbp.kernels.activations``' table as
+"""The activations in torch: each entry of ``fastbp.kernels.activation_table``' table as
 torch computes it.
 
 Per activation: the native torch function (the "torch" backend), its derivative in
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .kernels import activations as table
+from .kernels import activation_table as table
 
 _SQRT_2_OVER_PI, _GELU_CUBIC = math.sqrt(2 / math.pi), 0.044715
 

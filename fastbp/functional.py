@@ -25,6 +25,7 @@ import functools
 import importlib
 import importlib.util
 import operator
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -32,7 +33,7 @@ import torch
 from . import activations as _activations
 from . import threads
 from .kernels import cpu
-from .kernels.activations import split_saved
+from .kernels.activation_table import split_saved
 from .kernels.utils import check_choice, check_one_per_layer
 
 BACKENDS = ("auto", "numba", "triton", "torch")
@@ -202,7 +203,8 @@ def _tensor(array):
     return None if array is None else torch.from_numpy(array)
 
 
-def _numpy(x: torch.Tensor):
+def numpy_view(x: torch.Tensor):
+    """``x``'s memory as a numpy array (a CPU tensor; detached if it requires grad)."""
     return (x.detach() if x.requires_grad else x).numpy()
 
 
@@ -219,7 +221,7 @@ class NumbaKernels:
     def forward(plan: Plan, x: torch.Tensor):
         """``(the last layer's output, what backward needs)``: every layer's output, kept
         as arrays, since no one but backward sees the hidden ones."""
-        x, network = _numpy(x), plan.prepared
+        x, network = numpy_view(x), plan.prepared
         outputs = threads.call(network.forward, x, parallel=network.parallel(x.shape[0]))
         return torch.from_numpy(outputs[len(plan.weights) - 1]), (x, outputs)
 
@@ -385,7 +387,7 @@ def _refuse_double_backward(always: bool = False) -> None:
         )
 
 
-def _gradients(grad_weights, grad_biases) -> list:
+def _in_params_order(grad_weights, grad_biases) -> list:
     """The gradients in the order of ``Plan.params``: weights, then present biases."""
     return [*grad_weights, *(g for g in grad_biases if g is not None)]
 
@@ -417,7 +419,7 @@ class _KernelMLP(torch.autograd.Function):
         grad_x, grad_weights, grad_biases = plan.kernels.backward(
             plan, ctx.saved, grad_output, ctx.needs_input_grad[0]
         )
-        return grad_x, None, *_gradients(grad_weights, grad_biases)
+        return grad_x, None, *_in_params_order(grad_weights, grad_biases)
 
 
 # _KernelMLP.apply without Function.apply's Python wrapper, whose functorch bookkeeping
@@ -432,10 +434,44 @@ _apply = super(torch.autograd.Function, _KernelMLP).apply
 # CPU (also for backend="triton" in the interpreter), Triton on CUDA.
 # joins the activation specs in the ops' str argument (a spec may hold commas)
 SPEC_SEPARATOR = ";"
+
+
 # The ops' recent plans: a compiled model calls them with its own parameters every
-# time, and building a plan costs as much as a small network's forward. Bounded, since
-# a plan keeps its parameters alive.
-_OP_PLANS: dict[tuple, Plan] = {}
+# time, and building a plan costs as much as a small network's forward. Bounded, and
+# holding the parameters weakly: a plan runs on detached aliases of them (the same
+# memory), so that a deleted model's weights are freed, on the GPU too.
+class _OpPlan:
+    """A cached plan and weak references to the parameters it was built for; the entry
+    leaves ``_OP_PLANS`` when one of them is freed."""
+
+    def __init__(self, key: tuple, plan: Plan, weights, biases) -> None:
+        forget = lambda _: _OP_PLANS.pop(key, None) if _OP_PLANS.get(key) is self else None  # noqa: E731
+        self.plan = plan
+        self.weights = tuple(weakref.ref(w, forget) for w in weights)
+        self.biases = tuple(None if b is None else weakref.ref(b, forget) for b in biases)
+
+    def holds(self, weights, biases) -> bool:
+        """Whether the plan runs ``weights`` and ``biases`` (None: backward, which reads
+        no bias) as they are now: the same tensors, memory and strides."""
+        plan = self.plan
+        if not plan.reusable or len(weights) != len(self.weights):
+            return False
+        if any(ref() is not w for ref, w in zip(self.weights, weights, strict=True)):
+            return False
+        params = list(weights)
+        if biases is not None:
+            for ref, bias in zip(self.biases, biases, strict=True):
+                if (ref is None) != (bias is None) or (ref is not None and ref() is not bias):
+                    return False
+            params += [b for b in biases if b is not None]
+        count = len(params)
+        return (
+            list(map(torch.Tensor.data_ptr, params)) == plan._pointers[:count]
+            and list(map(torch.Tensor.stride, params)) == plan._strides[:count]
+        )
+
+
+_OP_PLANS: dict[tuple, _OpPlan] = {}
 OP_PLANS_KEPT = 8
 
 
@@ -447,17 +483,20 @@ def _op_plan(x, weights, has_bias, activations: str, biases=None) -> Plan:
     """
     backend = "numba" if x.device.type == "cpu" else "triton"
     key = (backend, activations, *map(id, weights), *has_bias)
-    plan = _OP_PLANS.get(key)
-    if plan is not None and plan.current(weights, plan.biases if biases is None else biases):
-        return plan
+    entry = _OP_PLANS.get(key)
+    if entry is not None and entry.holds(weights, biases):
+        return entry.plan
+    known = [None] * len(weights) if biases is None else biases  # placeholders: not kept
     if biases is None:
         biases = _unread_biases(weights, has_bias)
-    plan = Plan(weights, biases, activations.split(SPEC_SEPARATOR), backend)
+    alias = lambda t: None if t is None else t.detach()  # noqa: E731
+    aliases = [alias(w) for w in weights], [alias(b) for b in biases]
+    plan = Plan(*aliases, activations.split(SPEC_SEPARATOR), backend)
     if plan.reusable:
         _OP_PLANS.pop(key, None)
         while len(_OP_PLANS) >= OP_PLANS_KEPT:
             _OP_PLANS.pop(next(iter(_OP_PLANS)))
-        _OP_PLANS[key] = plan
+        _OP_PLANS[key] = _OpPlan(key, plan, weights, known)
     return plan
 
 
@@ -467,7 +506,7 @@ def _unread_biases(weights, has_bias) -> list:
     return [w.new_empty(w.shape[0]) if has else None for w, has in pairs]
 
 
-def _mlp_forward_kernel(x, weights, biases, has_bias, activations):
+def _mlp_forward_impl(x, weights, biases, has_bias, activations):
     """``fastbp::mlp_forward``: every layer's output ``[a₁, …, a_L]``, then the z of each
     layer whose activation's derivative reads it; gradients flow from ``a_L`` only.
     ``biases`` holds the biases of the layers whose ``has_bias`` is true (op autograd
@@ -489,7 +528,7 @@ def _mlp_forward_fake(x, weights, biases, has_bias, activations):
     return [x.new_empty(x.shape[0], w.shape[0]) for w in [*weights, *kept]]
 
 
-def _mlp_backward_kernel(grad_output, x, weights, has_bias, activations, outputs, needs_input_grad):
+def _mlp_backward_impl(grad_output, x, weights, has_bias, activations, outputs, needs_input_grad):
     """``fastbp::mlp_backward``: ``(∂L/∂x, [∂L/∂Wₗ], [∂L/∂bₗ of the layers with a bias])``;
     ``∂L/∂x`` is empty unless ``needs_input_grad``."""
     op_plan = _op_plan(x, weights, has_bias, activations)
@@ -545,8 +584,8 @@ _LIBRARY.define(
     " str activations, Tensor[] outputs, bool needs_input_grad) -> (Tensor, Tensor[], Tensor[])"
 )
 for _key in ("CPU", "CUDA"):
-    _LIBRARY.impl("mlp_forward", _mlp_forward_kernel, _key)
-    _LIBRARY.impl("mlp_backward", _mlp_backward_kernel, _key)
+    _LIBRARY.impl("mlp_forward", _mlp_forward_impl, _key)
+    _LIBRARY.impl("mlp_backward", _mlp_backward_impl, _key)
 torch.library.register_fake("fastbp::mlp_forward", _mlp_forward_fake, lib=_LIBRARY)
 torch.library.register_fake("fastbp::mlp_backward", _mlp_backward_fake, lib=_LIBRARY)
 torch.library.register_autograd(
@@ -742,7 +781,7 @@ def mlp(
         biases: one (out,) tensor or None per layer.
         activations: one per layer: a name ("relu", "gelu", …), a spec with parameters
             ("leaky_relu(negative_slope=0.2)") or a torch activation module instance
-            (see ``fastbp.kernels.activations``).
+            (see ``fastbp.kernels.activation_table``).
         backend: "auto", "numba", "triton" or "torch" (see the module docstring).
 
     Returns:

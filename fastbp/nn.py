@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from . import activations as _activations
-from . import functional as F
+from . import functional
 
 # Bumped whenever a Linear's activation is set: MLP re-reads its layout then.
 _activation_edits = itertools.count()
@@ -39,11 +39,11 @@ class _Planned(nn.Module):
     """Keeps the ``functional.Plan`` of its last forward and reuses it while it holds."""
 
     def _run(self, x, weights, biases, activations) -> torch.Tensor:
-        if F.tracing():  # torch.compile, torch.export, torch.func: no memory to plan on
-            return F.mlp(x, weights, biases, activations, backend=self.backend)
+        if functional.tracing():  # torch.compile, torch.export, torch.func: no memory to plan on
+            return functional.mlp(x, weights, biases, activations, backend=self.backend)
         plan = self.__dict__.get("_plan")
         if plan is None or plan.activations != activations or not plan.current(weights, biases):
-            plan = F.plan(x, weights, biases, activations, self.backend)
+            plan = functional.plan(x, weights, biases, activations, self.backend)
             self.__dict__["_plan"] = plan
         return plan(x)
 
@@ -63,7 +63,7 @@ class Linear(_Planned):
         bias: whether the layer has a ``bias`` of shape (out_features,).
         activation: fused into the layer: a name ("relu", "gelu", …), a spec with
             parameters ("leaky_relu(negative_slope=0.2)") or a torch module instance
-            (``nn.LeakyReLU(0.2)``); see ``fastbp.kernels.activations``.
+            (``nn.LeakyReLU(0.2)``); see ``fastbp.kernels.activation_table``.
         backend: "auto", "numba", "triton" or "torch" (see ``fastbp.functional``).
 
     Inputs are ``(*, in_features)``, as for ``nn.Linear``.
@@ -84,7 +84,7 @@ class Linear(_Planned):
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         self.activation = _activations.get(activation).name
-        self.backend = F.check_backend(backend)
+        self.backend = functional.check_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         bias_ = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
@@ -99,7 +99,7 @@ class Linear(_Planned):
             value = _activations.get(value).name
             _last_edit[0] = next(_activation_edits)
         elif name == "backend":
-            value = F.check_backend(value)
+            value = functional.check_backend(value)
         super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +163,7 @@ class MLP(_Planned, nn.Sequential):
     Editing it is editing an ``nn.Sequential``: while its children are ``Linear``
     layers (fastbp's or ``torch.nn``'s), each followed by at most one activation module
     fastbp knows (``nn.ReLU``, ``nn.GELU``, ``nn.LeakyReLU(0.2)``, …: the table in
-    ``fastbp.kernels.activations``), with no hooks on them, forward
+    ``fastbp.kernels.activation_table``), with no hooks on them, forward
     runs them as one fused node; otherwise it runs the children one by one, as
     ``nn.Sequential`` does.
     """
@@ -180,7 +180,7 @@ class MLP(_Planned, nn.Sequential):
         dtype=None,
     ) -> None:
         nn.Module.__init__(self)
-        self.backend = F.check_backend(backend)
+        self.backend = functional.check_backend(backend)
         if isinstance(sizes, OrderedDict):  # nn.Sequential's form: slicing makes one
             for name, child in sizes.items():
                 self.add_module(name, child)
@@ -206,7 +206,7 @@ class MLP(_Planned, nn.Sequential):
 
     def __setattr__(self, name: str, value) -> None:
         if name == "backend":
-            value = F.check_backend(value)
+            value = functional.check_backend(value)
         super().__setattr__(name, value)
 
     @property

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import activations as _activations
-from . import functional as F
+from . import functional
 from .kernels import reference
 from .nn import MLP
 from .train import FusedTrainer
@@ -279,7 +279,7 @@ def _numpy_reference(x, weights, biases, activations, grad_output) -> Gradients:
 def _layer_by_layer(backend: str) -> Callable[..., torch.Tensor]:
     def forward(x, weights, biases, activations):
         for weight, bias, activation in zip(weights, biases, activations, strict=True):
-            x = F.linear_act(x, weight, bias, activation, backend=backend)
+            x = functional.linear_act(x, weight, bias, activation, backend=backend)
         return x
 
     return forward
@@ -287,7 +287,7 @@ def _layer_by_layer(backend: str) -> Callable[..., torch.Tensor]:
 
 def _whole_network(backend: str) -> Callable[..., torch.Tensor]:
     def forward(x, weights, biases, activations):
-        return F.mlp(x, weights, biases, activations, backend=backend)
+        return functional.mlp(x, weights, biases, activations, backend=backend)
 
     return forward
 

@@ -32,8 +32,7 @@ import torch
 from torch.optim import optimizer as _optim
 
 from . import activations as _activations
-from . import functional as F
-from . import threads
+from . import functional, threads
 from .kernels import cpu, reference
 from .kernels.utils import check_choice
 from .nn import MLP
@@ -158,7 +157,7 @@ class FusedTrainer:
         elif name == "reduction":
             value = check_choice("reduction", value, reference.REDUCTIONS)
         elif name == "backend":
-            value = F.check_backend(value)
+            value = functional.check_backend(value)
         elif name == "max_grad_norm":
             if value is not None and not (
                 isinstance(value, (int, float)) and math.isfinite(value) and value > 0
@@ -262,21 +261,21 @@ class FusedTrainer:
         plan = self._kernel and self._kernel[0]
         unchanged = plan and plan.activations == activations and plan.current(weights, biases)
         if not (unchanged and x.__class__ is torch.Tensor and x.dim() == 2 and plan.fits(x)):
-            x = F.check_tensor("x", x, 2)  # the layout or x changed: every check
-            F.check_network(x, weights, biases, activations)
+            x = functional.check_tensor("x", x, 2)  # the layout or x changed: every check
+            functional.check_network(x, weights, biases, activations)
         if custom:
             if x.shape[0] == 0:
                 raise ValueError("x must hold at least one sample, got a batch of 0")
         else:
             self._check_target(x, targets[0], weights[-1].shape[0])
-        backend = F.resolve_backend(self.backend, x)
+        backend = functional.resolve_backend(self.backend, x)
         if backend == "numba":
             self._check_step_hooks()
             return self._numba_step(x, targets, weights, biases, activations, unchanged)
         self._check_groups()
         if self.loss == "cross_entropy":
             _check_class_range(targets[0], weights[-1].shape[0])
-        kernels = F.KERNELS.get(backend)
+        kernels = functional.KERNELS.get(backend)
         return self._torch_step(x, targets, weights, biases, activations, kernels)
 
     def _check_target(self, x: torch.Tensor, y, classes: int) -> None:
@@ -292,18 +291,18 @@ class FusedTrainer:
             if y.dtype != torch.int64 or y.shape != (batch,):
                 raise TypeError(
                     f"y must be int64 class indices of shape ({batch},) for cross_entropy, "
-                    f"got {F.describe(y)}"
+                    f"got {functional.describe(y)}"
                 )
         elif y.shape != (batch, classes) or y.dtype != x.dtype:
             raise ValueError(
                 f"y must have shape ({batch}, {classes}) and dtype {x.dtype} for {self.loss}, "
-                f"got {F.describe(y)}"
+                f"got {functional.describe(y)}"
             )
 
     def _numba_step(self, x, targets, weights, biases, activations, unchanged) -> torch.Tensor:
         custom = callable(self.loss)
         if not unchanged:
-            plan = F.plan(x, weights, biases, activations, "numba")
+            plan = functional.plan(x, weights, biases, activations, "numba")
             loss = None if custom else self.loss  # None: the gradient is given
             kernel = cpu.TrainStep(plan.prepared, loss, self.reduction, self._rule)
             self._kernel, self._binding = (plan, kernel), None
@@ -319,13 +318,13 @@ class FusedTrainer:
             hyper = binding.hyper()
         parallel = plan.prepared.parallel(x.shape[0], updates=True)
         if custom:
-            output = threads.call(kernel.forward, _numpy(x), parallel=parallel)
+            output = threads.call(kernel.forward, functional.numpy_view(x), parallel=parallel)
             value, y = self._callable_loss(torch.from_numpy(output), targets)
             y = y.numpy()
         else:
-            y = _numpy(targets[0])
+            y = functional.numpy_view(targets[0])
         result = threads.call(
-            kernel, _numpy(x), y, binding.arrays, hyper, binding.fresh,
+            kernel, functional.numpy_view(x), y, binding.arrays, hyper, binding.fresh,
             self.max_grad_norm or 0.0, parallel=parallel,
         )  # fmt: skip
         binding.stepped()
@@ -339,9 +338,9 @@ class FusedTrainer:
         """The step in torch ops, or with ``kernels``' forward and backward (Triton's,
         ``functional.KERNELS``) around the torch loss gradient; the optimizer updates."""
         if kernels is None:
-            outputs = F.torch_forward(x, weights, biases, activations, keep=True)
+            outputs = functional.torch_forward(x, weights, biases, activations, keep=True)
         else:
-            plan = F.Plan(weights, biases, activations, "triton")
+            plan = functional.Plan(weights, biases, activations, "triton")
             saved = kernels.forward(plan, x)[1]
             outputs = kernels.outputs(saved)
         output = outputs[len(weights) - 1]
@@ -495,10 +494,6 @@ def _numpy_dtype(dtype: torch.dtype):
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
-def _numpy(tensor: torch.Tensor):
-    return (tensor.detach() if tensor.requires_grad else tensor).numpy()
-
-
 def _flat(tensor: torch.Tensor):
     return tensor.detach().view(-1).numpy()
 
@@ -549,7 +544,7 @@ def _check_loss_graph(value, output: torch.Tensor, model) -> None:
         raise TypeError(f"loss must return a scalar tensor, got {type(value).__name__}")
     if value.numel() != 1:
         raise ValueError(
-            f"loss must return a scalar tensor, got {F.describe(value)}: reduce it "
+            f"loss must return a scalar tensor, got {functional.describe(value)}: reduce it "
             "(for example with .mean() or .sum())"
         )
     leaves = _graph_leaves(value)
@@ -571,7 +566,7 @@ def _check_loss_graph(value, output: torch.Tensor, model) -> None:
             )
         raise ValueError(
             f"loss reaches a tensor that requires grad besides the output "
-            f"({F.describe(leaf)}): its gradient would be dropped. Detach it, or train "
+            f"({functional.describe(leaf)}): its gradient would be dropped. Detach it, or train "
             "it with the torch loop"
         )
 
@@ -597,7 +592,7 @@ def _torch_backward(g, x, weights, biases, activations, saved):
     """``([∂L/∂Wₗ], [∂L/∂bₗ or None])`` in torch ops, as ``reference.mlp_backward``, from
     what ``torch_forward(..., keep=True)`` returned."""
     grad_weights, grad_biases = [None] * len(weights), [None] * len(weights)
-    layers = F.saved_layers(saved, activations)
+    layers = functional.saved_layers(saved, activations)
     for layer in reversed(range(len(weights))):
         a, z = layers[layer]
         delta = _activations.get(activations[layer]).grad(g, a, z)

@@ -11,7 +11,7 @@ plus 4 units in the last place of the largest reference value
 import pytest
 import torch
 
-from fastbp.kernels.activations import TABLE
+from fastbp.kernels.activation_table import TABLE
 from fastbp.registry import entries
 
 from .conftest import assert_as_accurate_as_torch

@@ -14,7 +14,7 @@ from torch import nn
 
 import fastbp
 from fastbp import activations as torch_activations
-from fastbp.kernels import activations, cpu, reference
+from fastbp.kernels import activation_table, cpu, reference
 from fastbp.train import FusedTrainer
 
 from .conftest import assert_as_accurate_as_torch, assert_no_less_accurate
@@ -42,9 +42,9 @@ ENTRIES = [("fastbp", "cpu"), pytest.param(("fastbp", "cuda"), marks=needs_trito
 
 
 def test_the_table_covers_every_activation_in_every_backend():
-    assert set(torch_activations.IN_TORCH) == set(activations.NAMES)
-    assert (len(activations.TABLE) - 1).bit_length() == activations.CODE_BITS
-    reads = {a.name for a in activations.TABLE if a.reads_input}
+    assert set(torch_activations.IN_TORCH) == set(activation_table.NAMES)
+    assert (len(activation_table.TABLE) - 1).bit_length() == activation_table.CODE_BITS
+    reads = {a.name for a in activation_table.TABLE if a.reads_input}
     assert reads == {"leaky_relu", "gelu", "gelu_tanh", "silu", "softplus", "elu"}
 
 
@@ -177,8 +177,8 @@ def test_elus_derivative_at_nan_is_nan_as_in_torchs_vectorized_loop(backend):
 
 
 def test_spec_strings_are_canonical():
-    assert activations.parse("elu(alpha=1.0)").spec == "elu"  # torch's default: the name
-    assert activations.parse(" softplus( threshold=4 ) ").spec == (
+    assert activation_table.parse("elu(alpha=1.0)").spec == "elu"  # torch's default: the name
+    assert activation_table.parse(" softplus( threshold=4 ) ").spec == (
         "softplus(beta=1.0, threshold=4.0)"
     )
     layer = fastbp.nn.Linear(3, 2, activation=nn.LeakyReLU(0.25))

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from fastbp.kernels import activation_table, cpu, reference
+
 RUN_KERNELS = """
 import sys
 import numpy as np
@@ -58,3 +60,17 @@ def test_kernel_compiled_from_cached_parts_loads_again(tmp_path):
 def test_cache_is_shared_by_both_gemm_bindings(tmp_path, first, then):
     _run_kernels(tmp_path, [3, 5, 2], first)
     _run_kernels(tmp_path, [3, 5, 2], then)
+
+
+@pytest.mark.parametrize(
+    "kind, names",
+    [("activation", activation_table.NAMES), ("loss", reference.LOSSES),
+     ("reduction", reference.REDUCTIONS), ("optimizer", reference.OPTIMIZERS)],
+)  # fmt: skip
+def test_the_cached_kernels_codes_are_held_to_the_tables(kind, names):
+    """cpu.py's codes are literals (numba's cache sees that file only); a table
+    reordered without them must stop the import, not run stale kernels."""
+    cpu.check_codes({kind: names})
+    reordered = (names[1], names[0], *names[2:])
+    with pytest.raises(AssertionError, match=f"{kind} codes .* are not the table's order"):
+        cpu.check_codes({kind: reordered})

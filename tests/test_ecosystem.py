@@ -331,3 +331,23 @@ def test_results_are_bit_identical_across_runs_and_thread_counts_with_reproducib
         pytest.skip(f"thread-count independence needs torch's MKL; here: {reproducible}")
     assert _determinism_run(1)[0] == first
     assert _determinism_run(4)[0] == first
+
+
+def test_the_ops_plan_cache_frees_a_deleted_models_parameters():
+    """The custom ops keep recent plans (a compiled model calls them every step), but
+    never a deleted model's weights alive."""
+    import gc
+    import weakref
+
+    model = fastbp.nn.MLP([6, 5, 3])
+    x = torch.randn(4, 6, requires_grad=True)
+    weights, biases = [m.weight for m in model.linears], [m.bias for m in model.linears]
+    output = F.custom_op_mlp(x, weights, biases, ["relu", "identity"])
+    output.sum().backward()  # the forward's plan, reused by backward
+    assert any(entry.plan.weights[0].data_ptr() == weights[0].data_ptr()
+               for entry in F._OP_PLANS.values())  # fmt: skip
+    freed = [weakref.ref(p) for p in model.parameters()]
+    del model, weights, biases, output
+    gc.collect()
+    assert all(ref() is None for ref in freed)
+    assert not any(entry.weights[0]() is None for entry in F._OP_PLANS.values())

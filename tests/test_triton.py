@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastbp import functional as F
-from fastbp.kernels.activations import NAMES
+from fastbp.kernels.activation_table import NAMES
 
 from .conftest import (
     assert_as_accurate_as_torch,

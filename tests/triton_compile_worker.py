@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from fastbp.kernels import activations  # noqa: E402
+from fastbp.kernels import activation_table  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_MULTIPROCESSORS = 132
@@ -168,7 +168,7 @@ def _check_coverage(gpu, launched) -> None:
         f"launched but not in gpu.py: {sorted(set(launched) - defined)}"
     )
     dtypes = {str(d).removeprefix("torch.") + ("+tf32" if t else "") for d, t in DTYPES}
-    every = set(range(len(activations.TABLE)))
+    every = set(range(len(activation_table.TABLE)))
     for name, by_dtype in launched.items():
         assert set(by_dtype) == dtypes, f"{name} compiled for {sorted(by_dtype)} only"
         for dtype, codes in by_dtype.items():

@@ -84,24 +84,44 @@ from numba.core import cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import get_cython_function_address, intrinsic, overload
 
-# The kernels switch on each layer's row (code, p₀, p₁) of an activations array.
-from .activations import (
-    ELU,
-    GELU,
-    GELU_TANH,
-    IDENTITY,
-    LEAKY_RELU,
-    MAX_PARAMETERS,
-    RELU,
-    SIGMOID,
-    SILU,
-    SOFTPLUS,
-    TANH,
-    parse,
-    split_saved,
-)
+from .activation_table import MAX_PARAMETERS, NAMES, parse, split_saved
 from .reference import LOSSES, OPTIMIZERS, REDUCTIONS
 from .utils import check_choice, check_one_per_layer
+
+# The codes the cached kernels switch on, as literals of this file: numba's on-disk
+# cache keys a kernel on this file alone, so codes imported from another module could
+# change under kernels compiled with the old ones. check_codes holds them to the tables.
+# Activations, as a layer's row (code, p₀, p₁) of an activations array carries them:
+IDENTITY, RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS, ELU = range(10)
+MSE, CROSS_ENTROPY, BCE_WITH_LOGITS = range(3)  # reference.LOSSES
+# The step of a loss written in torch: TrainStep.forward ran, targets holds ∂L/∂ŷ.
+GIVEN_GRADIENT = 3
+MEAN, SUM = range(2)  # reference.REDUCTIONS
+SGD, ADAM, ADAMW = range(3)  # reference.OPTIMIZERS
+_CODES = {
+    "activation": {"identity": IDENTITY, "relu": RELU, "sigmoid": SIGMOID, "tanh": TANH,
+                   "leaky_relu": LEAKY_RELU, "gelu": GELU, "gelu_tanh": GELU_TANH,
+                   "silu": SILU, "softplus": SOFTPLUS, "elu": ELU},
+    "loss": {"mse": MSE, "cross_entropy": CROSS_ENTROPY, "bce_with_logits": BCE_WITH_LOGITS},
+    "reduction": {"mean": MEAN, "sum": SUM},
+    "optimizer": {"sgd": SGD, "adam": ADAM, "adamw": ADAMW},
+}  # fmt: skip
+
+
+def check_codes(tables: dict[str, tuple[str, ...]]) -> None:
+    """Each kind's literal codes above are the positions of its names in ``tables``
+    (kind: the table's names, in order); an ``AssertionError`` naming the kind if not."""
+    for kind, names in tables.items():
+        positions = {name: index for index, name in enumerate(names)}
+        if _CODES[kind] != positions:
+            raise AssertionError(
+                f"fastbp/kernels/cpu.py's {kind} codes {_CODES[kind]} are not the table's "
+                f"order {names}: cached kernels would run the wrong {kind}; update the literals"
+            )
+
+
+check_codes({"activation": NAMES, "loss": LOSSES, "reduction": REDUCTIONS,
+             "optimizer": OPTIMIZERS})  # fmt: skip
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # A layer without bias gets an empty bias array: one shared per dtype, as it holds nothing.
@@ -1093,13 +1113,8 @@ def _mlp_backward(
 # ---------------------------------------------------------------------------
 # The training step: forward, loss gradient, backward and update in one call
 # ---------------------------------------------------------------------------
-MSE, CROSS_ENTROPY, BCE_WITH_LOGITS = range(3)
-# The step of a loss written in torch: TrainStep.forward ran, targets holds ∂L/∂ŷ.
-GIVEN_GRADIENT = 3
-SGD, ADAM, ADAMW = range(3)
 # A parameter's row of the ``hyper`` array every update reads.
 LR, MOMENTUM, WEIGHT_DECAY, BETA1, BETA2, EPS = range(6)
-HYPERPARAMETERS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps")
 
 
 @kernel
@@ -1693,7 +1708,7 @@ class TrainStep:
             raise ValueError(f"{network.copies[0]} must be C-contiguous to be updated in place")
         self.network = network
         self.loss = GIVEN_GRADIENT if loss is None else _code("loss", loss, LOSSES)
-        self.scale_by_mean = _code("reduction", reduction, REDUCTIONS) == 0
+        self.scale_by_mean = _code("reduction", reduction, REDUCTIONS) == MEAN
         self.rule = _code("optimizer", optimizer, OPTIMIZERS)
         first_param, sizes = [], []
         for weight, bias in zip(network.weights, network.biases, strict=True):

@@ -59,13 +59,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import CODE_BITS, CODES, parse, split_saved
+from .activation_table import CODE_BITS, CODES, parse, split_saved
 from .utils import check_one_per_layer
 
 # Globals a kernel reads must be tl.constexpr.
 IDENTITY, RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS, ELU = map(
     tl.constexpr, CODES
-)  # the table's order, as fastbp/kernels/activations.py names them
+)  # the table's order, as fastbp/kernels/activation_table.py names them
 # The fused kernels take every layer's activation code packed in one constexpr int:
 # as many bits each as the table needs, so that a longer table cannot be misread.
 ACT_BITS = CODE_BITS
@@ -976,22 +976,3 @@ def _launch_grad_weight(g, saved, x, acc, precision, blocks: Blocks):
         enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return _views(_reduced(partials, x.dtype), 0, N, K)
-
-
-def linear_act_forward(x, weight, bias, activation, *, tf32=False, fused=None) -> torch.Tensor:
-    """``act(x Wᵀ + b)`` (see ``reference.linear_act_forward``)."""
-    return mlp_forward(x, [weight], [bias], [activation], tf32=tf32, fused=fused)[0]
-
-
-def linear_act_backward(
-    g, x, weight, a, activation, has_bias=True, needs_input_grad=True, *, tf32=False,
-    fused=None, z=None,
-):  # fmt: skip
-    """``(∂L/∂x, ∂L/∂W, ∂L/∂b)`` of one layer (see ``reference.linear_act_backward``);
-    ``z`` where the activation's derivative reads it."""
-    saved = [a] if z is None else [a, z]
-    grad_x, (grad_weight,), (grad_bias,) = mlp_backward(
-        g, x, [weight], [weight if has_bias else None], [activation], saved, needs_input_grad,
-        tf32=tf32, fused=fused,
-    )  # fmt: skip
-    return grad_x, grad_weight, grad_bias

@@ -104,7 +104,7 @@ import math
 import numpy as np
 from scipy import special
 
-from .activations import NAMES, parse
+from .activation_table import NAMES, parse
 from .utils import check_choice
 
 ACTIVATIONS = NAMES  # every activation's name (specs add parameters: activations.py)
