@@ -261,7 +261,7 @@ class FusedTrainer:
         plan = self._kernel and self._kernel[0]
         unchanged = plan and plan.activations == activations and plan.current(weights, biases)
         if not (unchanged and x.__class__ is torch.Tensor and x.dim() == 2 and plan.fits(x)):
-            x = functional.check_tensor("x", x, 2)  # the layout or x changed: every check
+            x = _check_input(x, weights[0].shape[1])  # the layout or x changed: every check
             functional.check_network(x, weights, biases, activations)
         if custom:
             if x.shape[0] == 0:
@@ -504,6 +504,18 @@ _GROUP_KEYS = {
     "adam": ("lr", "betas", "eps", "weight_decay", *_UNSUPPORTED["adam"]),
 }
 _GROUP_KEYS["adamw"] = _GROUP_KEYS["adam"]
+
+
+def _check_input(x, in_features: int) -> torch.Tensor:
+    """``x`` if it is a floating-point ``(batch, in_features)`` tensor (dtype and device
+    are checked against the parameters next); an error naming x otherwise."""
+    x = functional.check_tensor("x", x, None)
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(
+            f"x must have shape (batch, {in_features}) for the model's {in_features} input "
+            f"features, got {functional.describe(x)}"
+        )
+    return x
 
 
 def _check_group(optimizer, index: int, rule: str) -> None:

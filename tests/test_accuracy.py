@@ -14,7 +14,7 @@ import torch
 from fastbp.kernels.activation_table import TABLE
 from fastbp.registry import entries
 
-from .conftest import assert_as_accurate_as_torch
+from .helpers import assert_as_accurate_as_torch
 
 NETWORKS = [
     [1, 1],

@@ -17,7 +17,7 @@ from fastbp import activations as torch_activations
 from fastbp.kernels import activation_table, cpu, reference
 from fastbp.train import FusedTrainer
 
-from .conftest import assert_as_accurate_as_torch, assert_no_less_accurate
+from .helpers import assert_as_accurate_as_torch, assert_no_less_accurate
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None,

@@ -15,7 +15,7 @@ from benchmarks import gpu_report
 from fastbp import bench
 from fastbp.registry import REGISTRY, WORKLOADS, check_step
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import fastbp
 from fastbp.registry import huber_loss, ppo_loss
 from fastbp.train import FusedTrainer
 
-from .conftest import assert_no_less_accurate
+from .helpers import assert_no_less_accurate
 
 
 def weighted_mse(output, y, weights):

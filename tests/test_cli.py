@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 
 def test_info_reports_versions_policy_and_backends():

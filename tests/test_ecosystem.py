@@ -17,9 +17,8 @@ from torch.library import opcheck
 import fastbp
 from fastbp import functional as F
 
-from .conftest import make_network
+from .helpers import make_network, needs_cuda
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None,
     reason="Triton is not installed (pip install -e '.[test]' on Linux x86-64)",

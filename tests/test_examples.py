@@ -13,7 +13,7 @@ import torch
 
 from fastbp import cli, examples
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 
 @pytest.fixture(scope="module")

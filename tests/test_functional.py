@@ -11,7 +11,7 @@ from fastbp import functional as F
 from fastbp.kernels.reference import ACTIVATIONS
 from fastbp.nn import MLP
 
-from .conftest import make_network
+from .helpers import make_network
 
 
 def _leaves(tensors):

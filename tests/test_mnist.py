@@ -23,7 +23,7 @@ import pytest
 
 from fastbp.data import mnist
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 REAL_DATA = Path(
     os.environ.get("FASTBP_MNIST_DIR", Path(__file__).parents[2] / "shared/data/mnist")

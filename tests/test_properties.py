@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from fastbp import functional as F
 from fastbp.kernels import cpu, reference
 
-from .conftest import ACTIVATIONS, error_scales
+from .helpers import ACTIVATIONS, error_scales
 
-# The activations conftest.error_scales models (derivatives of the output); the others
+# The activations helpers.error_scales models (derivatives of the output); the others
 # are judged against torch in test_activations.py.
 MODELLED = tuple(ACTIVATIONS)
 
@@ -39,7 +39,7 @@ def _forward_and_gradients(module, x, weights, biases, activations, g) -> list[n
 def _check_against_reference(sizes, batch, activation, bias, dtype, seed):
     """fastbp's error against an extended-precision run is at most twice the
     numpy reference's own error in the same dtype, plus 4 ulp of each element's
-    error scale (``conftest.error_scales``: what the sums' rounding and the
+    error scale (``helpers.error_scales``: what the sums' rounding and the
     activations' derivatives make of the roundoff): a result that cancels to near
     zero is judged by the size of what cancelled, and no more."""
     rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ import torch
 from fastbp.kernels import reference
 from fastbp.registry import REGISTRY
 
-from .conftest import make_network, max_abs_error
+from .helpers import make_network, max_abs_error
 
 SHAPES = [[1, 1], [3, 5], [7, 4, 2], [20, 13, 8, 3]]
 

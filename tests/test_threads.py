@@ -14,7 +14,7 @@ import torch
 import fastbp
 from fastbp import threads
 
-from .conftest import run_python
+from .helpers import run_python
 
 # A user's program: numpy work, then fastbp's forward, backward and a FusedTrainer step,
 # then the same numpy work. Prints what the process's settings were before and after.

@@ -15,7 +15,7 @@ from fastbp.kernels import cpu, reference
 from fastbp.registry import TORCH_LOSSES, WORKLOADS, check_step, entries
 from fastbp.train import TORCH_OPTIMIZERS, FusedTrainer
 
-from .conftest import assert_matches_published, assert_no_less_accurate
+from .helpers import assert_matches_published, assert_no_less_accurate
 
 OPTIMIZERS = {
     "sgd": {},
@@ -566,3 +566,19 @@ def test_the_kernel_refuses_state_arrays_its_rule_would_read_past():
     with pytest.raises(ValueError, match="parameter 0's update reads a momentum buffer of 12"):
         step(np.ones((2, 4)), np.ones((2, 2)), bound, hyper, np.zeros(3, bool))
     assert np.all(weights[0] == 1)
+
+
+@pytest.mark.parametrize(
+    "x, error, words",
+    [
+        (torch.zeros(4, 5), ValueError, r"x must have shape \(batch, 3\) for the model's 3 input"),
+        (torch.zeros(4), ValueError, r"x must have shape \(batch, 3\).*got shape \(4,\)"),
+        (torch.zeros(4, 3, dtype=torch.int64), TypeError, "x must be a floating-point tensor"),
+        ([[0.0] * 3] * 4, TypeError, "x must be a torch.Tensor, got list"),
+    ],
+    ids=["width", "1-D", "int64", "list"],
+)
+def test_a_bad_x_is_named_as_the_input(x, error, words):
+    model, _, _ = _problem([3, 2], 4, "mse", torch.float32)
+    with pytest.raises(error, match=words):
+        FusedTrainer(model).step(x, torch.zeros(4, 2))

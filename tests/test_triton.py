@@ -19,12 +19,13 @@ import torch
 from fastbp import functional as F
 from fastbp.kernels.activation_table import NAMES
 
-from .conftest import (
+from .helpers import (
     assert_as_accurate_as_torch,
     higher_precision,
     make_network,
     max_abs_error,
     named_results,
+    needs_cuda,
     run_python,
     sm90_compile,
     torch_gradients,
@@ -45,7 +46,6 @@ ACTIVATIONS = [NAMES[code] for code in gpu.FUSED_ACTIVATIONS]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none on this machine")
 
 
 @triton.jit
