@@ -21,7 +21,7 @@ def info(_: argparse.Namespace) -> int:
 
     import fastbp
     from fastbp import functional, threads
-    from fastbp.kernels import cpu
+    from fastbp.kernels import cpu_jit
 
     rows = [
         ("fastbp", fastbp.__version__),
@@ -29,7 +29,7 @@ def info(_: argparse.Namespace) -> int:
         ("backends", ", ".join(functional.BACKENDS)),
         ("thread policy", ", ".join(f"{k}={v}" for k, v in threads.describe().items())),
         ("process settings changed", _changes(threads.changes()) or "none"),
-        ("numba cache", numba.config.CACHE_DIR or f"beside the sources ({cpu.__file__})"),
+        ("numba cache", numba.config.CACHE_DIR or f"beside the sources ({cpu_jit.__file__})"),
         ("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
     ]
     width = max(len(name) for name, _ in rows)

@@ -53,7 +53,7 @@ import numba
 import torch
 from threadpoolctl import ThreadpoolController
 
-from .kernels import cpu
+from .kernels import cpu_jit
 from .kernels.utils import check_choice
 
 GEMMS = ("torch", "scipy")  # FASTBP_GEMM's values
@@ -88,10 +88,10 @@ def _torch_cpu_library() -> str:
 
 def _bind_gemm(requested: str) -> str:
     """Bind the kernels' GEMM to torch's BLAS where it exports one; the provider."""
-    addresses = cpu.gemm_address_from_library(_torch_cpu_library())
+    addresses = cpu_jit.gemm_address_from_library(_torch_cpu_library())
     if requested == "torch" and addresses is not None:
-        cpu.bind_gemm("torch-blas", *addresses)
-    return cpu.gemm_provider()
+        cpu_jit.bind_gemm("torch-blas", *addresses)
+    return cpu_jit.gemm_provider()
 
 
 def _start_numba_pool() -> str:
@@ -102,7 +102,7 @@ def _start_numba_pool() -> str:
     ``torch.set_num_threads(1)`` became 2 at fastbp's first call until this restored it.
     """
     torch_threads = torch.get_num_threads()
-    layer = cpu.start_thread_pool()
+    layer = cpu_jit.start_thread_pool()
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     return layer
@@ -151,7 +151,7 @@ class _Policy:
 
     def __init__(self) -> None:
         self.on = _policy_on()
-        self.gemm = _bind_gemm(_requested_gemm()) if self.on else cpu.gemm_provider()
+        self.gemm = _bind_gemm(_requested_gemm()) if self.on else cpu_jit.gemm_provider()
         self.layer = _start_numba_pool()
         self.get_threads, self.set_threads = _numba_thread_functions()
         self.most_threads = numba.config.NUMBA_NUM_THREADS

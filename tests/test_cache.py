@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fastbp.kernels import activation_table, cpu, reference
+from fastbp.kernels import activation_table, cpu_jit, reference
 
 RUN_KERNELS = """
 import sys
@@ -68,9 +68,9 @@ def test_cache_is_shared_by_both_gemm_bindings(tmp_path, first, then):
      ("reduction", reference.REDUCTIONS), ("optimizer", reference.OPTIMIZERS)],
 )  # fmt: skip
 def test_the_cached_kernels_codes_are_held_to_the_tables(kind, names):
-    """cpu.py's codes are literals (numba's cache sees that file only); a table
+    """cpu_jit.py's codes are literals (numba's cache sees that file only); a table
     reordered without them must stop the import, not run stale kernels."""
-    cpu.check_codes({kind: names})
+    cpu_jit.check_codes({kind: names})
     reordered = (names[1], names[0], *names[2:])
     with pytest.raises(AssertionError, match=f"{kind} codes .* are not the table's order"):
-        cpu.check_codes({kind: reordered})
+        cpu_jit.check_codes({kind: reordered})

@@ -1,5 +1,5 @@
 """The numba kernels' own exp, sigmoid and tanh, and expm1, log1p and the normal CDF
-(``fastbp/kernels/cpu.py``), written so that LLVM vectorizes them: error over the whole input
+(``fastbp/kernels/cpu_jit.py``), written so that LLVM vectorizes them: error over the whole input
 range against a wider float (no worse than torch's own functions, or within the ulps
 their comments state), torch's results for every special value, and the normal CDF's
 coefficients reproduced by the fit that made them (``tools/fit_erfc.py``)."""
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastbp.kernels import cpu
+from fastbp.kernels import cpu, cpu_jit
 
 DTYPES = [np.float32, np.float64]
 TORCH = {"exp": torch.exp, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -26,7 +26,7 @@ SPECIAL = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30, 5e-324, 89.0, 710.
 @numba.njit(error_model="numpy")
 def _exp(x, out):
     for i in range(x.shape[0]):
-        out[i] = cpu.exp(x[i])
+        out[i] = cpu_jit.exp(x[i])
 
 
 def _ours(name: str, x: np.ndarray) -> np.ndarray:
@@ -111,7 +111,7 @@ def test_derivatives_match_torchs_backward(name, dtype):
 @numba.njit(error_model="numpy")
 def _sigmoid_then_tanh(x, out):
     for i in range(x.shape[0]):
-        out[i] = cpu.tanh(cpu.sigmoid(x[i]))
+        out[i] = cpu_jit.tanh(cpu_jit.sigmoid(x[i]))
 
 
 def test_the_functions_compile_to_vector_code_without_libm_calls():
@@ -128,11 +128,11 @@ def test_the_functions_compile_to_vector_code_without_libm_calls():
 def _helpers(x, out, which):
     for i in range(x.shape[0]):
         if which == 0:
-            out[i] = cpu.expm1_nonpositive(x[i])
+            out[i] = cpu_jit.expm1_nonpositive(x[i])
         elif which == 1:
-            out[i] = cpu.log1p_unit(x[i])
+            out[i] = cpu_jit.log1p_unit(x[i])
         else:
-            out[i] = cpu.normal_cdf(x[i])[0]
+            out[i] = cpu_jit.normal_cdf(x[i])[0]
 
 
 def _normal_cdf_truth(x: np.ndarray) -> np.ndarray:
@@ -200,24 +200,24 @@ def test_the_helpers_special_values(dtype):
 
 
 def test_the_normal_cdfs_coefficients_are_the_fits_output():
-    """``fastbp/kernels/cpu.py`` holds what ``tools/fit_erfc.py`` prints (to an ulp of the
+    """``fastbp/kernels/cpu_jit.py`` holds what ``tools/fit_erfc.py`` prints (to an ulp of the
     largest coefficient, in case another mpmath rounds its 40 digits differently)."""
     path = Path(__file__).parents[1] / "tools" / "fit_erfc.py"
     spec = importlib.util.spec_from_file_location("fit_erfc", path)
     fit_erfc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fit_erfc)
     for name, (p, fit) in fit_erfc.fits().items():
-        np.testing.assert_allclose(getattr(cpu, f"_{name}_FIT")[1:], fit[:2], rtol=1e-15)
-        assert getattr(cpu, f"_{name}_FIT")[0] == p, name
-        ours = np.array(getattr(cpu, f"_{name.lower()}").coefficients)
+        np.testing.assert_allclose(getattr(cpu_jit, f"_{name}_FIT")[1:], fit[:2], rtol=1e-15)
+        assert getattr(cpu_jit, f"_{name}_FIT")[0] == p, name
+        ours = np.array(getattr(cpu_jit, f"_{name.lower()}").coefficients)
         np.testing.assert_allclose(ours, fit.coefficients, rtol=0, atol=np.spacing(abs(ours).max()))
 
 
 @numba.njit(error_model="numpy")
 def _every_helper(x, out):
     for i in range(x.shape[0]):
-        cdf, gaussian = cpu.normal_cdf(x[i])
-        out[i] = cpu.expm1_nonpositive(x[i]) + cpu.log1p_unit(gaussian) + cdf
+        cdf, gaussian = cpu_jit.normal_cdf(x[i])
+        out[i] = cpu_jit.expm1_nonpositive(x[i]) + cpu_jit.log1p_unit(gaussian) + cdf
 
 
 def test_the_helpers_compile_to_vector_code_without_libm_calls():

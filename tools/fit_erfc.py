@@ -1,6 +1,6 @@
 """Fit the polynomials of the CPU kernels' normal CDF Φ (GELU's factor), and print them.
 
-``fastbp/kernels/cpu.py`` computes Φ(z) from u = |z|/√2 in two pieces (its "Elementary
+``fastbp/kernels/cpu_jit.py`` computes Φ(z) from u = |z|/√2 in two pieces (its "Elementary
 functions" note has the math); the coefficients in it are this script's output::
 
     python tools/fit_erfc.py
@@ -10,7 +10,7 @@ bounded function, in a variable w ∈ [−1, 1] so that Horner's rule on it is w
 conditioned; its coefficients are rounded to float64 once, here. The degrees are the
 lowest whose float64 (or float32) evaluation stays within about an ulp of the truth,
 measured by ``tests/test_cpu_math.py``. ``tests/test_cpu_math.py`` also re-runs this
-fit and checks the coefficients in ``cpu.py`` are its output.
+fit and checks the coefficients in ``cpu_jit.py`` are its output.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 An entry names an activation, its parameters with torch's defaults, and what its
 derivative is computed from. Each backend writes the function and its derivative
 once, switching on the entry's ``code`` (its index here): ``reference.py`` in numpy
-(with the derivations), ``cpu.py`` in numba, ``gpu.py`` in Triton, and
+(with the derivations), ``cpu_jit.py`` in numba, ``gpu.py`` in Triton, and
 ``fastbp/activations.py`` in torch ops with the ``torch.nn`` module that stands for
 it. Adding an activation is one entry here and one branch in each of those.
 

@@ -1,0 +1,1377 @@
+r"""CPU kernels: the reference's forward and backward, jitted with numba and fused.
+
+The math is the one written out in ``reference.py``; this file only changes how
+it is computed. Per layer, with W in ``nn.Linear``'s (out, in) layout::
+
+    forward     z = x Wᵀ + b        one GEMM into rows that hold b (beta = 1: one
+                                    rounding, as torch's addmm)
+                a = act(z)          one pass, out of place: z is kept where backward
+                                    reads it, else it lives in a scratch buffer
+    backward    δ = g ⊙ act'(·)     one pass into a δ buffer that also sums
+                                    ∂L/∂b = Σ_batch δ; act' reads a (identity, relu,
+                                    sigmoid, tanh) or z (the other six)
+                ∂L/∂W = δᵀ x        one GEMM
+                ∂L/∂x = δ W         one GEMM, skipped when x needs no gradient
+
+A whole network runs every layer in one call: ``mlp_forward`` keeps each layer's
+output, and z where the derivative reads it (backward's only saved state);
+``mlp_backward`` writes ``∂L/∂aₗ₋₁ = δₗ Wₗ`` into a second workspace, which layer
+l−1's pass reads to write its own δ.
+
+GEMMs go to a Fortran BLAS ``?gemm`` chosen by ``bind_gemm``, because numba's
+own ``np.dot`` is ~1.8× slower on these shapes and, through scipy's OpenBLAS,
+brings a thread pool that fights torch's. Its address is an argument of every
+kernel, never a constant or a linked symbol, so a ``cache=True`` kernel compiled
+in a process that used one BLAS runs safely in a process that uses another.
+Every kernel here compiles on first use, never at import.
+
+Every jitted function of the CPU kernels lives in this one file: numba's on-disk
+cache keys a kernel on its own file's timestamp, so a helper inlined from another
+module could change without the cached kernels noticing. Their launchers, which
+check what numba would not (shapes: it does not check bounds), are ``cpu.py``.
+
+Elementary functions
+====================
+numba compiles ``np.exp`` and ``np.tanh`` to one libm call per element (no SVML
+with the llvmlite wheels), and a loop that calls a function is not vectorized: a
+tanh pass ran 5x slower than torch's. ``exp``, ``sigmoid`` and ``tanh`` below are
+the same functions in plain arithmetic, with no call and no branch:
+
+- eˣ: write x = n·ln 2 + r with n an integer and |r| ≤ ln 2/2, so eˣ = 2ⁿ·eʳ.
+  n = round(x/ln 2) by adding 1.5·2ᵖ (p = 23, or 52), which leaves n in the low bits
+  of the sum's pattern (AVX2 has no float64→int conversion); r = x − n·ln 2 with
+  ln 2 split in a head exact in n·head and a tail (Cody and Waite), keeping what
+  rounding r loses; eʳ = (1 + r) + (r_tail + r²·P(r)), the small part added last so
+  that it rounds once, with Sleef's float32 polynomial or Taylor to degree 13 for
+  float64; 2ⁿ from bit patterns, as two normal factors applied one after the other,
+  so that subnormal, overflowing and underflowing results round once, as IEEE's.
+  x is clamped first so that n fits; NaN passes every step.
+- σ(z) = 1/(1 + e⁻ᶻ), as torch computes it: e⁻ᶻ = inf gives 0, e⁻ᶻ = 0 gives 1.
+- tanh z = sign(z)(1 − 2/(e^{2|z|} + 1)), which cancels for small |z|; there
+  z + z³·P(z²)/Q(z²) (Cephes). float64 carries the quotient and the sums in
+  two-double arithmetic; float32 is computed in float64 and rounded once. Both
+  branches are computed and one selected, in one division.
+- eˣ − 1 (ELU, x ≤ 0): 2ⁿ·(eʳ − 1) + (2ⁿ − 1), with eʳ − 1 = r + (r_tail + r²·P(r))
+  from exp's steps: each term is exact or small, so 1 never cancels against eˣ.
+- log(1 + t) (softplus' log1p(e^{−|y|}), 0 ≤ t ≤ 1): 1 + t = 2ᵏ·m, m ∈ (√½, √2], and
+  log m = 2·atanh(f/(2 + f)), f = m − 1, by atanh's Taylor series.
+- Φ(z) (GELU): ½erfc(|z|/√2) as e^{−z²/2}·t·T(t), t = 1/(1 + p·u), with T a Chebyshev
+  fit of a smooth bounded function (``tools/fit_erfc.py``); float64 takes ½ − ½erf(u)
+  by its own fit below u = 0.75.
+
+The activations with parameters or a derivative that reads z are written once for
+both float types and computed in z's type, as torch computes them. Errors over the
+whole input range, against a wider float and beside torch's own, are measured in
+``tests/test_cpu_math.py``: exp within 1 ulp, expm1 1, log1p 1.5, Φ 6 (float32)
+and 8 (float64), sigmoid and tanh no worse than torch's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import warnings
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.core.errors import NumbaIRAssumptionWarning
+from numba.extending import get_cython_function_address, intrinsic, overload
+
+from .activation_table import NAMES
+from .reference import LOSSES, OPTIMIZERS, REDUCTIONS
+
+# The codes the cached kernels switch on, as literals of this file: numba's on-disk
+# cache keys a kernel on this file alone, so codes imported from another module could
+# change under kernels compiled with the old ones. check_codes holds them to the tables.
+# Activations, as a layer's row (code, p₀, p₁) of an activations array carries them:
+IDENTITY, RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS, ELU = range(10)
+MSE, CROSS_ENTROPY, BCE_WITH_LOGITS = range(3)  # reference.LOSSES
+# The step of a loss written in torch: TrainStep.forward ran, targets holds ∂L/∂ŷ.
+GIVEN_GRADIENT = 3
+MEAN, SUM = range(2)  # reference.REDUCTIONS
+SGD, ADAM, ADAMW = range(3)  # reference.OPTIMIZERS
+_CODES = {
+    "activation": {"identity": IDENTITY, "relu": RELU, "sigmoid": SIGMOID, "tanh": TANH,
+                   "leaky_relu": LEAKY_RELU, "gelu": GELU, "gelu_tanh": GELU_TANH,
+                   "silu": SILU, "softplus": SOFTPLUS, "elu": ELU},
+    "loss": {"mse": MSE, "cross_entropy": CROSS_ENTROPY, "bce_with_logits": BCE_WITH_LOGITS},
+    "reduction": {"mean": MEAN, "sum": SUM},
+    "optimizer": {"sgd": SGD, "adam": ADAM, "adamw": ADAMW},
+}  # fmt: skip
+
+
+def check_codes(tables: dict[str, tuple[str, ...]]) -> None:
+    """Each kind's literal codes above are the positions of its names in ``tables``
+    (kind: the table's names, in order); an ``AssertionError`` naming the kind if not."""
+    for kind, names in tables.items():
+        positions = {name: index for index, name in enumerate(names)}
+        if _CODES[kind] != positions:
+            raise AssertionError(
+                f"fastbp/kernels/cpu_jit.py's {kind} codes {_CODES[kind]} are not the table's "
+                f"order {names}: cached kernels would run the wrong {kind}; update the literals"
+            )
+
+
+check_codes({"activation": NAMES, "loss": LOSSES, "reduction": REDUCTIONS,
+             "optimizer": OPTIMIZERS})  # fmt: skip
+
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# A layer without bias gets an empty bias array: one shared per dtype, as it holds nothing.
+_NO_BIAS = {dtype: np.empty(0, dtype) for dtype in DTYPES}
+
+# Below this many elements a fused pass is cheaper than waking numba's thread pool;
+# above it, the pass runs in blocks of about PARALLEL_BLOCK_ELEMENTS, one per task.
+PARALLEL_MIN_ELEMENTS = 1 << 16
+PARALLEL_BLOCK_ELEMENTS = 1 << 14
+
+
+def kernel(function=None, **options):
+    """``njit`` as every kernel takes it, as ``@kernel`` or ``@kernel(parallel=True)``.
+
+    Cached on disk, and numpy's error model: a float division by zero gives inf or
+    NaN as in numpy and torch instead of raising, which also lets LLVM vectorize the
+    loops that divide (sigmoid, tanh). Compiling is quiet: see ``_quietly``.
+    """
+
+    def build(function):
+        dispatcher = njit(cache=True, error_model="numpy", **options)(function)
+        dispatcher.compile = _quietly(dispatcher.compile)
+        return dispatcher
+
+    return build if function is None else build(function)
+
+
+def _quietly(compile):
+    """``compile`` without numba's NumbaIRAssumptionWarning. That pedantic check of
+    numba's own IR misfires when our inline="always" overloads (``_by_float_type``)
+    inline functions that were themselves inlined, and asks the user to file a numba
+    bug report: it is numba's to fix and nothing the user can act on. Every other
+    warning passes; the filter lasts only while a kernel compiles (once per
+    signature, then the disk cache)."""
+
+    @functools.wraps(compile)
+    def quiet(signature):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaIRAssumptionWarning)
+            return compile(signature)
+
+    return quiet
+
+
+# ---------------------------------------------------------------------------
+# Elementary functions that LLVM vectorizes (see the module docstring)
+# ---------------------------------------------------------------------------
+@intrinsic
+def _as_float(typingctx, bits):
+    """The float whose bit pattern is ``bits`` (int32 → float32, int64 → float64)."""
+    float_type = {types.int32: types.float32, types.int64: types.float64}.get(bits)
+    if float_type is None:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(float_type))
+
+    return float_type(bits), codegen
+
+
+@intrinsic
+def _as_bits(typingctx, value):
+    """The bit pattern of ``value`` (float32 → int32, float64 → int64)."""
+    int_type = {types.float32: types.int32, types.float64: types.int64}.get(value)
+    if int_type is None:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(int_type.bitwidth))
+
+    return int_type(value), codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a·b + c rounded once (LLVM's fma: one instruction on x86-64 CPUs with FMA3)."""
+    if not (a == b == c and a in (types.float32, types.float64)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.call(_llvm_fma(builder, args[0].type), args)
+
+    return a(a, b, c), codegen
+
+
+def _llvm_fma(builder, kind):
+    """LLVM's fma for the float type ``kind``, declared in the module being built."""
+    return builder.module.declare_intrinsic("llvm.fma", [kind], ir.FunctionType(kind, [kind] * 3))
+
+
+def _polynomial(*coefficients: float):
+    """Σ cᵢ·wⁱ by Horner's rule, coefficients highest first, as a numba function of w
+    (float32 or float64) that emits one fma per coefficient, in straight-line code: a
+    loop over a tuple of coefficients kept numba from vectorizing the loop around it."""
+
+    @intrinsic
+    def evaluate(typingctx, w):
+        if w not in (types.float32, types.float64):
+            return None
+
+        def codegen(context, builder, signature, args):
+            kind = args[0].type
+            fma_ = _llvm_fma(builder, kind)
+            cast = np.float32 if w == types.float32 else np.float64
+            result = ir.Constant(kind, float(cast(coefficients[0])))
+            for c in coefficients[1:]:
+                result = builder.call(fma_, [result, args[0], ir.Constant(kind, float(cast(c)))])
+            return result
+
+        return w(w), codegen
+
+    evaluate.coefficients = coefficients  # what tests/test_cpu_math.py checks against its fit
+    return evaluate
+
+
+f4, f8 = np.float32, np.float64
+
+_LOG2E = f8(1.4426950408889634)
+_SHIFT = f8(6755399441055744.0)  # 1.5·2⁵²: adding it rounds to an integer, n
+_SHIFT_BITS = 0x4338000000000000  # its bit pattern: the sum's bits are these plus n
+_LN2_HI, _LN2_LO = f8(6.93145751953125e-1), f8(1.42860682030941723212e-6)  # Cephes' split
+_LO, _HI = f8(-746.0), f8(710.0)  # eˣ rounds to 0 below, to inf above, in float64
+# 1/k! for k = 2…13: eʳ's Taylor polynomial, truncated below 2⁻⁶⁰ for |r| ≤ ln 2/2
+_C = [f8(1.0 / float(np.prod(np.arange(1, k + 1, dtype=np.float64)))) for k in range(14)]
+_C2, _C3, _C4, _C5, _C6, _C7, _C8, _C9, _C10, _C11, _C12, _C13 = _C[2:]
+# float32: the same steps in single precision (Sleef's expf polynomial and split of ln 2)
+_LOG2E_F, _SHIFT_F, _SHIFT_BITS_F = f4(1.44269504088896341), f4(12582912.0), 0x4B400000
+_LN2_HI_F, _LN2_LO_F = f4(0.693145751953125), f4(1.428606765330187045e-06)  # Sleef's split
+_LO_F, _HI_F = f4(-104.0), f4(89.0)
+_E0, _E1, _E2 = f4(1.98527617612853646e-4), f4(1.39304355252534151e-3), f4(8.33336077630519867e-3)
+_E3, _E4, _E5 = f4(4.16664853692054749e-2), f4(1.66666671633720398e-1), f4(0.5)
+# Cephes tanh: z + z³·P(z²)/Q(z²) for |z| < 0.625
+_P0, _P1, _P2 = (
+    f8(-9.64399179425052238628e-1),
+    f8(-9.92877231001918586564e1),
+    f8(-1.61468768441708447952e3),
+)
+_Q0, _Q1, _Q2 = (
+    f8(1.12811678491632931402e2),
+    f8(2.23548839060100448583e3),
+    f8(4.84406305325125486048e3),
+)
+SMALL_TANH = f8(0.625)  # below this |z|, tanh by its series (float32 results)
+SMALL_TANH64 = f8(0.3)  # float64: below it the series' own error stays far under an ulp
+
+
+@njit(inline="always")
+def _reduce64(x):
+    """x = n·ln 2 + r + r_tail, |r| ≤ ln 2/2: returns (k, r, r_tail), n in k's low bits."""
+    k = x * _LOG2E + _SHIFT
+    n = k - _SHIFT
+    head = fma(n, -_LN2_HI, x)  # exact: n·ln2_hi has few bits
+    r = fma(n, -_LN2_LO, head)
+    return k, r, fma(n, -_LN2_LO, head - r)  # r_tail: what rounding r lost
+
+
+@njit(inline="always")
+def _exp_poly64(r):
+    """p with eʳ = 1 + r + r²·p: Taylor's 1/k! for k = 2…13."""
+    p = fma(fma(fma(fma(_C13, r, _C12), r, _C11), r, _C10), r, _C9)
+    p = fma(fma(fma(fma(fma(p, r, _C8), r, _C7), r, _C6), r, _C5), r, _C4)
+    return fma(fma(p, r, _C3), r, _C2)
+
+
+@njit(inline="always")
+def _exp64_parts(x):
+    """eˣ as an unevaluated sum hi + lo, |lo| ≤ ulp(hi)/2: what rounding hi would lose."""
+    x = _LO if x < _LO else x  # NaN fails both tests and stays NaN
+    x = _HI if x > _HI else x
+    k, r, r_tail = _reduce64(x)
+    one_r = f8(1.0) + r  # eʳ = (1 + r) + (r_tail + p·r²), the small part kept apart
+    small = ((f8(1.0) - one_r) + r) + fma(_exp_poly64(r), r * r, r_tail)
+    hi = one_r + small
+    lo = (one_r - hi) + small
+    whole = _as_bits(k) - _SHIFT_BITS  # n, as an integer
+    half = whole >> 1  # 2ⁿ as two normal factors, applied one after the other: results
+    first = _as_float((half + 1023) << 52)  # near overflow or in the subnormals round once
+    second = _as_float((whole - half + 1023) << 52)
+    return hi * first * second, lo * first * second
+
+
+@njit(inline="always")
+def _exp64(x):
+    return _exp64_parts(x)[0]
+
+
+@njit(inline="always")
+def _reduce32(x):
+    k = x * _LOG2E_F + _SHIFT_F
+    n = k - _SHIFT_F
+    head = fma(n, -_LN2_HI_F, x)
+    r = fma(n, -_LN2_LO_F, head)
+    return k, r, fma(n, -_LN2_LO_F, head - r)
+
+
+@njit(inline="always")
+def _exp_poly32(r):
+    return fma(fma(fma(fma(fma(_E0, r, _E1), r, _E2), r, _E3), r, _E4), r, _E5)
+
+
+@njit(inline="always")
+def _exp32(x):
+    x = _LO_F if x < _LO_F else x
+    x = _HI_F if x > _HI_F else x
+    k, r, r_tail = _reduce32(x)
+    one_r = f4(1.0) + r
+    e = one_r + (((f4(1.0) - one_r) + r) + fma(_exp_poly32(r), r * r, r_tail))
+    whole = np.int64(_as_bits(k)) - _SHIFT_BITS_F
+    half = whole >> 1
+    first = _as_float(np.int32((half + 127) << 23))
+    return e * first * _as_float(np.int32((whole - half + 127) << 23))
+
+
+@njit(inline="always")
+def _pow2_normal64(k):
+    """2ⁿ for the n in k's low bits (``_reduce64``), where 2ⁿ is a normal float64."""
+    return _as_float((_as_bits(k) - _SHIFT_BITS + 1023) << 52)
+
+
+@njit(inline="always")
+def _pow2_normal32(k):
+    """2ⁿ for the n in k's low bits (``_reduce32``), where 2ⁿ is a normal float32."""
+    return _as_float(np.int32((np.int64(_as_bits(k)) - _SHIFT_BITS_F + 127) << 23))
+
+
+@njit(inline="always")
+def _exp32_normal(x):
+    """eˣ for −87.3 ≤ x ≤ 88, where it is a normal float32: ``_exp32`` without r_tail and
+    with one scale factor, within 2 ulp instead of 1 and a third faster inside Φ."""
+    k, r, _ = _reduce32(x)
+    return (fma(_exp_poly32(r), r * r, r) + f4(1.0)) * _pow2_normal32(k)
+
+
+@njit(inline="always")
+def _sigmoid32(z):
+    return f4(1.0) / (f4(1.0) + _exp32(-z))
+
+
+@njit(inline="always")
+def _sigmoid64(z):
+    return f8(1.0) / (f8(1.0) + _exp64(-z))
+
+
+@njit(inline="always")
+def _exp_for_float32(x):
+    """eˣ to about 2⁻³⁰ in float64 (degree 8): enough for a float32 result rounded once."""
+    x = _LO if x < _LO else x
+    x = _HI if x > _HI else x
+    k = x * _LOG2E + _SHIFT
+    n = k - _SHIFT
+    r = fma(n, -_LN2_LO, fma(n, -_LN2_HI, x))
+    p = fma(fma(fma(fma(fma(fma(_C8, r, _C7), r, _C6), r, _C5), r, _C4), r, _C3), r, _C2)
+    whole = _as_bits(k) - _SHIFT_BITS
+    half = whole >> 1
+    first = _as_float((half + 1023) << 52)
+    return (fma(p, r * r, r) + f8(1.0)) * first * _as_float((whole - half + 1023) << 52)
+
+
+@njit(inline="always")
+def _tanh_with(z, exp_):
+    """tanh z: z + z·s·P(s)/Q(s) (s = z²) for |z| < 0.625, else sign(z)·(1 − 2/(e^{2|z|} + 1)),
+    with one division: the two quotients' terms are selected before it, not after."""
+    magnitude = abs(z)
+    s = z * z
+    small = magnitude < SMALL_TANH
+    numerator = z * s * ((_P0 * s + _P1) * s + _P2) if small else f8(2.0)
+    denominator = (((s + _Q0) * s + _Q1) * s + _Q2) if small else exp_(f8(2.0) * magnitude) + 1
+    quotient = numerator / denominator
+    large = f8(1.0) - quotient
+    result = z + quotient if small else (-large if z < 0 else large)
+    return z if z == 0 else result  # tanh(−0) = −0: z + q would round it to +0
+
+
+@njit(inline="always")
+def _tanh64(z):
+    """tanh z, nearly always correctly rounded: by the series below SMALL_TANH64, else
+    1 − 2/(e^{2|z|} + 1) carried in two-double arithmetic (the sum and the quotient
+    keep what they round away), so that 1 − … loses nothing to cancellation."""
+    magnitude = abs(z)
+    s = z * z
+    small = magnitude < SMALL_TANH64
+    clamped = f8(20.0) if magnitude > f8(20.0) else magnitude  # tanh rounds to 1 above 19.1
+    t_hi, t_lo = _exp64_parts(f8(2.0) * clamped)
+    d_hi = t_hi + f8(1.0)
+    d_lo = (t_hi - (d_hi - f8(1.0))) + t_lo
+    # one division for both branches: their terms are selected before it
+    numerator = z * s * ((_P0 * s + _P1) * s + _P2) if small else f8(2.0)
+    quotient = numerator / ((((s + _Q0) * s + _Q1) * s + _Q2) if small else d_hi)
+    q_lo = (fma(-quotient, d_hi, f8(2.0)) - quotient * d_lo) * (quotient * f8(0.5))
+    one_minus = f8(1.0) - quotient
+    large = one_minus + (((f8(1.0) - one_minus) - quotient) - q_lo)
+    result = z + quotient if small else (-large if z < 0 else large)
+    return z if z == 0 else result  # tanh(−0) = −0: z + q would round it to +0
+
+
+@njit(inline="always")
+def _tanh32(z):
+    # In float64, rounded once: in float32, 1 − 2/(e+1) gave 1.3 ulp against torch's 0.5,
+    # and this float64 pass is as fast as torch's float32 tanh.
+    return f4(_tanh_with(f8(z), _exp_for_float32))
+
+
+def _by_float_type(name: str, single, double):
+    """A numba-callable ``name`` that runs ``single`` on float32 and ``double`` on float64."""
+
+    def stub(x):
+        raise NotImplementedError(f"{name} runs inside numba kernels only")
+
+    @overload(stub, inline="always")
+    def _(x):
+        if x == types.float32:
+            return lambda x: single(x)
+        if x == types.float64:
+            return lambda x: double(x)
+        return None
+
+    stub.__name__ = stub.__qualname__ = name
+    return stub
+
+
+@njit(inline="always")
+def _relu32(z):
+    return f4(0.0) if z < f4(0.0) else z  # NaN < 0 is False: NaN stays NaN, as in torch
+
+
+@njit(inline="always")
+def _relu64(z):
+    return f8(0.0) if z < f8(0.0) else z
+
+
+# expm1, log1p and the normal CDF, on the domains the activations use them on
+_EXPM1_LO, _EXPM1_LO_F = f8(-60.0), f4(-20.0)  # eˣ − 1 rounds to −1 below
+_SQRT2, _SQRT2_F = f8(1.4142135623730951), f4(1.4142135623730951)
+# 2/(2j + 1) for j = 1…10: atanh's Taylor series, 2·atanh s = 2s + s·R(s²)
+_ATANH = [2.0 / (2 * j + 1) for j in range(10, 0, -1)]  # highest first
+_atanh_series = _polynomial(*_ATANH)
+_atanh_series_f = _polynomial(*_ATANH[-5:])  # float32: past s¹⁰ the terms are below 2⁻³⁰
+
+
+@njit(inline="always")
+def _clamped(z, limit):
+    return -limit if z < -limit else (limit if z > limit else z)  # NaN stays NaN
+
+
+@njit(inline="always")
+def _expm1_nonpositive64(x):
+    """eˣ − 1 for x ≤ 0 (ELU's side; x > 0 gives 0): 2ⁿ·(eʳ − 1) + (2ⁿ − 1), whose
+    terms are exact or small, so 1 never cancels against eˣ."""
+    x = _EXPM1_LO if x < _EXPM1_LO else x
+    x = f8(0.0) if x > 0 else x
+    k, r, r_tail = _reduce64(x)
+    em1 = r + fma(_exp_poly64(r), r * r, r_tail)
+    scale = _pow2_normal64(k)  # n ∈ [−87, 0]
+    return x if x == 0 else fma(scale, em1, scale - f8(1.0))  # keeps −0
+
+
+@njit(inline="always")
+def _expm1_nonpositive32(x):
+    x = _EXPM1_LO_F if x < _EXPM1_LO_F else x
+    x = f4(0.0) if x > 0 else x
+    k, r, r_tail = _reduce32(x)
+    em1 = r + fma(_exp_poly32(r), r * r, r_tail)
+    scale = _pow2_normal32(k)  # n ∈ [−29, 0]
+    return x if x == 0 else fma(scale, em1, scale - f4(1.0))
+
+
+@njit(inline="always")
+def _log1p_unit(t, one, sqrt2, ln2_hi, ln2_lo, atanh):
+    """log(1 + t) for 0 ≤ t ≤ 1 (softplus' log1p(e^{−|y|})), in t's float type.
+
+    Write 1 + t = u + lost (u rounded, ``lost`` exact as t ≤ 1) and u = 2ᵏ·m with
+    m ∈ (√½, √2], k ∈ {0, 1}: log(1 + t) = k·ln 2 + log m + lost/u. With f = m − 1
+    (exact) and s = f/(2 + f), log m = 2·atanh s = 2s + s·R, R = 2s²(1/3 + s²/5 + …);
+    as 2s = f − s·f = f − (f²/2 − s·f²/2), log m = f − (f²/2 − s·(f²/2 + R)): the
+    exact f carries the result, the rounded s only its corrections (|s| ≤ 0.172).
+    """
+    half, two = one / (one + one), one + one
+    u = one + t
+    lost = t - (u - one)
+    big = u > sqrt2
+    m = u * half if big else u
+    k = one if big else one - one
+    f = m - one
+    s = f / (two + f)
+    s2 = s * s
+    series = atanh(s2)
+    half_f2 = f * f * half
+    log_m = f - (half_f2 - s * (half_f2 + s2 * series))
+    return k * ln2_hi + (log_m + fma(k, ln2_lo, lost / u))
+
+
+@njit(inline="always")
+def _log1p_unit64(t):
+    return _log1p_unit(t, f8(1.0), _SQRT2, _LN2_HI, _LN2_LO, _atanh_series)
+
+
+@njit(inline="always")
+def _log1p_unit32(t):
+    return _log1p_unit(t, f4(1.0), _SQRT2_F, _LN2_HI_F, _LN2_LO_F, _atanh_series_f)
+
+
+# The normal CDF Φ(z) = ½erfc(u) at u = −z/√2, GELU's factor, from u = |z|/√2 and the
+# Gaussian e^{−z²/2} (= e^{−u²}), with z²/2 split exactly into hi + lo by an fma: rounded,
+# it would cost up to z²/2 ulps of relative error, 800 at z = −38. Then ½erfc(u) is
+#   float64, u < 0.75:  ½ − u·H(u²), H(s) ≈ ½erf(√s)/√s;
+#   float64, u ≥ 0.75:  e^{−u²}·t·T(t), t = 1/(1 + 0.3u), T(t) ≈ ½erfc(u)·e^{u²}/t;
+#   float32, all u:     e^{−u²}·t·T₃₂(t), t = 1/(1 + 0.5u);
+# and Φ(z) = ½erfc(u) for z < 0, 1 − ½erfc(u) otherwise. H, T and T₃₂ are Chebyshev
+# fits of smooth bounded functions, Horner's rule in w ∈ [−1, 1]: tools/fit_erfc.py
+# prints them (the lines below are its output). Beyond |z| = 40 (float32: 13.2) Φ is
+# 0 or 1 and e^{−z²/2} is 0.
+_HEAD64_FIT = (None, 0.28125, 0.28125)  # p, mid, half
+_head64 = _polynomial(
+    -6.998439217632526e-13,
+    2.510917356507444e-11,
+    -8.1089663366621e-10,
+    2.339275279205247e-08,
+    -5.932842108990011e-07,
+    1.2995822601729941e-05,
+    -0.0002404362390157745,
+    0.0036572426172873707,
+    -0.04480188355454995,
+    0.5154764078006321,
+)
+_TAIL64_FIT = (0.3, 0.4625702293975262, 0.35375630121471874)  # p, mid, half
+_tail64 = _polynomial(
+    -9.862923822468838e-12,
+    -6.185196106957755e-11,
+    1.578484248409587e-10,
+    1.0521236807455705e-09,
+    -1.621154927892524e-09,
+    -1.482711822144328e-08,
+    7.746001318439493e-09,
+    2.159952457020355e-07,
+    2.6242186688225267e-07,
+    -2.78796030925765e-06,
+    -1.2631099167485563e-05,
+    3.7049020401763413e-06,
+    0.00027467961726168415,
+    0.0016340629812346096,
+    0.0062259268145617415,
+    0.018198423804350015,
+    0.04353771504212399,
+    0.08796704947873607,
+    0.15267269637062164,
+)
+_TAIL32_FIT = (0.5, 0.5881834215167548, 0.41181657848324515)  # p, mid, half
+_tail32 = _polynomial(
+    -2.4485508592779877e-05,
+    6.7849975822596564e-06,
+    0.00027397723954212654,
+    -0.00027822063383985937,
+    -0.002951811408683432,
+    0.00274137464999259,
+    0.0499333258011983,
+    0.1623874810531041,
+    0.2879115543689592,
+)
+
+
+def _variable(fit: tuple, cast) -> tuple:
+    """A fit's (p, mid, 1/half) in its kernels' float type: w = (v − mid)/half, with
+    v = u² (the head) or t = 1/(1 + p·u) (the tails)."""
+    p, mid, half = fit
+    return cast(p or 0.0), cast(mid), cast(1 / half)
+
+
+_, _HEAD64_MID, _HEAD64_SCALE = _variable(_HEAD64_FIT, f8)
+_TAIL64_P, _TAIL64_MID, _TAIL64_SCALE = _variable(_TAIL64_FIT, f8)
+_TAIL32_P, _TAIL32_MID, _TAIL32_SCALE = _variable(_TAIL32_FIT, f4)
+_U_SPLIT, _Z_MAX, _Z_MAX_F = f8(0.75), f8(40.0), f4(13.2)  # U_SPLIT as in tools/fit_erfc.py
+_SQRT1_2, _SQRT1_2_F = f8(0.7071067811865476), f4(0.7071067811865476)
+_INV_SQRT_2PI, _SQRT_2_OVER_PI, _GELU_CUBIC = 0.3989422804014327, 0.7978845608028654, 0.044715
+
+
+@njit(inline="always")
+def _gaussian(z, half, one, exp_):
+    """e^{−z²/2}, with z²/2 = hi + lo exactly: e^{−hi}·(1 − lo), |lo| ≤ ulp(hi)/2."""
+    h = z * half
+    hi = h * z
+    return exp_(-hi) * (one - fma(h, z, -hi))
+
+
+@njit(inline="always")
+def _normal_cdf64(z):
+    """(Φ(z), e^{−z²/2})."""
+    z = _clamped(z, _Z_MAX)
+    gaussian = _gaussian(z, f8(0.5), f8(1.0), _exp64)
+    u = abs(z) * _SQRT1_2
+    half_erf = u * _head64((u * u - _HEAD64_MID) * _HEAD64_SCALE)
+    t = f8(1.0) / fma(_TAIL64_P, u, f8(1.0))
+    tail = gaussian * (t * _tail64((t - _TAIL64_MID) * _TAIL64_SCALE))
+    half_erfc = f8(0.5) - half_erf if u < _U_SPLIT else tail
+    return (half_erfc if z < 0 else f8(1.0) - half_erfc), gaussian
+
+
+@njit(inline="always")
+def _normal_cdf32(z):
+    # Beyond 13.2, e^{−z²/2} is below float32's normal numbers: 0, which also drops what
+    # ±inf and large |z| make of the steps before (NaN, overflowed integers).
+    beyond = abs(z) > _Z_MAX_F
+    gaussian = f4(0.0) if beyond else _gaussian(z, f4(0.5), f4(1.0), _exp32_normal)
+    t = f4(1.0) / fma(_TAIL32_P, abs(z) * _SQRT1_2_F, f4(1.0))
+    half_erfc = gaussian * (t * _tail32((t - _TAIL32_MID) * _TAIL32_SCALE))  # no subnormal step
+    return (half_erfc if z < 0 else f4(1.0) - half_erfc), gaussian
+
+
+exp = _by_float_type("exp", _exp32, _exp64)
+relu = _by_float_type("relu", _relu32, _relu64)
+sigmoid = _by_float_type("sigmoid", _sigmoid32, _sigmoid64)
+tanh = _by_float_type("tanh", _tanh32, _tanh64)
+expm1_nonpositive = _by_float_type("expm1_nonpositive", _expm1_nonpositive32, _expm1_nonpositive64)
+log1p_unit = _by_float_type("log1p_unit", _log1p_unit32, _log1p_unit64)
+normal_cdf = _by_float_type("normal_cdf", _normal_cdf32, _normal_cdf64)
+
+
+def _in_type_of(z, value):
+    raise NotImplementedError("_in_type_of runs inside numba kernels only")
+
+
+@overload(_in_type_of, inline="always")
+def _(z, value):
+    """``value`` in z's float type, as torch casts an activation's parameters."""
+    if z == types.float32:
+        return lambda z, value: np.float32(value)
+    if z == types.float64:
+        return lambda z, value: np.float64(value)
+    return None
+
+
+# The activations whose derivative reads z, as act(z, p₀, p₁) and act'(z, p₀, p₁), each
+# written once for both float types and computed in z's type as torch computes it, so
+# that each pass is one tight loop.
+@njit(inline="always")
+def _leaky_relu(z, p0, p1):
+    return z if z > 0 else z * _in_type_of(z, p0)
+
+
+@njit(inline="always")
+def _leaky_relu_slope(z, p0, p1):
+    return _in_type_of(z, 1.0) if z > 0 else _in_type_of(z, p0)
+
+
+@njit(inline="always")
+def _elu(z, p0, p1):
+    return z if z > 0 else _in_type_of(z, p0) * expm1_nonpositive(z)
+
+
+@njit(inline="always")
+def _elu_slope(z, p0, p1):  # NaN z: NaN, as torch's vector loop
+    return _in_type_of(z, 1.0) if z > 0 else _in_type_of(z, p0) * exp(z)
+
+
+@njit(inline="always")
+def _softplus(z, p0, p1):
+    """log(1 + e^{βz})/β as max(βz, 0) + log1p(e^{−|βz|}), whose log1p takes [0, 1] only."""
+    beta = _in_type_of(z, p0)
+    y = z * beta
+    zero = _in_type_of(z, 0.0)
+    soft = ((y if y > zero else zero) + log1p_unit(exp(-abs(y)))) / beta
+    return z if y > _in_type_of(z, p1) else soft
+
+
+@njit(inline="always")
+def _softplus_slope(z, p0, p1):
+    y = z * _in_type_of(z, p0)
+    return _in_type_of(z, 1.0) if y > _in_type_of(z, p1) else sigmoid(y)
+
+
+@njit(inline="always")
+def _silu(z, p0, p1):
+    return z / (_in_type_of(z, 1.0) + exp(-z))
+
+
+@njit(inline="always")
+def _silu_slope(z, p0, p1):
+    s = sigmoid(z)
+    one = _in_type_of(z, 1.0)
+    return s * (one + z * (one - s))
+
+
+@njit(inline="always")
+def _gelu(z, p0, p1):
+    cdf, _ = normal_cdf(z)
+    return z * cdf
+
+
+@njit(inline="always")
+def _gelu_slope(z, p0, p1):
+    """Φ(z) + z·φ(z), φ(z) = e^{−z²/2}/√(2π): at ±inf NaN, as torch's inf·0."""
+    cdf, gaussian = normal_cdf(z)
+    return cdf + z * gaussian * _in_type_of(z, _INV_SQRT_2PI)
+
+
+@njit(inline="always")
+def _gelu_tanh_t(z):
+    """tanh(√(2/π)(z + 0.044715 z³)): the tanh GELU approximation's factor."""
+    return tanh(_in_type_of(z, _SQRT_2_OVER_PI) * (z + _in_type_of(z, _GELU_CUBIC) * z * z * z))
+
+
+@njit(inline="always")
+def _gelu_tanh(z, p0, p1):
+    half, one = _in_type_of(z, 0.5), _in_type_of(z, 1.0)
+    return half * z * (one + _gelu_tanh_t(z))
+
+
+@njit(inline="always")
+def _gelu_tanh_slope(z, p0, p1):
+    half, one = _in_type_of(z, 0.5), _in_type_of(z, 1.0)
+    t = _gelu_tanh_t(z)
+    cubic = _in_type_of(z, 3.0 * _GELU_CUBIC)
+    inner = _in_type_of(z, _SQRT_2_OVER_PI) * (one + cubic * z * z)
+    return half * (one + t) + half * z * (one - t * t) * inner
+
+
+# ---------------------------------------------------------------------------
+# GEMM: a Fortran BLAS ?gemm, called through an address passed at run time.
+# ---------------------------------------------------------------------------
+_gemm_binding: tuple[str, int, int] | None = None  # (provider, sgemm address, dgemm address)
+_pool_started = False  # numba's thread pool, once started, stays for the process
+
+
+def bind_gemm(provider: str, sgemm_address: int, dgemm_address: int) -> None:
+    """Route every kernel GEMM to the Fortran ``sgemm``/``dgemm`` at these addresses.
+
+    The address travels into each kernel call as an argument, so rebinding takes
+    effect on the next call and cached kernels never depend on the provider.
+    """
+    global _gemm_binding
+    _gemm_binding = (provider, sgemm_address, dgemm_address)
+
+
+def gemm_provider() -> str:
+    """The BLAS the kernels call; binds scipy's (always present) if none was chosen."""
+    if _gemm_binding is None:
+        bind_gemm(
+            "scipy-openblas",
+            get_cython_function_address("scipy.linalg.cython_blas", "sgemm"),
+            get_cython_function_address("scipy.linalg.cython_blas", "dgemm"),
+        )
+    return _gemm_binding[0]  # type: ignore[index]
+
+
+def start_thread_pool() -> str:
+    """Start numba's thread pool (once per process); the threading layer it chose.
+
+    A cached kernel that calls a ``parallel=True`` one segfaults if the pool was
+    never started (numba/numba#8578): only compiling, not loading from the cache,
+    starts it. ``get_num_threads`` starts it. Under numba's omp layer, starting it
+    sets the calling thread's OpenMP thread count, which torch reads as its own:
+    ``fastbp.threads`` starts it and gives torch its count back.
+    """
+    global _pool_started
+    if not _pool_started:
+        numba.get_num_threads()
+        _pool_started = True
+    return numba.threading_layer()
+
+
+def _prepare_launch(dtype: np.dtype) -> int:
+    """The ``gemm`` address every kernel takes, after making the kernels safe to run."""
+    if not _pool_started:
+        start_thread_pool()
+    gemm_provider()
+    _, sgemm_address, dgemm_address = _gemm_binding  # type: ignore[misc]
+    return sgemm_address if dtype == np.float32 else dgemm_address
+
+
+def gemm_address_from_library(path: str) -> tuple[int, int] | None:
+    """Addresses of ``sgemm_``/``dgemm_`` exported by a shared library, or None."""
+    try:
+        library = ctypes.CDLL(path)
+        return (
+            ctypes.cast(library.sgemm_, ctypes.c_void_p).value,
+            ctypes.cast(library.dgemm_, ctypes.c_void_p).value,
+        )
+    except (OSError, AttributeError):
+        return None
+
+
+@intrinsic
+def _call_fortran_gemm(
+    typingctx, address, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc
+):
+    """Call the ``?gemm`` at ``address``; every Fortran argument is a pointer."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        function_type = ir.FunctionType(ir.VoidType(), [cgutils.voidptr_t] * 13)
+        builder.call(builder.inttoptr(args[0], function_type.as_pointer()), args[1:])
+        return context.get_dummy_value()
+
+    return types.void(address, *[types.voidptr] * 13), codegen
+
+
+@intrinsic
+def _data_pointer(typingctx, array):
+    """Address of an array's first element, as the ``void*`` BLAS expects."""
+
+    def codegen(context, builder, signature, args):
+        view = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.bitcast(view.data, cgutils.voidptr_t)
+
+    return types.voidptr(array), codegen
+
+
+@intrinsic
+def _by_reference(typingctx, value):
+    """Pointer to a stack copy of a scalar: Fortran takes every argument by reference."""
+
+    def codegen(context, builder, signature, args):
+        slot = cgutils.alloca_once_value(builder, args[0])
+        return builder.bitcast(slot, cgutils.voidptr_t)
+
+    return types.voidptr(value), codegen
+
+
+@kernel
+def _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c):
+    """Row-major ``c ← alpha·op(a)·op(b) + beta·c`` on C-contiguous arrays, by ``gemm``.
+
+    A row-major matrix is the column-major view of its transpose, so this asks
+    column-major BLAS for ``cᵀ = op(b)ᵀ op(a)ᵀ``: the operands swap, the flags don't.
+    """
+    m, n = c.shape
+    k = a.shape[0] if transpose_a else a.shape[1]
+    if m == 0 or n == 0:
+        return
+    flag_a = np.uint8(84 if transpose_a else 78)  # 'T' or 'N'
+    flag_b = np.uint8(84 if transpose_b else 78)
+    dims = (
+        _by_reference(np.int32(n)),
+        _by_reference(np.int32(m)),
+        _by_reference(np.int32(k)),
+    )
+    lda = _by_reference(np.int32(max(a.shape[1], 1)))
+    ldb = _by_reference(np.int32(max(b.shape[1], 1)))
+    ldc = _by_reference(np.int32(n))
+    flags = (_by_reference(flag_b), _by_reference(flag_a))
+    pa, pb, pc = _data_pointer(a), _data_pointer(b), _data_pointer(c)
+    if c.itemsize == 4:  # float32; the launchers admit only float32 and float64
+        scale, shift = _by_reference(np.float32(alpha)), _by_reference(np.float32(beta))
+    else:
+        scale, shift = _by_reference(np.float64(alpha)), _by_reference(np.float64(beta))
+    _call_fortran_gemm(gemm, *flags, *dims, scale, pb, ldb, pa, lda, shift, pc, ldc)
+
+
+# ---------------------------------------------------------------------------
+# Fused element-wise passes, each from one array into another
+# ---------------------------------------------------------------------------
+# In place, LLVM turns relu's "store z back where z ≥ 0" into masked stores, which
+# AMD's CPUs microcode: an in-place relu ran 4x slower than this out-of-place one.
+@njit(inline="always")
+def _map(source, target, function):
+    for k in range(source.shape[0]):
+        target[k] = function(source[k])
+
+
+@njit(inline="always")
+def _map_with(source, target, function, p0, p1):
+    for k in range(source.shape[0]):
+        target[k] = function(source[k], p0, p1)
+
+
+@kernel
+def _activate_serial(z, activation, out):
+    # One loop per activation: with the choice inside one loop, LLVM kept every branch.
+    code, p0, p1 = int(activation[0]), activation[1], activation[2]
+    if code == RELU:
+        _map(z, out, relu)
+    elif code == SIGMOID:
+        _map(z, out, sigmoid)
+    elif code == TANH:
+        _map(z, out, tanh)
+    elif code == LEAKY_RELU:
+        _map_with(z, out, _leaky_relu, p0, p1)
+    elif code == ELU:
+        _map_with(z, out, _elu, p0, p1)
+    elif code == SOFTPLUS:
+        _map_with(z, out, _softplus, p0, p1)
+    elif code == SILU:
+        _map_with(z, out, _silu, p0, p1)
+    elif code == GELU:
+        _map_with(z, out, _gelu, p0, p1)
+    elif code == GELU_TANH:
+        _map_with(z, out, _gelu_tanh, p0, p1)
+    else:
+        out[:] = z
+
+
+@kernel(parallel=True)
+def _activate_parallel(z, activation, out):
+    # Blocks, each a call of the serial kernel on contiguous slices: inlined into the
+    # parallel loop with index bounds instead, the loops are not vectorized.
+    size = PARALLEL_BLOCK_ELEMENTS
+    for c in prange((z.shape[0] + size - 1) // size):
+        lo, hi = c * size, (c + 1) * size
+        _activate_serial(z[lo:hi], activation, out[lo:hi])
+
+
+@kernel
+def _activate(z, activation, out):
+    """``out = act(z)``, element by element, for C-contiguous arrays of one shape;
+    ``activation`` is a layer's row (code, p₀, p₁)."""
+    source, target = z.reshape(z.size), out.reshape(out.size)
+    if source.shape[0] >= PARALLEL_MIN_ELEMENTS:
+        _activate_parallel(source, activation, target)
+    else:
+        _activate_serial(source, activation, target)
+
+
+@njit(inline="always")
+def _delta_from_a(g, a, code, zero, one):
+    """g ⊙ act'(z) of RELU, SIGMOID, TANH and IDENTITY, from the saved output a."""
+    if code == RELU:
+        return zero if a <= zero else g  # a select, as torch's threshold_backward
+    if code == SIGMOID:
+        return g * (one - a) * a
+    if code == TANH:
+        return g * fma(-a, a, one)  # 1 − a² rounded once, as torch's tanh_backward
+    return g
+
+
+@kernel
+def _delta_rows_from_a(g, a, code, delta, column_sums):
+    """``_delta_rows`` of the activations whose derivative reads a."""
+    zero, one = a.dtype.type(0), a.dtype.type(1)
+    wants_bias = column_sums.shape[0] > 0
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            d = _delta_from_a(g[i, j], a[i, j], code, zero, one)
+            delta[i, j] = d
+            if wants_bias:
+                column_sums[j] += d
+
+
+@njit(inline="always")
+def _delta_loop_from_z(g, z, p0, p1, delta, column_sums, slope):
+    """δ = g · slope(z, p₀, p₁), in g's float type as torch's backward kernels; then the
+    column sums, in a loop of their own: LLVM does not split a loop this long on the
+    ``if`` of the sums, and with the ``if`` inside, it did not vectorize it (3x slower)."""
+    size = g.size  # flat: 12% faster than the (i, j) loop
+    g_, z_, delta_ = g.reshape(size), z.reshape(size), delta.reshape(size)
+    for k in range(size):
+        delta_[k] = g_[k] * slope(z_[k], p0, p1)
+    if column_sums.shape[0] > 0:
+        for i in range(g.shape[0]):
+            for j in range(g.shape[1]):
+                column_sums[j] += delta[i, j]
+
+
+@kernel
+def _delta_rows(g, a, z, activation, delta, column_sums):
+    """δ for these rows; adds Σ_rows δ into the float64 ``column_sums`` unless it is empty.
+    ``z`` is the pre-activation where the derivative reads it, else a again. One loop
+    per activation, as in ``_activate_serial``."""
+    code, p0, p1 = int(activation[0]), activation[1], activation[2]
+    if code in (IDENTITY, RELU, SIGMOID, TANH):
+        _delta_rows_from_a(g, a, code, delta, column_sums)
+    elif code == LEAKY_RELU:
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _leaky_relu_slope)
+    elif code == ELU:
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _elu_slope)
+    elif code == SOFTPLUS:
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _softplus_slope)
+    elif code == SILU:
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _silu_slope)
+    elif code == GELU:
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _gelu_slope)
+    else:  # GELU_TANH
+        _delta_loop_from_z(g, z, p0, p1, delta, column_sums, _gelu_tanh_slope)
+
+
+@kernel(parallel=True)
+def _delta_parallel(g, a, z, activation, delta, partials, rows):
+    # Row blocks, each a call of the serial kernel on contiguous slices; partials[c]
+    # holds block c's bias sums.
+    for c in prange((g.shape[0] + rows - 1) // rows):
+        lo, hi = c * rows, (c + 1) * rows
+        _delta_rows(g[lo:hi], a[lo:hi], z[lo:hi], activation, delta[lo:hi], partials[c])
+
+
+@kernel
+def _delta_and_bias_grad(g, a, z, activation, delta, grad_bias):
+    """``δ = g ⊙ act'(z)`` into ``delta`` (never g's memory) and, when ``grad_bias`` is
+    non-empty, ``Σ_batch δ``; ``z`` is a again unless the derivative reads z.
+
+    The sums run in float64, in row blocks fixed by the shape alone, so the
+    result does not depend on the thread count.
+    """
+    width = grad_bias.shape[0]
+    if g.size >= PARALLEL_MIN_ELEMENTS:
+        rows = max(1, PARALLEL_BLOCK_ELEMENTS // g.shape[1])
+        partials = np.zeros(((g.shape[0] + rows - 1) // rows, width))
+        _delta_parallel(g, a, z, activation, delta, partials, rows)
+    else:
+        partials = np.zeros((1, width))
+        _delta_rows(g, a, z, activation, delta, partials[0])
+    for j in range(width):
+        grad_bias[j] = partials[:, j].sum()
+
+
+# ---------------------------------------------------------------------------
+# Layer and network kernels
+# ---------------------------------------------------------------------------
+@njit(inline="always")
+def _rows(space, rows, width):
+    """The first rows·width elements of a flat workspace, as a (rows, width) matrix."""
+    return space[: rows * width].reshape((rows, width))
+
+
+@kernel
+def _layer_forward(gemm, x, weight, bias, activation, out, kept, scratch):
+    """``out = act(x Wᵀ + b)``; z goes into ``kept`` where it has rows (backward reads
+    it), else through ``scratch`` unless act is the identity."""
+    code = int(activation[0])
+    if code == IDENTITY:
+        z = out
+    elif kept.shape[0] > 0:
+        z = kept
+    else:
+        z = _rows(scratch, out.shape[0], out.shape[1])
+    # z = x Wᵀ + b as torch's addmm computes it: the GEMM adds its sum to rows holding b,
+    # one rounding (an add after the GEMM would be a second, which sums over K=1 amplify).
+    has_bias = bias.shape[0] > 0
+    if has_bias:
+        for i in range(z.shape[0]):
+            z[i] = bias
+    _gemm(gemm, False, True, 1.0, x, weight, 1.0 if has_bias else 0.0, z)
+    if code != IDENTITY:
+        _activate(z, activation, out)
+
+
+@njit(inline="always")
+def _kept_or(outputs, layer, a):
+    """Layer ``layer``'s kept z from ``outputs`` (every a, then every layer's z slot),
+    or ``a`` where its slot is empty (its derivative reads a only)."""
+    kept = outputs[len(outputs) // 2 + layer]
+    return kept if kept.shape[0] > 0 else a
+
+
+@kernel
+def _mlp_forward(gemm, x, weights, biases, activations, outputs, scratch):
+    """``outputs`` holds every layer's a, then every layer's z slot (empty where the
+    derivative reads a only)."""
+    top = len(weights)
+    for layer in range(top):
+        source = x if layer == 0 else outputs[layer - 1]
+        _layer_forward(
+            gemm, source, weights[layer], biases[layer], activations[layer], outputs[layer],
+            outputs[top + layer], scratch,
+        )  # fmt: skip
+
+
+@kernel
+def _mlp_backward(
+    gemm,          # address of the BLAS ?gemm (bind_gemm)
+    g,             # ∂L/∂a of the last layer, (N, out)
+    x,             # the network's input, (N, in)
+    weights,       # one (out, in) matrix per layer
+    activations,   # (L, 3): each layer's activation row (code, p₀, p₁)
+    outputs,       # every layer's output a, then its z slot, as forward saved them
+    grad_weights,  # out: ∂L/∂W per layer
+    grad_biases,   # out: ∂L/∂b per layer; empty for a layer without bias
+    grad_x,        # out: ∂L/∂x; zero rows when x needs no gradient
+    delta_space,   # workspace of N·(widest layer) elements: δ of the current layer
+    upstream_space,  # the same size: ∂L/∂a of the layer below, written by ∂x = δ W
+):  # fmt: skip
+    top = len(weights) - 1
+    batch = x.shape[0]
+    upstream = g
+    for layer in range(top, -1, -1):
+        delta = _rows(delta_space, batch, weights[layer].shape[0])
+        a = outputs[layer]
+        _delta_and_bias_grad(
+            upstream, a, _kept_or(outputs, layer, a), activations[layer], delta,
+            grad_biases[layer],
+        )  # fmt: skip
+        source = x if layer == 0 else outputs[layer - 1]
+        _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer])  # ∂W = δᵀ x
+        if layer > 0:
+            upstream = _rows(upstream_space, batch, weights[layer].shape[1])
+            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)  # ∂x = δ W
+        elif grad_x.shape[0] > 0:
+            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, grad_x)
+
+
+# ---------------------------------------------------------------------------
+# The training step: forward, loss gradient, backward and update in one call
+# ---------------------------------------------------------------------------
+# A parameter's row of the ``hyper`` array every update reads.
+LR, MOMENTUM, WEIGHT_DECAY, BETA1, BETA2, EPS = range(6)
+
+
+@kernel
+def _loss_and_grad(output, targets, labels, loss, scale, g):
+    """Write ``scale·∂L/∂ŷ`` into g and return ``scale·L``, summed in float64."""
+    zero = output.dtype.type(0)
+    total = 0.0
+    for i in range(output.shape[0]):
+        row = output[i]
+        if loss == CROSS_ENTROPY:
+            top = row[0]
+            for j in range(1, row.shape[0]):
+                top = max(top, row[j])
+            norm = zero
+            for j in range(row.shape[0]):
+                g[i, j] = exp(row[j] - top)
+                norm += g[i, j]
+            total += np.log(norm) + top - row[labels[i]]
+            for j in range(row.shape[0]):
+                g[i, j] = g[i, j] / norm * scale
+            g[i, labels[i]] -= scale
+            continue
+        for j in range(row.shape[0]):
+            z, y = row[j], targets[i, j]
+            if loss == MSE:
+                total += (z - y) * (z - y)
+                g[i, j] = 2 * (z - y) * scale
+            else:  # BCE with logits, in the overflow-free form
+                total += max(z, zero) - z * y + np.log1p(exp(-abs(z)))
+                g[i, j] = (sigmoid(z) - y) * scale
+    return total * scale
+
+
+@kernel
+def _update_serial(param, grad, state_a, state_b, rule, hyper, step, fresh, scale):
+    """``torch.optim``'s update of a flat ``param`` (``reference.SGD``/``Adam``/``AdamW``)
+    from ``scale·grad``, in the parameter's dtype as torch computes it.
+
+    ``hyper`` is the parameter's row (LR, MOMENTUM, …); ``state_a``/``state_b`` the
+    momentum buffer, or Adam's m and v; ``step`` Adam's count after this step;
+    ``fresh`` is true where SGD's momentum buffer starts (torch sets buf = d). One
+    loop per rule, so that each stays a tight, vectorized loop.
+    """
+    real = param.dtype.type
+    lr, momentum, decay = real(hyper[LR]), real(hyper[MOMENTUM]), real(hyper[WEIGHT_DECAY])
+    factor = real(scale)  # clip_grad_norm_'s coefficient, multiplied in as torch does
+    if rule == SGD:
+        for k in range(param.shape[0]):
+            d = grad[k] * factor if scale != 1.0 else grad[k]
+            if decay != 0:  # 0·inf would be NaN
+                d += decay * param[k]
+            if momentum != 0:
+                d = d if fresh else momentum * state_a[k] + d
+                state_a[k] = d
+            param[k] -= lr * d
+        return
+    # Coefficients formed in float64 and rounded once, as torch.optim forms them
+    # in Python: 1 − float32(β₂) is 8 ulp away from float32(1 − β₂) for β₂ = 0.99.
+    beta2, eps = real(hyper[BETA2]), real(hyper[EPS])
+    weight1, weight2 = real(1 - hyper[BETA1]), real(1 - hyper[BETA2])
+    step_size = real(hyper[LR] / (1 - hyper[BETA1] ** step))
+    correction = real(np.sqrt(1 - hyper[BETA2] ** step))
+    shrink = real(1 - hyper[LR] * hyper[WEIGHT_DECAY])  # AdamW's decoupled decay
+    coupled = decay if rule == ADAM else real(0)
+    for k in range(param.shape[0]):
+        if rule == ADAMW and decay != 0:
+            param[k] *= shrink
+        d = grad[k] * factor if scale != 1.0 else grad[k]
+        if coupled != 0:
+            d += coupled * param[k]
+        state_a[k] += weight1 * (d - state_a[k])
+        state_b[k] = beta2 * state_b[k] + weight2 * d * d
+        param[k] -= step_size * state_a[k] / (np.sqrt(state_b[k]) / correction + eps)
+
+
+@kernel(parallel=True)
+def _update_parallel(param, grad, state_a, state_b, rule, hyper, step, fresh, scale):
+    # Slices, each updated by a call of the serial kernel: inlined into the
+    # parallel loop with index bounds instead, the loops ran 4x slower (not vectorized).
+    size = PARALLEL_BLOCK_ELEMENTS
+    for c in prange((param.shape[0] + size - 1) // size):
+        lo, hi = c * size, (c + 1) * size
+        _update_serial(
+            param[lo:hi], grad[lo:hi], state_a[lo:hi], state_b[lo:hi], rule, hyper, step, fresh,
+            scale,
+        )  # fmt: skip
+
+
+@kernel
+def _update(param, grad, state_a, state_b, rule, hyper, step, fresh, scale):
+    """Update a flat parameter in place; the state arrays are empty when unused."""
+    if param.shape[0] >= PARALLEL_MIN_ELEMENTS:
+        _update_parallel(param, grad, state_a, state_b, rule, hyper, step, fresh, scale)
+    else:
+        _update_serial(param, grad, state_a, state_b, rule, hyper, step, fresh, scale)
+
+
+@kernel
+def _update_weight(gemm, delta, source, weight, grad, state_a, state_b, rule, hyper, step, fresh):
+    """Apply ``∂W = δᵀ x`` to W with as few passes over W as the rule allows.
+
+    Plain SGD folds the whole update into the GEMM, ``W ← (1 − lr·wd)·W − lr·δᵀx``,
+    so ∂W is never written out. SGD with momentum lets the GEMM accumulate into
+    the buffer, ``buf ← δᵀx + μ·buf`` (torch's ``buf = μ·buf + ∂W``; ``buf = ∂W``
+    on its first step), then one pass adds ``wd·W`` to it and moves W.
+    """
+    lr, momentum, decay = hyper[LR], hyper[MOMENTUM], hyper[WEIGHT_DECAY]
+    if rule == SGD and momentum == 0:
+        _gemm(gemm, True, False, -lr, delta, source, 1.0 - lr * decay, weight)
+        return
+    flat_weight = weight.reshape(weight.size)
+    if rule == SGD:
+        carried = 0.0 if fresh else momentum  # beta 0: BLAS never reads the new buffer
+        _gemm(gemm, True, False, 1.0, delta, source, carried, state_a.reshape(weight.shape))
+        real = weight.dtype.type
+        _sgd_from_buffer(flat_weight, state_a, real(lr), real(decay))
+        return
+    _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad)
+    _update(flat_weight, grad.reshape(grad.size), state_a, state_b, rule, hyper, step, False, 1.0)
+
+
+@kernel
+def _sgd_from_buffer(param, buffer, lr, decay):
+    """``buf += wd·W; W −= lr·buf``: SGD's step once the GEMM has filled the buffer."""
+    for k in range(param.shape[0]):
+        if decay != 0:
+            buffer[k] += decay * param[k]
+        param[k] -= lr * buffer[k]
+
+
+@kernel
+def _first_bad_label(labels, classes):
+    for i in range(labels.shape[0]):
+        if labels[i] < 0 or labels[i] >= classes:
+            return i
+    return -1
+
+
+@kernel
+def _gradients(gemm, x, weights, activations, outputs, delta_space, upstream_space, upstream,
+               grad_weights, grad_biases):  # fmt: skip
+    """Every layer's ∂W and ∂b from the loss gradient held in ``upstream``."""
+    batch = x.shape[0]
+    for layer in range(len(weights) - 1, -1, -1):
+        delta = _rows(delta_space, batch, weights[layer].shape[0])
+        activation, a = activations[layer], outputs[layer]
+        z = _kept_or(outputs, layer, a)
+        _delta_and_bias_grad(upstream, a, z, activation, delta, grad_biases[layer])
+        source = x if layer == 0 else outputs[layer - 1]
+        _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer])
+        if layer > 0:
+            upstream = _rows(upstream_space, batch, weights[layer].shape[1])
+            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)
+
+
+@kernel
+def _squares(grad):
+    """Σ grad², in float64."""
+    flat = grad.reshape(grad.size)
+    total = 0.0
+    for k in range(flat.shape[0]):
+        total += float(flat[k]) * float(flat[k])
+    return total
+
+
+@kernel
+def _clip_coefficient(grad_weights, grad_biases, max_norm):
+    """``clip_grad_norm_``'s factor: min(1, max_norm / (‖every gradient‖₂ + 1e-6))."""
+    total = 0.0
+    for layer in range(len(grad_weights)):
+        total += _squares(grad_weights[layer]) + _squares(grad_biases[layer])
+    return min(1.0, max_norm / (np.sqrt(total) + 1e-6))
+
+
+@kernel
+def _train_step(
+    gemm,            # address of the BLAS ?gemm (bind_gemm)
+    x,               # the batch, (N, in)
+    targets,         # (N, out) targets of MSE and BCE, or ∂L/∂ŷ (GIVEN_GRADIENT); (0, 0) for CE
+    labels,          # (N,) int64 classes of cross-entropy; empty otherwise
+    weights,         # one (out, in) matrix per layer, updated in place
+    biases,          # one (out,) vector per layer (empty: no bias), updated in place
+    activations,     # (L, 3): each layer's activation row (code, p₀, p₁)
+    outputs,         # workspace: every layer's output, then its z slot (_mlp_forward's)
+    delta_space,     # workspaces of N·(widest layer) elements, as _mlp_backward's
+    upstream_space,
+    grad_weights,    # workspaces: ∂W per layer (Adam's and clipping's)
+    grad_biases,     # workspaces: ∂b per layer (empty: no bias)
+    first_param,     # (L,) index of layer l's weight among the parameters (its bias: +1)
+    states,          # two flat arrays per parameter: momentum buffer, or Adam's m and v
+    steps,           # one 1-element array per parameter: Adam's count, incremented here
+    hyper,           # (parameters, 6): each parameter's LR, MOMENTUM, … row
+    fresh,           # (parameters,): 1 where SGD's momentum buffer starts this step
+    loss,            # MSE, CROSS_ENTROPY, BCE_WITH_LOGITS or GIVEN_GRADIENT
+    scale,           # 1/terms for a mean, else 1
+    rule,            # SGD, ADAM or ADAMW
+    max_norm,        # clip_grad_norm_'s max_norm; 0: no clipping
+):  # fmt: skip
+    """One step on every layer; returns ``(loss before the update, -1)``, or, without
+    touching anything, ``(NaN, i)`` when label i is not a class and ``(NaN, -2 - p)``
+    when parameter p's state arrays are not the size its rule reads. With
+    GIVEN_GRADIENT the forward has run already (``outputs`` holds it) and the loss,
+    computed by the caller, is returned as 0."""
+    top = len(weights) - 1
+    for layer in range(top + 1):
+        p = first_param[layer]
+        for q, size in ((p, weights[layer].size), (p + 1, biases[layer].size)):
+            if size == 0:
+                continue
+            used = 2 if rule != SGD else int(hyper[q, MOMENTUM] != 0)
+            if (used > 0 and states[2 * q].size != size) or (
+                used > 1 and states[2 * q + 1].size != size
+            ):
+                return np.nan, -2 - q
+    if labels.shape[0] > 0:
+        bad = _first_bad_label(labels, weights[top].shape[0])
+        if bad >= 0:
+            return np.nan, bad
+    batch = x.shape[0]
+    if loss == GIVEN_GRADIENT:
+        upstream, value = targets, 0.0
+    else:
+        _mlp_forward(gemm, x, weights, biases, activations, outputs, delta_space)
+        upstream = _rows(upstream_space, batch, weights[top].shape[0])
+        value = _loss_and_grad(outputs[top], targets, labels, loss, scale, upstream)
+    for layer in range(top + 1):
+        p = first_param[layer]
+        if rule != SGD:
+            steps[p][0] += 1
+            if biases[layer].shape[0] > 0:
+                steps[p + 1][0] += 1
+    if max_norm > 0:  # clipping needs every gradient before any update
+        _gradients(gemm, x, weights, activations, outputs, delta_space, upstream_space,
+                   upstream, grad_weights, grad_biases)  # fmt: skip
+        coefficient = _clip_coefficient(grad_weights, grad_biases, max_norm)
+        for layer in range(top + 1):
+            p = first_param[layer]
+            grad = grad_weights[layer]
+            _update(weights[layer].reshape(weights[layer].size), grad.reshape(grad.size),
+                    states[2 * p], states[2 * p + 1], rule, hyper[p], steps[p][0], fresh[p],
+                    coefficient)  # fmt: skip
+            if biases[layer].shape[0] > 0:
+                q = p + 1
+                _update(biases[layer], grad_biases[layer], states[2 * q], states[2 * q + 1],
+                        rule, hyper[q], steps[q][0], fresh[q], coefficient)  # fmt: skip
+        return value, -1
+    for layer in range(top, -1, -1):
+        source = x if layer == 0 else outputs[layer - 1]
+        delta = _rows(delta_space, batch, weights[layer].shape[0])
+        activation, a = activations[layer], outputs[layer]
+        z = _kept_or(outputs, layer, a)
+        _delta_and_bias_grad(upstream, a, z, activation, delta, grad_biases[layer])
+        if layer > 0:  # ∂L/∂aₗ₋₁ = δ Wₗ, taken before Wₗ moves
+            upstream = _rows(upstream_space, batch, weights[layer].shape[1])
+            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)
+        p = first_param[layer]
+        _update_weight(
+            gemm, delta, source, weights[layer], grad_weights[layer], states[2 * p],
+            states[2 * p + 1], rule, hyper[p], steps[p][0], fresh[p],
+        )  # fmt: skip
+        if biases[layer].shape[0] > 0:
+            q = p + 1
+            _update(biases[layer], grad_biases[layer], states[2 * q], states[2 * q + 1], rule,
+                    hyper[q], steps[q][0], fresh[q], 1.0)  # fmt: skip
+    return value, -1
