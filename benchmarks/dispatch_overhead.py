@@ -4,7 +4,7 @@ torch.compile for the headline network.
     python -m benchmarks.dispatch_overhead [--rounds 7] [--calls 500]
 
 1. Per-call overhead: a 2-2-2 network at batch 1, where the kernels take ~1 µs,
-   through a checked ``Plan`` (``F.plan``: the ``torch.autograd.Function``, the eager
+   through a checked ``Plan`` (``plans.plan``: the ``torch.autograd.Function``, the eager
    default, or the kernels alone under no_grad), through ``F.mlp`` (its checks, then
    the plan) and through the
    ``fastbp::mlp_forward``/``mlp_backward`` custom ops (what torch.compile and
@@ -25,6 +25,7 @@ import torch
 
 import fastbp
 from fastbp import functional as F
+from fastbp import plans, traced
 from fastbp.bench import time_interleaved
 
 
@@ -34,10 +35,10 @@ def _tiny_calls() -> dict:
     biases = [torch.randn(2, requires_grad=True) for _ in range(2)]
     names = ("relu", "identity")
 
-    function = F.plan(x, weights, biases, names, "numba")  # checked once: the Function alone
+    function = plans.plan(x, weights, biases, names, "numba")  # checked once: the Function alone
 
     def op(x):
-        return F.custom_op_mlp(x, weights, biases, names)
+        return traced.custom_op_mlp(x, weights, biases, names)
 
     def public(x, backend="numba"):  # F.mlp: the checks, then the Function
         return F.mlp(x, weights, biases, names, backend=backend)

@@ -20,13 +20,13 @@ def info(_: argparse.Namespace) -> int:
     import torch
 
     import fastbp
-    from fastbp import functional, threads
+    from fastbp import plans, threads
     from fastbp.kernels import cpu_jit
 
     rows = [
         ("fastbp", fastbp.__version__),
         *((name, _version(name)) for name in ("torch", "numba", "numpy", "scipy", "triton")),
-        ("backends", ", ".join(functional.BACKENDS)),
+        ("backends", ", ".join(plans.BACKENDS)),
         ("thread policy", ", ".join(f"{k}={v}" for k, v in threads.describe().items())),
         ("process settings changed", _changes(threads.changes()) or "none"),
         ("numba cache", numba.config.CACHE_DIR or f"beside the sources ({cpu_jit.__file__})"),

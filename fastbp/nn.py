@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from . import activations as _activations
-from . import functional
+from . import functional, plans, traced
 
 # Bumped whenever a Linear's activation is set: MLP re-reads its layout then.
 _activation_edits = itertools.count()
@@ -36,14 +36,14 @@ def _positive_int(name: str, value) -> int:
 
 
 class _Planned(nn.Module):
-    """Keeps the ``functional.Plan`` of its last forward and reuses it while it holds."""
+    """Keeps the ``plans.Plan`` of its last forward and reuses it while it holds."""
 
     def _run(self, x, weights, biases, activations) -> torch.Tensor:
-        if functional.tracing():  # torch.compile, torch.export, torch.func: no memory to plan on
+        if traced.tracing():  # torch.compile, torch.export, torch.func: no memory to plan on
             return functional.mlp(x, weights, biases, activations, backend=self.backend)
         plan = self.__dict__.get("_plan")
         if plan is None or plan.activations != activations or not plan.current(weights, biases):
-            plan = functional.plan(x, weights, biases, activations, self.backend)
+            plan = plans.plan(x, weights, biases, activations, self.backend)
             self.__dict__["_plan"] = plan
         return plan(x)
 
@@ -84,7 +84,7 @@ class Linear(_Planned):
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         self.activation = _activations.get(activation).name
-        self.backend = functional.check_backend(backend)
+        self.backend = plans.check_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         bias_ = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
@@ -99,7 +99,7 @@ class Linear(_Planned):
             value = _activations.get(value).name
             _last_edit[0] = next(_activation_edits)
         elif name == "backend":
-            value = functional.check_backend(value)
+            value = plans.check_backend(value)
         super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ class MLP(_Planned, nn.Sequential):
         dtype=None,
     ) -> None:
         nn.Module.__init__(self)
-        self.backend = functional.check_backend(backend)
+        self.backend = plans.check_backend(backend)
         if isinstance(sizes, OrderedDict):  # nn.Sequential's form: slicing makes one
             for name, child in sizes.items():
                 self.add_module(name, child)
@@ -206,7 +206,7 @@ class MLP(_Planned, nn.Sequential):
 
     def __setattr__(self, name: str, value) -> None:
         if name == "backend":
-            value = functional.check_backend(value)
+            value = plans.check_backend(value)
         super().__setattr__(name, value)
 
     @property

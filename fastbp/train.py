@@ -32,7 +32,7 @@ import torch
 from torch.optim import optimizer as _optim
 
 from . import activations as _activations
-from . import functional, threads
+from . import plans, threads
 from .kernels import cpu, reference
 from .kernels.utils import check_choice
 from .nn import MLP
@@ -157,7 +157,7 @@ class FusedTrainer:
         elif name == "reduction":
             value = check_choice("reduction", value, reference.REDUCTIONS)
         elif name == "backend":
-            value = functional.check_backend(value)
+            value = plans.check_backend(value)
         elif name == "max_grad_norm":
             if value is not None and not (
                 isinstance(value, (int, float)) and math.isfinite(value) and value > 0
@@ -262,20 +262,20 @@ class FusedTrainer:
         unchanged = plan and plan.activations == activations and plan.current(weights, biases)
         if not (unchanged and x.__class__ is torch.Tensor and x.dim() == 2 and plan.fits(x)):
             x = _check_input(x, weights[0].shape[1])  # the layout or x changed: every check
-            functional.check_network(x, weights, biases, activations)
+            plans.check_network(x, weights, biases, activations)
         if custom:
             if x.shape[0] == 0:
                 raise ValueError("x must hold at least one sample, got a batch of 0")
         else:
             self._check_target(x, targets[0], weights[-1].shape[0])
-        backend = functional.resolve_backend(self.backend, x)
+        backend = plans.resolve_backend(self.backend, x)
         if backend == "numba":
             self._check_step_hooks()
             return self._numba_step(x, targets, weights, biases, activations, unchanged)
         self._check_groups()
         if self.loss == "cross_entropy":
             _check_class_range(targets[0], weights[-1].shape[0])
-        kernels = functional.KERNELS.get(backend)
+        kernels = plans.KERNELS.get(backend)
         return self._torch_step(x, targets, weights, biases, activations, kernels)
 
     def _check_target(self, x: torch.Tensor, y, classes: int) -> None:
@@ -291,18 +291,18 @@ class FusedTrainer:
             if y.dtype != torch.int64 or y.shape != (batch,):
                 raise TypeError(
                     f"y must be int64 class indices of shape ({batch},) for cross_entropy, "
-                    f"got {functional.describe(y)}"
+                    f"got {plans.describe(y)}"
                 )
         elif y.shape != (batch, classes) or y.dtype != x.dtype:
             raise ValueError(
                 f"y must have shape ({batch}, {classes}) and dtype {x.dtype} for {self.loss}, "
-                f"got {functional.describe(y)}"
+                f"got {plans.describe(y)}"
             )
 
     def _numba_step(self, x, targets, weights, biases, activations, unchanged) -> torch.Tensor:
         custom = callable(self.loss)
         if not unchanged:
-            plan = functional.plan(x, weights, biases, activations, "numba")
+            plan = plans.plan(x, weights, biases, activations, "numba")
             loss = None if custom else self.loss  # None: the gradient is given
             kernel = cpu.TrainStep(plan.prepared, loss, self.reduction, self._rule)
             self._kernel, self._binding = (plan, kernel), None
@@ -318,13 +318,13 @@ class FusedTrainer:
             hyper = binding.hyper()
         parallel = plan.prepared.parallel(x.shape[0], updates=True)
         if custom:
-            output = threads.call(kernel.forward, functional.numpy_view(x), parallel=parallel)
+            output = threads.call(kernel.forward, plans.numpy_view(x), parallel=parallel)
             value, y = self._callable_loss(torch.from_numpy(output), targets)
             y = y.numpy()
         else:
-            y = functional.numpy_view(targets[0])
+            y = plans.numpy_view(targets[0])
         result = threads.call(
-            kernel, functional.numpy_view(x), y, binding.arrays, hyper, binding.fresh,
+            kernel, plans.numpy_view(x), y, binding.arrays, hyper, binding.fresh,
             self.max_grad_norm or 0.0, parallel=parallel,
         )  # fmt: skip
         binding.stepped()
@@ -336,11 +336,11 @@ class FusedTrainer:
     @torch.no_grad()
     def _torch_step(self, x, targets, weights, biases, activations, kernels=None) -> torch.Tensor:
         """The step in torch ops, or with ``kernels``' forward and backward (Triton's,
-        ``functional.KERNELS``) around the torch loss gradient; the optimizer updates."""
+        ``plans.KERNELS``) around the torch loss gradient; the optimizer updates."""
         if kernels is None:
-            outputs = functional.torch_forward(x, weights, biases, activations, keep=True)
+            outputs = plans.torch_forward(x, weights, biases, activations, keep=True)
         else:
-            plan = functional.Plan(weights, biases, activations, "triton")
+            plan = plans.Plan(weights, biases, activations, "triton")
             saved = kernels.forward(plan, x)[1]
             outputs = kernels.outputs(saved)
         output = outputs[len(weights) - 1]
@@ -509,11 +509,11 @@ _GROUP_KEYS["adamw"] = _GROUP_KEYS["adam"]
 def _check_input(x, in_features: int) -> torch.Tensor:
     """``x`` if it is a floating-point ``(batch, in_features)`` tensor (dtype and device
     are checked against the parameters next); an error naming x otherwise."""
-    x = functional.check_tensor("x", x, None)
+    x = plans.check_tensor("x", x, None)
     if x.dim() != 2 or x.shape[1] != in_features:
         raise ValueError(
             f"x must have shape (batch, {in_features}) for the model's {in_features} input "
-            f"features, got {functional.describe(x)}"
+            f"features, got {plans.describe(x)}"
         )
     return x
 
@@ -556,7 +556,7 @@ def _check_loss_graph(value, output: torch.Tensor, model) -> None:
         raise TypeError(f"loss must return a scalar tensor, got {type(value).__name__}")
     if value.numel() != 1:
         raise ValueError(
-            f"loss must return a scalar tensor, got {functional.describe(value)}: reduce it "
+            f"loss must return a scalar tensor, got {plans.describe(value)}: reduce it "
             "(for example with .mean() or .sum())"
         )
     leaves = _graph_leaves(value)
@@ -578,7 +578,7 @@ def _check_loss_graph(value, output: torch.Tensor, model) -> None:
             )
         raise ValueError(
             f"loss reaches a tensor that requires grad besides the output "
-            f"({functional.describe(leaf)}): its gradient would be dropped. Detach it, or train "
+            f"({plans.describe(leaf)}): its gradient would be dropped. Detach it, or train "
             "it with the torch loop"
         )
 
@@ -604,7 +604,7 @@ def _torch_backward(g, x, weights, biases, activations, saved):
     """``([∂L/∂Wₗ], [∂L/∂bₗ or None])`` in torch ops, as ``reference.mlp_backward``, from
     what ``torch_forward(..., keep=True)`` returned."""
     grad_weights, grad_biases = [None] * len(weights), [None] * len(weights)
-    layers = functional.saved_layers(saved, activations)
+    layers = plans.saved_layers(saved, activations)
     for layer in reversed(range(len(weights))):
         a, z = layers[layer]
         delta = _activations.get(activations[layer]).grad(g, a, z)

@@ -16,6 +16,7 @@ from torch.library import opcheck
 
 import fastbp
 from fastbp import functional as F
+from fastbp import traced
 
 from .helpers import make_network, needs_cuda
 
@@ -34,7 +35,7 @@ NETWORKS = [
 def _op_arguments(sizes, batch, bias, activations, dtype):
     x, weights, biases, grad_output = make_network(sizes, batch, bias, dtype=dtype)
     present = [b for b in biases if b is not None]
-    return x, weights, present, grad_output, (bias, F.SPEC_SEPARATOR.join(activations))
+    return x, weights, present, grad_output, (bias, traced.SPEC_SEPARATOR.join(activations))
 
 
 # ---------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def test_custom_op_and_autograd_function_agree_bit_for_bit(network):
         grads = [t.grad for t in leaves] + [b.grad for b in bias_leaves if b is not None]
         return [output.detach(), *grads]
 
-    via_op = lambda x, w, b: F.custom_op_mlp(x, w, b, activations)  # noqa: E731
+    via_op = lambda x, w, b: traced.custom_op_mlp(x, w, b, activations)  # noqa: E731
     via_function = lambda x, w, b: F.mlp(x, w, b, activations, backend="numba")  # noqa: E731
     for ours, theirs in zip(run(via_op), run(via_function), strict=True):
         assert torch.equal(ours, theirs)
@@ -341,12 +342,12 @@ def test_the_ops_plan_cache_frees_a_deleted_models_parameters():
     model = fastbp.nn.MLP([6, 5, 3])
     x = torch.randn(4, 6, requires_grad=True)
     weights, biases = [m.weight for m in model.linears], [m.bias for m in model.linears]
-    output = F.custom_op_mlp(x, weights, biases, ["relu", "identity"])
+    output = traced.custom_op_mlp(x, weights, biases, ["relu", "identity"])
     output.sum().backward()  # the forward's plan, reused by backward
     assert any(entry.plan.weights[0].data_ptr() == weights[0].data_ptr()
-               for entry in F._OP_PLANS.values())  # fmt: skip
+               for entry in traced._OP_PLANS.values())  # fmt: skip
     freed = [weakref.ref(p) for p in model.parameters()]
     del model, weights, biases, output
     gc.collect()
     assert all(ref() is None for ref in freed)
-    assert not any(entry.weights[0]() is None for entry in F._OP_PLANS.values())
+    assert not any(entry.weights[0]() is None for entry in traced._OP_PLANS.values())
