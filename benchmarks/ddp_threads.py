@@ -53,8 +53,10 @@ def main() -> None:
             for name, (threads, sync) in settings.items():
                 us, used[name] = median_step_us(threads, sync, arguments.steps, Path(folder))
                 samples[name].append(us)
-    print(f"2 ranks, MLP {SIZES}, global batch {GLOBAL_BATCH}, {cores()} cores, "
-          f"{arguments.rounds} rounds of {arguments.steps} steps")  # fmt: skip
+    print(
+        f"2 ranks, MLP {SIZES}, global batch {GLOBAL_BATCH}, {cores()} cores, "
+        f"{arguments.rounds} rounds of {arguments.steps} steps"
+    )
     print(
         "| setting | threads per rank (torch, fastbp's calls) | all-reduce | median step, rank 0 |"
     )

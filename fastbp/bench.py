@@ -58,16 +58,24 @@ class Preset:
 # compiling alone takes longer than the whole default run.
 DEFAULT = Preset(
     workloads=(
-        "docs-64x1000x100x10", "mnist-784x256x128x10-b128", "seeds-2x2x2-sigmoid-b1",
+        "docs-64x1000x100x10",
+        "mnist-784x256x128x10-b128",
+        "seeds-2x2x2-sigmoid-b1",
         "rl-8x64x64x2-tanh-b64",
     ),
     implementations=(
-        "gemm-floor", "roofline-floor", "torch-eager", "drop-in-ceiling", "torch-cudagraph",
+        "gemm-floor",
+        "roofline-floor",
+        "torch-eager",
+        "drop-in-ceiling",
+        "torch-cudagraph",
         "fastbp",
         "fastbp-fused",
     ),
-    tasks=("train", "inference"), rounds=7, round_seconds=0.05,
-)  # fmt: skip
+    tasks=("train", "inference"),
+    rounds=7,
+    round_seconds=0.05,
+)
 PRESETS = {
     "default": DEFAULT,
     "quick": replace(DEFAULT, workloads=DEFAULT.workloads[:2], rounds=3, round_seconds=0.02),
@@ -417,13 +425,19 @@ def bench_passes(rounds: int, round_seconds: float, bar: tqdm) -> list[dict]:
         for (name, direction, implementation), values in times.items():
             median = statistics.median(values)
             torchs = statistics.median(times[name, direction, "torch-eager"])
-            rows.append({
-                "workload": f"{name} {str(dtype).removeprefix('torch.')} {shape}",
-                "device": "cpu", "task": f"{direction} pass", "implementation": implementation,
-                "median_us": median * 1e6, "samples_per_s": elements / median,
-                "speedup_vs_torch_eager": torchs / median, "ratio_to_gemm_floor": None,
-                "rounds_us": [t * 1e6 for t in values],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "workload": f"{name} {str(dtype).removeprefix('torch.')} {shape}",
+                    "device": "cpu",
+                    "task": f"{direction} pass",
+                    "implementation": implementation,
+                    "median_us": median * 1e6,
+                    "samples_per_s": elements / median,
+                    "speedup_vs_torch_eager": torchs / median,
+                    "ratio_to_gemm_floor": None,
+                    "rounds_us": [t * 1e6 for t in values],
+                }
+            )
     return rows
 
 

@@ -81,8 +81,10 @@ def bench(arguments: argparse.Namespace) -> int:
     print(benchmarks.summary(rows))
     if missing:
         print(f"{', '.join(missing)}: not on this machine, not timed")
-    print(f"\nEvery row: {output_dir / 'bench.md'} (table), {output_dir / 'bench.json'}, "
-          f"{output_dir / 'bench.png'}")  # fmt: skip
+    print(
+        f"\nEvery row: {output_dir / 'bench.md'} (table), {output_dir / 'bench.json'}, "
+        f"{output_dir / 'bench.png'}"
+    )
     return 0
 
 
@@ -117,9 +119,12 @@ def _mnist_data(data_dir, download: bool):
         images, labels = test
         cut = len(images) * 4 // 5  # 8 000 / 2 000 for the real test set
         split = (images[:cut], labels[:cut], images[cut:], labels[cut:])
-        return (*split, f"no train split in {error.root} (missing {', '.join(error.missing)}): "
-                f"training on the first {cut:,} test images, evaluating on the last "
-                f"{len(images) - cut:,}")  # fmt: skip
+        return (
+            *split,
+            f"no train split in {error.root} (missing {', '.join(error.missing)}): "
+            f"training on the first {cut:,} test images, evaluating on the last "
+            f"{len(images) - cut:,}",
+        )
     return (*train, *test, "the standard 60 000 / 10 000 split")
 
 
@@ -165,9 +170,13 @@ def mnist(arguments: argparse.Namespace) -> int:
     torch.manual_seed(arguments.seed)
     model = MLP([784, *arguments.hidden, 10], device=device)
     trainer = FusedTrainer(
-        model, "cross_entropy", optimizer="sgd", lr=arguments.lr, momentum=0.9,
+        model,
+        "cross_entropy",
+        optimizer="sgd",
+        lr=arguments.lr,
+        momentum=0.9,
         backend=arguments.backend,
-    )  # fmt: skip
+    )
     generator = torch.Generator().manual_seed(arguments.seed)
     # The first step compiles or loads the kernels: timed apart, so that the
     # throughput is the steady state the backends are compared on.
@@ -242,14 +251,20 @@ def _parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser("bench", help=bench.__doc__)
     presets = bench_parser.add_mutually_exclusive_group()
     presets.add_argument(
-        "--quick", dest="preset", action="store_const", const="quick",
+        "--quick",
+        dest="preset",
+        action="store_const",
+        const="quick",
         help="two workloads, few rounds (under a minute)",
-    )  # fmt: skip
+    )
     presets.add_argument(
-        "--full", dest="preset", action="store_const", const="full",
+        "--full",
+        dest="preset",
+        action="store_const",
+        const="full",
         help="every workload and implementation of the registry, torch.compile and the "
         "element-wise passes included, 15 rounds (about 15 minutes on 2 cores)",
-    )  # fmt: skip
+    )
     bench_parser.set_defaults(preset="default")
     bench_parser.add_argument(
         "--workloads",

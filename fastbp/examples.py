@@ -232,8 +232,9 @@ def _e1_published() -> list[Published]:
     # The write-up's lr-10 loss is the float32 nearest the float64 run's 0.0103074002;
     # a float32 run lands a few ulp either side of it, by the rounding of its sigmoids
     # (torch's here: 0.0103073986, 1.7 ulp below).
-    loss = Published("E1", "10 steps, lr 10, 10th forward: loss", "0.010307400487363338",
-                     _float32_ulps(2))  # fmt: skip
+    loss = Published(
+        "E1", "10 steps, lr 10, 10th forward: loss", "0.010307400487363338", _float32_ulps(2)
+    )
     return [*_expand("E1", rows), loss]
 
 
@@ -378,8 +379,9 @@ def e5_data() -> tuple[torch.Tensor, torch.Tensor]:
 def e5_model(backend: str = "numba") -> fastbp_nn.MLP:
     """The write-up's network, initialised after ``torch.manual_seed(420)``."""
     torch.manual_seed(420)
-    return fastbp_nn.MLP([20, 13, 8, 3], ["relu", "sigmoid"], bias=[False, False, True],
-                         backend=backend)  # fmt: skip
+    return fastbp_nn.MLP(
+        [20, 13, 8, 3], ["relu", "sigmoid"], bias=[False, False, True], backend=backend
+    )
 
 
 def e5(implementation: str) -> dict[str, float]:
@@ -463,8 +465,10 @@ def format_table(checks: list[Check]) -> str:
         )
     matched = sum(check.matches for check in checks)
     lines.append("")
-    lines.append(f"{matched} of {len(checks)} published values matched by fastbp: agreeing "
-                 "to the published digits, or within the tolerance shown in brackets "
-                 "where a value does not round to them")  # fmt: skip
+    lines.append(
+        f"{matched} of {len(checks)} published values matched by fastbp: agreeing "
+        "to the published digits, or within the tolerance shown in brackets "
+        "where a value does not round to them"
+    )
     lines += [f"[{i}] compared {text}" for i, text in enumerate(notes, start=1)]
     return "\n".join(lines)

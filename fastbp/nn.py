@@ -196,9 +196,13 @@ class MLP(_Planned, nn.Sequential):
         biases = _per_layer("bias", bias, num_layers)
         for layer, name in enumerate(names):
             linear = Linear(
-                sizes[layer], sizes[layer + 1], biases[layer], backend=backend,
-                device=device, dtype=dtype,
-            )  # fmt: skip
+                sizes[layer],
+                sizes[layer + 1],
+                biases[layer],
+                backend=backend,
+                device=device,
+                dtype=dtype,
+            )
             self.add_module(str(len(self._modules)), linear)
             module = _activations.get(name).module()
             if module is not None:
@@ -274,9 +278,14 @@ class MLP(_Planned, nn.Sequential):
         sizes = [linears[0].in_features] + [linear.out_features for linear in linears]
         weight = linears[0].weight
         mlp = cls(
-            sizes, names[:-1], names[-1], [linear.bias is not None for linear in linears],
-            backend=backend, device=weight.device, dtype=weight.dtype,
-        )  # fmt: skip
+            sizes,
+            names[:-1],
+            names[-1],
+            [linear.bias is not None for linear in linears],
+            backend=backend,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         _copy_parameters(linears, mlp.linears)
         return mlp
 
@@ -293,7 +302,7 @@ class MLP(_Planned, nn.Sequential):
                     layer.bias is not None,
                     device=weight.device,
                     dtype=weight.dtype,
-                )  # fmt: skip
+                )
             )
             module = _activations.get(name).module()
             if module is not None:

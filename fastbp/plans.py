@@ -270,9 +270,13 @@ class NumbaKernels:
         x, outputs = saved
         network = plan.prepared
         grad_x, grad_weights, grad_biases = threads.call(
-            network.backward, grad_output.numpy(), x, outputs, needs_input_grad,
+            network.backward,
+            grad_output.numpy(),
+            x,
+            outputs,
+            needs_input_grad,
             parallel=network.parallel(x.shape[0]),
-        )  # fmt: skip
+        )
         return _tensor(grad_x), [*map(_tensor, grad_weights)], [*map(_tensor, grad_biases)]
 
 
@@ -315,9 +319,15 @@ class TritonKernels:
     def backward(plan: Plan, saved, grad_output: torch.Tensor, needs_input_grad: bool):
         x, outputs = saved
         return _gpu().mlp_backward(
-            grad_output, x, plan.weights, plan.biases, plan.activations, outputs,
-            needs_input_grad, tf32=_tf32(),
-        )  # fmt: skip
+            grad_output,
+            x,
+            plan.weights,
+            plan.biases,
+            plan.activations,
+            outputs,
+            needs_input_grad,
+            tf32=_tf32(),
+        )
 
 
 KERNELS: dict[str, type[Kernels]] = {"numba": NumbaKernels, "triton": TritonKernels}

@@ -185,10 +185,15 @@ class Workload:
 
 def _mnist(batch: int, **changes) -> Workload:
     options = dict(
-        name=f"mnist-784x256x128x10-b{batch}", sizes=(784, 256, 128, 10), batch=batch,
-        bias=True, loss="cross_entropy", lr=0.01, momentum=0.9,
+        name=f"mnist-784x256x128x10-b{batch}",
+        sizes=(784, 256, 128, 10),
+        batch=batch,
+        bias=True,
+        loss="cross_entropy",
+        lr=0.01,
+        momentum=0.9,
         devices=("cpu", "cuda") if batch <= 1024 else ("cuda",),
-    )  # fmt: skip
+    )
     return Workload(**(options | changes))
 
 
@@ -210,7 +215,7 @@ WORKLOADS: dict[str, Workload] = {
             1e-3,
             "adam",
             activation="tanh",
-        ),  # fmt: skip
+        ),
         # PPO's policy/value network on CartPole: 2 action logits and a value
         Workload(
             "rl-ppo-8x64x64x3-b64",
@@ -221,7 +226,7 @@ WORKLOADS: dict[str, Workload] = {
             3e-4,
             "adam",
             activation="tanh",
-        ),  # fmt: skip
+        ),
         Workload("docs-huber-64x1000x100x10", (1000, 100, 10), 64, False, "huber", 1e-3),
         # the seeds' network (E2): 2-2-2 sigmoid, one sample
         Workload(
@@ -234,7 +239,7 @@ WORKLOADS: dict[str, Workload] = {
             reduction="sum",
             activation="sigmoid",
             output_activation="sigmoid",
-        ),  # fmt: skip
+        ),
     )
 }
 
@@ -390,10 +395,13 @@ def _fused(backend: str) -> Callable[[Workload, str], Step]:
     def make(workload: Workload, device: str) -> Step:
         model = MLP.from_torch(workload.model(device))
         trainer = FusedTrainer(
-            model, workload.fused_loss, workload.reduction,
-            workload.torch_optimizer(model.parameters()), backend=backend,
+            model,
+            workload.fused_loss,
+            workload.reduction,
+            workload.torch_optimizer(model.parameters()),
+            backend=backend,
             compile_loss=workload.callable_loss is not None,
-        )  # fmt: skip
+        )
         x, targets = workload.data(device)
         return Step(lambda: trainer.step(x, *targets), _parameters_of(model))
 

@@ -156,9 +156,14 @@ def _mlp_forward_op_backward(ctx, grad_outputs):
     x, *saved = ctx.saved_tensors
     weights, outputs = saved[: len(ctx.has_bias)], saved[len(ctx.has_bias) :]
     grad_x, grad_weights, grad_biases = torch.ops.fastbp.mlp_backward(
-        grad_outputs[len(weights) - 1], x, weights, ctx.has_bias, ctx.activations, outputs,
+        grad_outputs[len(weights) - 1],
+        x,
+        weights,
+        ctx.has_bias,
+        ctx.activations,
+        outputs,
         ctx.needs_input_grad[0],
-    )  # fmt: skip
+    )
     return grad_x if ctx.needs_input_grad[0] else None, grad_weights, grad_biases, None, None
 
 
@@ -179,9 +184,11 @@ for _key in ("CPU", "CUDA"):
 torch.library.register_fake("fastbp::mlp_forward", _mlp_forward_fake, lib=_LIBRARY)
 torch.library.register_fake("fastbp::mlp_backward", _mlp_backward_fake, lib=_LIBRARY)
 torch.library.register_autograd(
-    "fastbp::mlp_forward", _mlp_forward_op_backward, setup_context=_setup_mlp_context,
+    "fastbp::mlp_forward",
+    _mlp_forward_op_backward,
+    setup_context=_setup_mlp_context,
     lib=_LIBRARY,
-)  # fmt: skip
+)
 
 
 def custom_op_mlp(x, weights, biases, activations: Sequence[str]) -> torch.Tensor:
@@ -278,9 +285,11 @@ class _FuncMLPBackward(torch.autograd.Function):
         checked = plan(x, weights, unread_biases(weights, has_bias), activations, backend)
         kernels = checked.kernels
         grad_x, grad_weights, grad_biases = kernels.backward(
-            checked, kernels.saved(x.contiguous(), [a.contiguous() for a in outputs]),
-            grad_output.contiguous(), needs_input_grad,
-        )  # fmt: skip
+            checked,
+            kernels.saved(x.contiguous(), [a.contiguous() for a in outputs]),
+            grad_output.contiguous(),
+            needs_input_grad,
+        )
         grad_x = torch.zeros_like(x) if grad_x is None else grad_x
         return grad_x, *grad_weights, *(g for g in grad_biases if g is not None)
 

@@ -324,9 +324,15 @@ class FusedTrainer:
         else:
             y = plans.numpy_view(targets[0])
         result = threads.call(
-            kernel, plans.numpy_view(x), y, binding.arrays, hyper, binding.fresh,
-            self.max_grad_norm or 0.0, parallel=parallel,
-        )  # fmt: skip
+            kernel,
+            plans.numpy_view(x),
+            y,
+            binding.arrays,
+            hyper,
+            binding.fresh,
+            self.max_grad_norm or 0.0,
+            parallel=parallel,
+        )
         binding.stepped()
         # What optimizer.step() would mark: an lr scheduler, which wraps step() to set it,
         # warns that it stepped first when it finds this unset.
@@ -462,8 +468,9 @@ class _Binding:
                 continue
             _check_group(self.optimizer, index, self.rule)
             if self.rule == "sgd":
-                if group["momentum"] != 0 and any(self.held[r][1]["momentum_buffer"] is None
-                                                  for r in rows):  # fmt: skip
+                if group["momentum"] != 0 and any(
+                    self.held[r][1]["momentum_buffer"] is None for r in rows
+                ):
                     self.container = None  # momentum turned on: the next step binds anew
                 lr, momentum, decay = values[:3]
                 row = (lr, momentum, decay, 0.0, 0.0, 0.0)

@@ -45,8 +45,11 @@ def sm90_compile(config) -> _Worker:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         process = subprocess.Popen(
             [sys.executable, str(SM90_WORKER)],
-            stdout=output, stderr=subprocess.STDOUT, text=True, env=env,
-        )  # fmt: skip
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         worker = config._fastbp_sm90 = _Worker(process, output)
     return worker
 
@@ -160,9 +163,12 @@ def assert_as_accurate_as_torch(
     exact = named_results(higher_precision(x, weights, biases, activations, grad_output))
     on_device = lambda t: None if t is None else t.to(device)  # noqa: E731
     inputs = (
-        on_device(x), [on_device(w) for w in weights], [on_device(b) for b in biases],
-        activations, on_device(grad_output),
-    )  # fmt: skip
+        on_device(x),
+        [on_device(w) for w in weights],
+        [on_device(b) for b in biases],
+        activations,
+        on_device(grad_output),
+    )
     torchs = named_results(torch_gradients(*inputs))
     ours = named_results((run or REGISTRY[name, entry].gradients)(*inputs))
     for key, expected in exact.items():
@@ -207,8 +213,12 @@ def error_scales(x, weights, biases, activations, g, eps: float) -> list[np.ndar
         _, derivative, slope = ACTIVATIONS[activations[layer]]
         a, a_scale = values[layer + 1], scales[layer + 1]
         delta = g * derivative(a)
-        delta_scale = (g_scale * np.abs(derivative(a)) + np.abs(g * slope(a)) * a_scale
-                       + 2 * np.abs(delta) + np.abs(g) * kinks[layer] / eps)  # fmt: skip
+        delta_scale = (
+            g_scale * np.abs(derivative(a))
+            + np.abs(g * slope(a)) * a_scale
+            + 2 * np.abs(delta)
+            + np.abs(g) * kinks[layer] / eps
+        )
         source, source_scale = np.abs(values[layer]), scales[layer]
         weight_scales[layer] = (delta_scale + np.abs(delta)).T @ source
         weight_scales[layer] += np.abs(delta).T @ source_scale

@@ -102,9 +102,12 @@ def test_element_wise_passes_match_torch_over_the_whole_range(spec, dtype):
         specials = ~torch.from_numpy(finite)
         torch.testing.assert_close(ours[specials], torchs[specials], equal_nan=True)
         assert_no_less_accurate(
-            f"{spec} {what}", ours[~specials], torchs[~specials], exact[~specials],
+            f"{spec} {what}",
+            ours[~specials],
+            torchs[~specials],
+            exact[~specials],
             torch.from_numpy(z).dtype,
-        )  # fmt: skip
+        )
 
 
 @pytest.mark.parametrize(
@@ -210,8 +213,14 @@ def test_backward_keeps_z_of_the_layers_that_read_it_only():
     saved = cpu.mlp_forward(np.ones((6, 3)), weights, [None] * 3, ["gelu", "relu", "silu"])
     assert [a.shape for a in saved] == [(6, 4), (6, 5), (6, 2), (6, 4), (6, 2)]
     with pytest.raises(ValueError, match="must hold the 5 arrays forward returned"):
-        cpu.mlp_backward(np.ones((6, 2)), np.ones((6, 3)), weights, [None] * 3,
-                         ["gelu", "relu", "silu"], saved[:3])  # fmt: skip
+        cpu.mlp_backward(
+            np.ones((6, 2)),
+            np.ones((6, 3)),
+            weights,
+            [None] * 3,
+            ["gelu", "relu", "silu"],
+            saved[:3],
+        )
 
 
 def test_reference_recomputes_what_the_kernels_keep():
@@ -238,10 +247,14 @@ def test_reference_recomputes_what_the_kernels_keep():
 
 @pytest.mark.parametrize(
     "module, attribute, value",
-    [(nn.LeakyReLU(0.2), "negative_slope", 0.7), (nn.ELU(), "alpha", 0.3),
-     (nn.Softplus(), "beta", 3.0), (nn.GELU(), "approximate", "tanh")],
+    [
+        (nn.LeakyReLU(0.2), "negative_slope", 0.7),
+        (nn.ELU(), "alpha", 0.3),
+        (nn.Softplus(), "beta", 3.0),
+        (nn.GELU(), "approximate", "tanh"),
+    ],
     ids=lambda v: v if isinstance(v, str) else None,
-)  # fmt: skip
+)
 def test_a_changed_activation_child_takes_effect_at_the_next_call(module, attribute, value):
     model = fastbp.nn.MLP([3, 4, 2], activation=module)
     x = torch.randn(5, 3)

@@ -22,9 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_prints_a_progress_bar_and_a_summary_and_nothing_else(tmp_path):
     result = run_cli(
-        "bench", "--device", "cpu", "--rounds", "1", "--workloads", "docs-64x1000x100x10",
-        "--implementations", "torch-eager,torch-compile,fastbp", "--output-dir", str(tmp_path),
-    )  # fmt: skip
+        "bench",
+        "--device",
+        "cpu",
+        "--rounds",
+        "1",
+        "--workloads",
+        "docs-64x1000x100x10",
+        "--implementations",
+        "torch-eager,torch-compile,fastbp",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     # tqdm redraws one line with carriage returns; nothing else may reach stderr
     bar = re.compile(r"(cpu docs-64x1000x100x10 .*|[^a-z]*)\d+/\d+ \[[\d:]+<[\d:?]+\]")
@@ -120,16 +129,23 @@ def test_gpu_report_gathers_the_parts(tmp_path, monkeypatch):
     # One workload's bench.json, as `fastbp bench --output-dir part` writes it.
     part = tmp_path / "part"
     bench.run(
-        ["docs-64x1000x100x10"], ["cpu"], ["torch-eager"], rounds=1, round_seconds=0.01,
-        output_dir=part, tasks=("inference",), show_progress=False,
-    )  # fmt: skip
+        ["docs-64x1000x100x10"],
+        ["cpu"],
+        ["torch-eager"],
+        rounds=1,
+        round_seconds=0.01,
+        output_dir=part,
+        tasks=("inference",),
+        show_progress=False,
+    )
     out = tmp_path / "out"
     out.mkdir()
     (out / "pytest.log").write_text("...\n===== 3 passed, 1 skipped in 2.0s =====\n")
     monkeypatch.setattr(
-        sys, "argv", ["gpu_report", "--output-dir", str(out), "--commit", "abc1234",
-                      "--rounds", "1", str(part)],
-    )  # fmt: skip
+        sys,
+        "argv",
+        ["gpu_report", "--output-dir", str(out), "--commit", "abc1234", "--rounds", "1", str(part)],
+    )
     gpu_report.main()
     readme = (out / "README.md").read_text()
     assert "Commit: abc1234." in readme

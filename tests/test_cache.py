@@ -64,9 +64,13 @@ def test_cache_is_shared_by_both_gemm_bindings(tmp_path, first, then):
 
 @pytest.mark.parametrize(
     "kind, names",
-    [("activation", activation_table.NAMES), ("loss", reference.LOSSES),
-     ("reduction", reference.REDUCTIONS), ("optimizer", reference.OPTIMIZERS)],
-)  # fmt: skip
+    [
+        ("activation", activation_table.NAMES),
+        ("loss", reference.LOSSES),
+        ("reduction", reference.REDUCTIONS),
+        ("optimizer", reference.OPTIMIZERS),
+    ],
+)
 def test_the_cached_kernels_codes_are_held_to_the_tables(kind, names):
     """cpu_jit.py's codes are literals (numba's cache sees that file only); a table
     reordered without them must stop the import, not run stale kernels."""

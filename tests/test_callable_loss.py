@@ -97,8 +97,9 @@ def test_five_steps_equal_the_torch_loop_in_float64(loss, optimizer, backend):
     model, batches = _problem(LOSSES[loss], torch.float64)
     sequential = model.to_torch()
     expected = _torch_loop(sequential, LOSSES[loss], OPTIMIZERS[optimizer], batches, 0.5)
-    losses, _ = _fused_loop(model, LOSSES[loss], OPTIMIZERS[optimizer], batches, 0.5,
-                            backend=backend)  # fmt: skip
+    losses, _ = _fused_loop(
+        model, LOSSES[loss], OPTIMIZERS[optimizer], batches, 0.5, backend=backend
+    )
     torch.testing.assert_close(losses, expected, rtol=1e-10, atol=1e-10)
     for mine, theirs in zip(model.parameters(), sequential.parameters(), strict=True):
         torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-10, atol=1e-10)
@@ -171,18 +172,30 @@ PENALTY = torch.nn.Parameter(torch.ones(()))  # a tensor that requires grad, not
     "make, error, words",
     [
         (lambda model: lambda out, y: (out - y) ** 2, ValueError, "must return a scalar tensor"),
-        (lambda model: lambda out, y: (out - y).detach().sum().item(), TypeError,
-         "must return a scalar tensor, got float"),
+        (
+            lambda model: lambda out, y: (out - y).detach().sum().item(),
+            TypeError,
+            "must return a scalar tensor, got float",
+        ),
         (lambda model: lambda out, y: y.sum(), ValueError, "does not depend on the model's output"),
-        (lambda model: lambda out, y: out.detach().sum(), ValueError,
-         "does not depend on the model's output"),
-        (lambda model: lambda out, y: ((out - y) ** 2).mean() + model[0].weight.square().sum(),
-         ValueError, "reaches the model's parameter '0.weight'.*weight_decay"),
-        (lambda model: lambda out, y: ((out - y) ** 2).mean() * PENALTY, ValueError,
-         r"reaches a tensor that requires grad besides the output \(shape \(\)"),
+        (
+            lambda model: lambda out, y: out.detach().sum(),
+            ValueError,
+            "does not depend on the model's output",
+        ),
+        (
+            lambda model: lambda out, y: ((out - y) ** 2).mean() + model[0].weight.square().sum(),
+            ValueError,
+            "reaches the model's parameter '0.weight'.*weight_decay",
+        ),
+        (
+            lambda model: lambda out, y: ((out - y) ** 2).mean() * PENALTY,
+            ValueError,
+            r"reaches a tensor that requires grad besides the output \(shape \(\)",
+        ),
     ],
     ids=["not-scalar", "not-a-tensor", "not-on-output", "detached", "parameters", "other-leaf"],
-)  # fmt: skip
+)
 def test_a_loss_whose_gradient_would_be_dropped_is_refused(make, error, words, backend):
     model, batches = _problem(huber_loss, torch.float32)
     before = [p.detach().clone() for p in model.parameters()]

@@ -24,11 +24,19 @@ def test_version_and_usage_errors():
 
 def test_bench_writes_summary_table_json_and_plot(tmp_path):
     result = run_cli(
-        "bench", "--quick", "--device", "cpu", "--rounds", "1",
-        "--workloads", "docs-64x1000x100x10",
-        "--implementations", "gemm-floor,torch-eager,fastbp-fused",
-        "--output-dir", str(tmp_path),
-    )  # fmt: skip
+        "bench",
+        "--quick",
+        "--device",
+        "cpu",
+        "--rounds",
+        "1",
+        "--workloads",
+        "docs-64x1000x100x10",
+        "--implementations",
+        "gemm-floor,torch-eager,fastbp-fused",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     assert "cpu  docs-64x1000x100x10  FusedTrainer" in result.stdout
     table = (tmp_path / "bench.md").read_text()

@@ -165,7 +165,7 @@ HELPERS = {
                 np.geomspace(1e-12, 3, 1001),
                 -np.geomspace(1e-12, 3, 1001),
             ]
-        ),  # fmt: skip
+        ),
         _normal_cdf_truth,
         {np.float32: 6.0, np.float64: 8.0},
     ),

@@ -34,9 +34,18 @@ def test_two_ranks_train_as_one_process_on_the_whole_batch(tmp_path):
 
 def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
     results = launch(
-        tmp_path / "unused.pt", 2, 90,
-        "--steps", "5", "--fail-rank", "1", "--fail-at-step", "2", "--timeout", "15",
-    )  # fmt: skip
+        tmp_path / "unused.pt",
+        2,
+        90,
+        "--steps",
+        "5",
+        "--fail-rank",
+        "1",
+        "--fail-at-step",
+        "2",
+        "--timeout",
+        "15",
+    )
     (code0, stderr0), (code1, stderr1) = results
     assert code1 != 0 and "rank 1 failed on purpose at step 2" in stderr1
     assert code0 != 0, "rank 0 should fail once its peer is gone, not finish or hang"

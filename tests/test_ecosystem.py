@@ -344,8 +344,10 @@ def test_the_ops_plan_cache_frees_a_deleted_models_parameters():
     weights, biases = [m.weight for m in model.linears], [m.bias for m in model.linears]
     output = traced.custom_op_mlp(x, weights, biases, ["relu", "identity"])
     output.sum().backward()  # the forward's plan, reused by backward
-    assert any(entry.plan.weights[0].data_ptr() == weights[0].data_ptr()
-               for entry in traced._OP_PLANS.values())  # fmt: skip
+    assert any(
+        entry.plan.weights[0].data_ptr() == weights[0].data_ptr()
+        for entry in traced._OP_PLANS.values()
+    )
     freed = [weakref.ref(p) for p in model.parameters()]
     del model, weights, biases, output
     gc.collect()

@@ -240,17 +240,26 @@ def test_fastbp_mnist_trains_to_90_percent_and_saves(tmp_path):
 
     saved = tmp_path / "model.pt"
     result = run_cli(
-        "mnist", "--data-dir", str(REAL_DATA), "--epochs", "3", "--no-download",
-        "--save", str(saved),
-    )  # fmt: skip
+        "mnist",
+        "--data-dir",
+        str(REAL_DATA),
+        "--epochs",
+        "3",
+        "--no-download",
+        "--save",
+        str(saved),
+    )
     assert result.returncode == 0, result.stderr
     assert "first 8,000 test images" in result.stderr
     accuracy = float(result.stdout.split("test accuracy ")[1].split()[0])
     assert accuracy >= 0.90
     sequential = torch.nn.Sequential(
-        torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128),
-        torch.nn.ReLU(), torch.nn.Linear(128, 10),
-    )  # fmt: skip
+        torch.nn.Linear(784, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 10),
+    )
     sequential.load_state_dict(torch.load(saved))
 
 

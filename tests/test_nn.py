@@ -23,9 +23,12 @@ def test_mlp_matches_the_sequential_it_replaces():
     ours = fastbp.nn.MLP([20, 13, 8, 3], activation=["relu", "sigmoid"], bias=[False, False, True])
     torch.manual_seed(1)
     theirs = nn.Sequential(
-        nn.Linear(20, 13, bias=False), nn.ReLU(), nn.Linear(13, 8, bias=False), nn.Sigmoid(),
+        nn.Linear(20, 13, bias=False),
+        nn.ReLU(),
+        nn.Linear(13, 8, bias=False),
+        nn.Sigmoid(),
         nn.Linear(8, 3),
-    )  # fmt: skip
+    )
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     for (name, mine), (_, reference) in zip(
         ours.state_dict().items(), theirs.state_dict().items(), strict=True
@@ -39,9 +42,13 @@ def test_mlp_matches_the_sequential_it_replaces():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_round_trip_with_torch_is_exact(dtype):
     sequential = nn.Sequential(
-        nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 2),
+        nn.Linear(6, 5),
+        nn.Tanh(),
+        nn.Linear(5, 4, bias=False),
+        nn.ReLU(),
+        nn.Linear(4, 2),
         nn.Sigmoid(),
-    ).to(dtype)  # fmt: skip
+    ).to(dtype)
     mlp = fastbp.nn.MLP.from_torch(sequential, backend="torch")
     assert mlp.activations == ("tanh", "relu", "sigmoid")
     back = mlp.to_torch()

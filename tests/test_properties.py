@@ -51,14 +51,22 @@ def _check_against_reference(sizes, batch, activation, bias, dtype, seed):
     wide = lambda a: None if a is None else a.astype(np.longdouble)  # noqa: E731
     x_, weights_, biases_, activations, g = network
     exact = _forward_and_gradients(
-        reference, wide(x_), [wide(w) for w in weights_], [wide(b) for b in biases_],
-        activations, wide(g),
-    )  # fmt: skip
+        reference,
+        wide(x_),
+        [wide(w) for w in weights_],
+        [wide(b) for b in biases_],
+        activations,
+        wide(g),
+    )
     eps = np.finfo(dtype).eps
     scales = error_scales(
-        wide(x_), [wide(w) for w in weights_], [wide(b) for b in biases_], activations,
-        wide(g), eps,
-    )  # fmt: skip
+        wide(x_),
+        [wide(w) for w in weights_],
+        [wide(b) for b in biases_],
+        activations,
+        wide(g),
+        eps,
+    )
     ours = _forward_and_gradients(cpu, *network)
     numpys = _forward_and_gradients(reference, *network)
     _assert_within_scales(ours, numpys, exact, scales, eps)
@@ -158,20 +166,32 @@ def _check_through_functional(
     numpy = lambda t: None if t is None else t.numpy()  # noqa: E731
     eps = torch.finfo(dtype).eps
     scales = error_scales(
-        x.numpy(), [w.numpy() for w in weights], [numpy(b) for b in biases], activations,
-        grad.numpy(), eps,
-    )  # fmt: skip
+        x.numpy(),
+        [w.numpy() for w in weights],
+        [numpy(b) for b in biases],
+        activations,
+        grad.numpy(),
+        eps,
+    )
     # _torch_gradients gives the last output only; error_scales gives every layer's
     scales = [scales[layers - 1], *scales[layers:]]
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     ours = _torch_gradients(
-        _laid_out(cast(x), x_layout), [_laid_out(cast(w), weight_layout) for w in weights],
-        [cast(b) for b in biases], activations, cast(grad), "numba",
-    )  # fmt: skip
+        _laid_out(cast(x), x_layout),
+        [_laid_out(cast(w), weight_layout) for w in weights],
+        [cast(b) for b in biases],
+        activations,
+        cast(grad),
+        "numba",
+    )
     torchs = _torch_gradients(
-        cast(x), [cast(w) for w in weights], [cast(b) for b in biases], activations,
-        cast(grad), "torch",
-    )  # fmt: skip
+        cast(x),
+        [cast(w) for w in weights],
+        [cast(b) for b in biases],
+        activations,
+        cast(grad),
+        "torch",
+    )
     as_numpy = lambda tensors: [t.detach().double().numpy() for t in tensors]  # noqa: E731
     _assert_within_scales(as_numpy(ours), as_numpy(torchs), as_numpy(exact), scales, eps)
 

@@ -130,9 +130,12 @@ def test_float32_updates_are_as_accurate_as_torchs(configuration, size, seed):
     kept = 2 if optimizer == "adam" else int(bool(hyper.get("momentum")))
     state = tuple(np.zeros_like(ours) for _ in range(kept))
     coefficients = cpu.hyperparameters(
-        hyper["lr"], hyper.get("momentum", 0.0), hyper.get("weight_decay", 0.0),
-        hyper.get("betas", (0.9, 0.999)), 1e-8,
-    )  # fmt: skip
+        hyper["lr"],
+        hyper.get("momentum", 0.0),
+        hyper.get("weight_decay", 0.0),
+        hyper.get("betas", (0.9, 0.999)),
+        1e-8,
+    )
     for step, grad in enumerate(grads, start=1):
         cpu.update(ours, grad.numpy(), state, optimizer, coefficients, step)
     slack = torch.finfo(torch.float32).eps * exact.abs().max().item()
@@ -190,10 +193,14 @@ def _two_groups(params):
     """Each layer's weight in a group of its own lr; the biases in a third."""
     params = list(params)
     return torch.optim.SGD(
-        [{"params": [params[0]], "lr": 0.1}, {"params": [params[2]], "lr": 0.02},
-         {"params": [params[1], params[3]]}],
-        lr=0.05, momentum=0.5,
-    )  # fmt: skip
+        [
+            {"params": [params[0]], "lr": 0.1},
+            {"params": [params[2]], "lr": 0.02},
+            {"params": [params[1], params[3]]},
+        ],
+        lr=0.05,
+        momentum=0.5,
+    )
 
 
 RUNS = {
@@ -249,9 +256,12 @@ def _fused_step(model, x, y, max_norm, backend="numba"):
     def step(optimizer):
         if id(optimizer) not in trainers:
             trainers[id(optimizer)] = FusedTrainer(
-                model, "cross_entropy", optimizer=optimizer, max_grad_norm=max_norm,
+                model,
+                "cross_entropy",
+                optimizer=optimizer,
+                max_grad_norm=max_norm,
                 backend=backend,
-            )  # fmt: skip
+            )
         return trainers[id(optimizer)].step(x, y)
 
     return step
@@ -336,17 +346,26 @@ def test_the_string_form_builds_the_optimizer_it_names():
     "make, error, words",
     [
         (lambda p: torch.optim.RMSprop(p), TypeError, "torch.optim.SGD, Adam or AdamW"),
-        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), ValueError,
-         "nesterov=True"),
-        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5), ValueError,
-         "dampening=0.5"),
+        (
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+            ValueError,
+            "nesterov=True",
+        ),
+        (
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5),
+            ValueError,
+            "dampening=0.5",
+        ),
         (lambda p: torch.optim.Adam(p, amsgrad=True), ValueError, "amsgrad=True"),
         (lambda p: torch.optim.AdamW(p, maximize=True), ValueError, "maximize=True"),
-        (lambda p: torch.optim.SGD([*p, torch.nn.Parameter(torch.zeros(1))], lr=0.1), ValueError,
-         "1 foreign"),
+        (
+            lambda p: torch.optim.SGD([*p, torch.nn.Parameter(torch.zeros(1))], lr=0.1),
+            ValueError,
+            "1 foreign",
+        ),
         (lambda p: torch.optim.SGD(list(p)[:1], lr=0.1), ValueError, "of the model's missing"),
     ],
-)  # fmt: skip
+)
 def test_optimizers_the_kernels_cannot_run_are_refused_at_construction(make, error, words):
     model, _, _ = _problem([3, 2], 1, "mse", torch.float32)
     with pytest.raises(error, match=re.escape(words)):

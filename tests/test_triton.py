@@ -112,9 +112,15 @@ def test_kernels_as_accurate_as_torch(device, fused, batch, sizes, activation, b
     run = _kernel_runner(fused)
     for dtype in (torch.float32, torch.float64):
         assert_as_accurate_as_torch(
-            f"triton-{'fused' if fused else 'layered'}", sizes, batch, activation, bias, dtype,
-            device=device, run=run,
-        )  # fmt: skip
+            f"triton-{'fused' if fused else 'layered'}",
+            sizes,
+            batch,
+            activation,
+            bias,
+            dtype,
+            device=device,
+            run=run,
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -151,9 +157,15 @@ def test_partial_gradient_sums_cover_every_row_block(device, sizes):
     block = gpu.fused_plan(sizes, 10**6, torch.device(device)).BM
     batch = (3 * gpu.multiprocessors(torch.device(device)) + 1) * block
     assert_as_accurate_as_torch(
-        "triton-fused", list(sizes), batch, "tanh", True, torch.float32, device=device,
+        "triton-fused",
+        list(sizes),
+        batch,
+        "tanh",
+        True,
+        torch.float32,
+        device=device,
         run=_kernel_runner(True),
-    )  # fmt: skip
+    )
 
 
 def test_offsets_beyond_int32_are_refused():
@@ -175,9 +187,15 @@ def test_tensors_on_a_second_gpu_run_there(fused):
     # The current device stays cuda:0, as in a DDP rank that never called set_device.
     assert torch.cuda.current_device() == 0
     assert_as_accurate_as_torch(
-        "triton", [33, 16, 4], 9, "tanh", True, torch.float32, device="cuda:1",
+        "triton",
+        [33, 16, 4],
+        9,
+        "tanh",
+        True,
+        torch.float32,
+        device="cuda:1",
         run=_kernel_runner(fused),
-    )  # fmt: skip
+    )
 
 
 @needs_cuda

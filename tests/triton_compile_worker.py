@@ -150,9 +150,15 @@ def main() -> None:
             for fused in paths:
                 outputs = gpu.mlp_forward(x, weights, biases, activations, tf32=tf32, fused=fused)
                 gpu.mlp_backward(
-                    outputs[len(weights) - 1], x, weights, biases, activations, outputs,
-                    tf32=tf32, fused=fused,
-                )  # fmt: skip
+                    outputs[len(weights) - 1],
+                    x,
+                    weights,
+                    biases,
+                    activations,
+                    outputs,
+                    tf32=tf32,
+                    fused=fused,
+                )
     _check_coverage(gpu, launched)
     _report(resources)
 

@@ -157,8 +157,9 @@ class Network:
         outputs, slots = self.new_outputs(batch)
         gemm = _prepare_launch(dtype)
         scratch = self._spaces(batch)[0]
-        _mlp_forward(gemm, x, self.weights, self.biases, self.activations, (*outputs, *slots),
-                     scratch)  # fmt: skip
+        _mlp_forward(
+            gemm, x, self.weights, self.biases, self.activations, (*outputs, *slots), scratch
+        )
         if self._no_slots:
             return outputs
         return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
@@ -202,9 +203,17 @@ class Network:
         grad_biases = tuple([np.empty(b.shape, dtype) if b.size else b for b in self.biases])
         grad_x = np.empty((batch, self.widths[0]), dtype) if needs_input_grad else self._no_grad_x
         _mlp_backward(
-            _prepare_launch(dtype), g, x, self.weights, self.activations, outputs, grad_weights,
-            grad_biases, grad_x, *self._spaces(batch),
-        )  # fmt: skip
+            _prepare_launch(dtype),
+            g,
+            x,
+            self.weights,
+            self.activations,
+            outputs,
+            grad_weights,
+            grad_biases,
+            grad_x,
+            *self._spaces(batch),
+        )
         return (
             grad_x if needs_input_grad else None,
             list(grad_weights),
@@ -418,9 +427,14 @@ class TrainStep:
         x = self._prepare(x)
         outputs, delta_space, _ = self._workspaces
         _mlp_forward(
-            _prepare_launch(x.dtype), x, network.weights, network.biases, network.activations,
-            outputs, delta_space,
-        )  # fmt: skip
+            _prepare_launch(x.dtype),
+            x,
+            network.weights,
+            network.biases,
+            network.activations,
+            outputs,
+            delta_space,
+        )
         self._forwarded = x
         return outputs[len(network.weights) - 1]
 
@@ -461,11 +475,25 @@ class TrainStep:
         terms = batch if self.loss == CROSS_ENTROPY else batch * width
         scale = 1.0 / terms if self.scale_by_mean else 1.0
         value, bad = _train_step(
-            _prepare_launch(x.dtype), x, targets, labels, network.weights, network.biases,
-            network.activations, *self._workspaces, self._grad_weights, self._grad_biases,
-            self._first_param, *bound, hyper, fresh, self.loss, scale, self.rule,
+            _prepare_launch(x.dtype),
+            x,
+            targets,
+            labels,
+            network.weights,
+            network.biases,
+            network.activations,
+            *self._workspaces,
+            self._grad_weights,
+            self._grad_biases,
+            self._first_param,
+            *bound,
+            hyper,
+            fresh,
+            self.loss,
+            scale,
+            self.rule,
             float(max_norm),
-        )  # fmt: skip
+        )
         if bad >= 0:
             raise ValueError(f"y holds class index {y[bad]}, outside [0, {width})")
         if bad < -1:

@@ -115,8 +115,7 @@ def check_codes(tables: dict[str, tuple[str, ...]]) -> None:
             )
 
 
-check_codes({"activation": NAMES, "loss": LOSSES, "reduction": REDUCTIONS,
-             "optimizer": OPTIMIZERS})  # fmt: skip
+check_codes({"activation": NAMES, "loss": LOSSES, "reduction": REDUCTIONS, "optimizer": OPTIMIZERS})
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # A layer without bias gets an empty bias array: one shared per dtype, as it holds nothing.
@@ -1067,9 +1066,15 @@ def _mlp_forward(gemm, x, weights, biases, activations, outputs, scratch):
     for layer in range(top):
         source = x if layer == 0 else outputs[layer - 1]
         _layer_forward(
-            gemm, source, weights[layer], biases[layer], activations[layer], outputs[layer],
-            outputs[top + layer], scratch,
-        )  # fmt: skip
+            gemm,
+            source,
+            weights[layer],
+            biases[layer],
+            activations[layer],
+            outputs[layer],
+            outputs[top + layer],
+            scratch,
+        )
 
 
 @kernel
@@ -1093,9 +1098,13 @@ def _mlp_backward(
         delta = _rows(delta_space, batch, weights[layer].shape[0])
         a = outputs[layer]
         _delta_and_bias_grad(
-            upstream, a, _kept_or(outputs, layer, a), activations[layer], delta,
+            upstream,
+            a,
+            _kept_or(outputs, layer, a),
+            activations[layer],
+            delta,
             grad_biases[layer],
-        )  # fmt: skip
+        )
         source = x if layer == 0 else outputs[layer - 1]
         _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer])  # ∂W = δᵀ x
         if layer > 0:
@@ -1193,9 +1202,16 @@ def _update_parallel(param, grad, state_a, state_b, rule, hyper, step, fresh, sc
     for c in prange((param.shape[0] + size - 1) // size):
         lo, hi = c * size, (c + 1) * size
         _update_serial(
-            param[lo:hi], grad[lo:hi], state_a[lo:hi], state_b[lo:hi], rule, hyper, step, fresh,
+            param[lo:hi],
+            grad[lo:hi],
+            state_a[lo:hi],
+            state_b[lo:hi],
+            rule,
+            hyper,
+            step,
+            fresh,
             scale,
-        )  # fmt: skip
+        )
 
 
 @kernel
@@ -1342,19 +1358,46 @@ def _train_step(
             if biases[layer].shape[0] > 0:
                 steps[p + 1][0] += 1
     if max_norm > 0:  # clipping needs every gradient before any update
-        _gradients(gemm, x, weights, activations, outputs, delta_space, upstream_space,
-                   upstream, grad_weights, grad_biases)  # fmt: skip
+        _gradients(
+            gemm,
+            x,
+            weights,
+            activations,
+            outputs,
+            delta_space,
+            upstream_space,
+            upstream,
+            grad_weights,
+            grad_biases,
+        )
         coefficient = _clip_coefficient(grad_weights, grad_biases, max_norm)
         for layer in range(top + 1):
             p = first_param[layer]
             grad = grad_weights[layer]
-            _update(weights[layer].reshape(weights[layer].size), grad.reshape(grad.size),
-                    states[2 * p], states[2 * p + 1], rule, hyper[p], steps[p][0], fresh[p],
-                    coefficient)  # fmt: skip
+            _update(
+                weights[layer].reshape(weights[layer].size),
+                grad.reshape(grad.size),
+                states[2 * p],
+                states[2 * p + 1],
+                rule,
+                hyper[p],
+                steps[p][0],
+                fresh[p],
+                coefficient,
+            )
             if biases[layer].shape[0] > 0:
                 q = p + 1
-                _update(biases[layer], grad_biases[layer], states[2 * q], states[2 * q + 1],
-                        rule, hyper[q], steps[q][0], fresh[q], coefficient)  # fmt: skip
+                _update(
+                    biases[layer],
+                    grad_biases[layer],
+                    states[2 * q],
+                    states[2 * q + 1],
+                    rule,
+                    hyper[q],
+                    steps[q][0],
+                    fresh[q],
+                    coefficient,
+                )
         return value, -1
     for layer in range(top, -1, -1):
         source = x if layer == 0 else outputs[layer - 1]
@@ -1367,11 +1410,29 @@ def _train_step(
             _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)
         p = first_param[layer]
         _update_weight(
-            gemm, delta, source, weights[layer], grad_weights[layer], states[2 * p],
-            states[2 * p + 1], rule, hyper[p], steps[p][0], fresh[p],
-        )  # fmt: skip
+            gemm,
+            delta,
+            source,
+            weights[layer],
+            grad_weights[layer],
+            states[2 * p],
+            states[2 * p + 1],
+            rule,
+            hyper[p],
+            steps[p][0],
+            fresh[p],
+        )
         if biases[layer].shape[0] > 0:
             q = p + 1
-            _update(biases[layer], grad_biases[layer], states[2 * q], states[2 * q + 1], rule,
-                    hyper[q], steps[q][0], fresh[q], 1.0)  # fmt: skip
+            _update(
+                biases[layer],
+                grad_biases[layer],
+                states[2 * q],
+                states[2 * q + 1],
+                rule,
+                hyper[q],
+                steps[q][0],
+                fresh[q],
+                1.0,
+            )
     return value, -1

@@ -227,8 +227,9 @@ def _layer_forward_kernel(
         k = k0 + ks
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-            mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0,
-        )  # fmt: skip
+            mask=(rows[:, None] < M) & (k[None, :] < K),
+            other=0.0,
+        )
         w_t = tl.load(
             w_ptr + cols[None, :] * K + k[:, None],
             mask=(cols[None, :] < N) & (k[:, None] < K),
@@ -331,8 +332,9 @@ def _layer_grad_weight_kernel(
             )
             x = tl.load(
                 x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0,
-            )  # fmt: skip
+                mask=(rows[:, None] < M) & (ks[None, :] < K),
+                other=0.0,
+            )
             part = tl.dot(
                 tl.trans(delta.to(x.dtype)), x, part, input_precision=PRECISION, out_dtype=ACC
             )
@@ -388,20 +390,23 @@ def _mlp_forward_kernel(
         k = k0 + ks
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-            mask=row_mask & (k[None, :] < widths[0]), other=0.0,
-        )  # fmt: skip
+            mask=row_mask & (k[None, :] < widths[0]),
+            other=0.0,
+        )
         w_t = tl.load(
             weights[0] + hs[None, :] * widths[0] + k[:, None],
-            mask=(hs[None, :] < widths[1]) & (k[:, None] < widths[0]), other=0.0,
-        )  # fmt: skip
+            mask=(hs[None, :] < widths[1]) & (k[:, None] < widths[0]),
+            other=0.0,
+        )
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION, out_dtype=ACC)
     for layer in tl.static_range(L):
         if layer > 0:
             n_in = widths[layer]
             w_t = tl.load(
                 weights[layer] + hs[None, :] * n_in + hs[:, None],
-                mask=(hs[None, :] < widths[layer + 1]) & (hs[:, None] < n_in), other=0.0,
-            )  # fmt: skip
+                mask=(hs[None, :] < widths[layer + 1]) & (hs[:, None] < n_in),
+                other=0.0,
+            )
             h_in = h  # noqa: F821 (h: the previous unrolled layer's output)
             acc = tl.dot(
                 h_in, w_t, tl.zeros((BM, H), ACC), input_precision=PRECISION, out_dtype=ACC
@@ -480,8 +485,9 @@ def _mlp_backward_kernel(
         n_last = widths[L]
         g = tl.load(
             g_ptr + rows[:, None] * stride_gm + hs[None, :] * stride_gn,
-            mask=row_mask & (hs[None, :] < n_last), other=0.0,
-        ).to(ACC)  # fmt: skip
+            mask=row_mask & (hs[None, :] < n_last),
+            other=0.0,
+        ).to(ACC)
         for layer in tl.static_range(L - 1, -1, -1):
             n_in, n_out = widths[layer], widths[layer + 1]
             out_mask = row_mask & (hs[None, :] < n_out)
@@ -492,11 +498,15 @@ def _mlp_backward_kernel(
             delta = tl.where(
                 hs[None, :] < n_out,
                 _delta(
-                    g, a.to(ACC), a.to(ACC),
-                    (ACTS >> (ACT_BITS * layer)) & ((1 << ACT_BITS) - 1), 0.0, 0.0,
+                    g,
+                    a.to(ACC),
+                    a.to(ACC),
+                    (ACTS >> (ACT_BITS * layer)) & ((1 << ACT_BITS) - 1),
+                    0.0,
+                    0.0,
                 ),
                 0.0,
-            )  # fmt: skip
+            )
             _accumulate(
                 grads + offsets[layer] + n_out * n_in + hs, tl.sum(delta, axis=0), hs < n_out, again
             )
@@ -504,8 +514,9 @@ def _mlp_backward_kernel(
             if layer > 0:
                 a_in = tl.load(
                     outputs[layer - 1] + rows[:, None] * n_in + hs[None, :],
-                    mask=row_mask & (hs[None, :] < n_in), other=0.0,
-                )  # fmt: skip
+                    mask=row_mask & (hs[None, :] < n_in),
+                    other=0.0,
+                )
                 w_mask = (hs[:, None] < n_out) & (hs[None, :] < n_in)
                 grad_w = tl.dot(
                     tl.trans(delta),
@@ -528,8 +539,9 @@ def _mlp_backward_kernel(
                     k = k0 + ks
                     x = tl.load(
                         x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-                        mask=row_mask & (k[None, :] < n_in), other=0.0,
-                    )  # fmt: skip
+                        mask=row_mask & (k[None, :] < n_in),
+                        other=0.0,
+                    )
                     # names of their own: a name the unrolled layers above used
                     # would become a loop-carried variable of another shape
                     chunk_mask = (hs[:, None] < n_out) & (k[None, :] < n_in)
@@ -795,12 +807,28 @@ def _launch_layer_forward(x, w, b, activation, out, z, acc, precision) -> None:
     grid = (triton.cdiv(M, blocks.BM), triton.cdiv(N, blocks.BN))
     code, p0, p1 = _activation_arguments(activation)
     _layer_forward_kernel[grid](
-        x, w, *_bias_pointers([w], [b]), out, out if z is None else z, M, N, K,
-        x.stride(0), x.stride(1), p0, p1,
-        HAS_BIAS=b is not None, ACT=code, ACC=acc, PRECISION=precision,
-        BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, num_warps=blocks.num_warps,
+        x,
+        w,
+        *_bias_pointers([w], [b]),
+        out,
+        out if z is None else z,
+        M,
+        N,
+        K,
+        x.stride(0),
+        x.stride(1),
+        p0,
+        p1,
+        HAS_BIAS=b is not None,
+        ACT=code,
+        ACC=acc,
+        PRECISION=precision,
+        BM=blocks.BM,
+        BN=blocks.BN,
+        BK=blocks.BK,
+        num_warps=blocks.num_warps,
         enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    )
 
 
 def _activation_arguments(activation) -> tuple[int, float, float]:
@@ -818,13 +846,26 @@ def _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision) ->
     widths = (x.shape[1], *(w.shape[0] for w in weights))
     plan = fused_plan(widths, x.shape[0], x.device)
     _mlp_forward_kernel[(triton.cdiv(x.shape[0], plan.BM),)](
-        x, tuple(weights), _bias_pointers(weights, biases), tuple(outputs), widths,
-        x.shape[0], x.stride(0), x.stride(1),
-        L=len(weights), ACTS=_packed(codes, ACT_BITS), ACT_BITS=ACT_BITS,
+        x,
+        tuple(weights),
+        _bias_pointers(weights, biases),
+        tuple(outputs),
+        widths,
+        x.shape[0],
+        x.stride(0),
+        x.stride(1),
+        L=len(weights),
+        ACTS=_packed(codes, ACT_BITS),
+        ACT_BITS=ACT_BITS,
         BIASES=_packed((b is not None for b in biases), 1),
-        ACC=acc, PRECISION=precision, BM=plan.BM, BK=plan.BK, H=plan.H, num_warps=plan.num_warps,
+        ACC=acc,
+        PRECISION=precision,
+        BM=plan.BM,
+        BK=plan.BK,
+        H=plan.H,
+        num_warps=plan.num_warps,
         enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    )
 
 
 def mlp_backward(
@@ -914,14 +955,32 @@ def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision
     direct = plan.programs == 1 and triton.cdiv(x.shape[0], plan.BM) == 1
     partials = _workspace(x, plan.programs, plan.size, direct)
     _mlp_backward_kernel[(plan.programs,)](
-        g, x, tuple(weights), tuple(outputs), x if grad_x is None else grad_x, partials,
-        widths, plan.offsets, x.shape[0], plan.size,
-        g.stride(0), g.stride(1), x.stride(0), x.stride(1),
-        L=len(weights), ACTS=_packed(codes, ACT_BITS), ACT_BITS=ACT_BITS,
+        g,
+        x,
+        tuple(weights),
+        tuple(outputs),
+        x if grad_x is None else grad_x,
+        partials,
+        widths,
+        plan.offsets,
+        x.shape[0],
+        plan.size,
+        g.stride(0),
+        g.stride(1),
+        x.stride(0),
+        x.stride(1),
+        L=len(weights),
+        ACTS=_packed(codes, ACT_BITS),
+        ACT_BITS=ACT_BITS,
         NEEDS_DX=grad_x is not None,
-        ACC=acc, PRECISION=precision, BM=plan.BM, BK=plan.BK, H=plan.H, num_warps=plan.num_warps,
+        ACC=acc,
+        PRECISION=precision,
+        BM=plan.BM,
+        BK=plan.BK,
+        H=plan.H,
+        num_warps=plan.num_warps,
         enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    )
     flat = _reduced(partials, x.dtype)
     views = [
         _views(flat, o, n_out, n_in)
@@ -955,11 +1014,27 @@ def _launch_grad_input(g, saved, w, dx, acc, precision, blocks: Blocks) -> None:
     grid = (triton.cdiv(M, blocks.BM), triton.cdiv(K, blocks.BK))
     code, p0, p1 = _activation_arguments(activation)
     _layer_grad_input_kernel[grid](
-        g, a, z, w, dx, M, N, K, g.stride(0), g.stride(1), p0, p1,
-        ACT=code, ACC=acc, PRECISION=precision,
-        BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, num_warps=blocks.num_warps,
+        g,
+        a,
+        z,
+        w,
+        dx,
+        M,
+        N,
+        K,
+        g.stride(0),
+        g.stride(1),
+        p0,
+        p1,
+        ACT=code,
+        ACC=acc,
+        PRECISION=precision,
+        BM=blocks.BM,
+        BN=blocks.BN,
+        BK=blocks.BK,
+        num_warps=blocks.num_warps,
         enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    )
 
 
 def _launch_grad_weight(g, saved, x, acc, precision, blocks: Blocks):
@@ -970,9 +1045,29 @@ def _launch_grad_weight(g, saved, x, acc, precision, blocks: Blocks):
     grid = (triton.cdiv(N, blocks.BN), triton.cdiv(K, blocks.BK), plan.splits)
     code, p0, p1 = _activation_arguments(activation)
     _layer_grad_weight_kernel[grid](
-        g, a, z, x, partials, M, N, K, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
-        plan.rows_per_split, p0, p1, ACT=code, ACC=acc, PRECISION=precision,
-        BM=blocks.BM, BN=blocks.BN, BK=blocks.BK, GROUP=SUM_GROUP, num_warps=blocks.num_warps,
+        g,
+        a,
+        z,
+        x,
+        partials,
+        M,
+        N,
+        K,
+        g.stride(0),
+        g.stride(1),
+        x.stride(0),
+        x.stride(1),
+        plan.rows_per_split,
+        p0,
+        p1,
+        ACT=code,
+        ACC=acc,
+        PRECISION=precision,
+        BM=blocks.BM,
+        BN=blocks.BN,
+        BK=blocks.BK,
+        GROUP=SUM_GROUP,
+        num_warps=blocks.num_warps,
         enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    )
     return _views(_reduced(partials, x.dtype), 0, N, K)
