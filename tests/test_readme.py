@@ -1,4 +1,5 @@
-"""The README's Layout section is the tree, file for file."""
+"""The README against the tree: its Layout section lists every file, and every message
+of its Errors table is one the code still writes."""
 
 from __future__ import annotations
 
@@ -43,3 +44,35 @@ def test_the_layout_section_lists_every_file_of_the_tree():
     assert not missing, f"in the tree, not in README's Layout: {missing}"
     stale = [entry for entry in entries if not any(_covered(f, [entry]) for f in files)]
     assert not stale, f"in README's Layout, not in the tree: {stale}"
+
+
+def _error_messages() -> list[str]:
+    """The example messages of the README's Errors table (each in backticks)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Errors\n") :]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][2:]
+    messages = []
+    for row in rows:
+        cells = row.split(" | ")
+        messages += re.findall(r"`([^`]{20,})`", cells[-1])
+    return messages
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z_][A-Za-z_']+", text)
+
+
+def test_every_message_of_the_errors_table_is_one_the_code_writes():
+    """Judged by word triples, since values stand between the fixed words: a message
+    the code still writes shares at least two triples with fastbp's sources (the
+    real ones share 2 to 16); a stale or invented one shares none or one."""
+    sources = " ".join(_words("".join(p.read_text() for p in (ROOT / "fastbp").rglob("*.py"))))
+    messages = _error_messages()
+    assert len(messages) >= 20, messages
+    stale = []
+    for message in messages:
+        words = _words(message)
+        triples = [" ".join(words[i : i + 3]) for i in range(len(words) - 2)]
+        if len(triples) >= 3 and sum(t in sources for t in triples) < 2:
+            stale.append(message)
+    assert not stale, f"in README's Errors table, written nowhere in fastbp/: {stale}"
