@@ -9,9 +9,11 @@ the GPU, plus real sizes, half precision, CUDA graphs and torch.compile.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -346,6 +348,20 @@ def test_import_and_cpu_training_never_import_triton():
     assert result.stdout.strip() == "[]", result.stderr
 
 
+def test_fused_true_warns_where_the_fused_kernel_spills(monkeypatch):
+    """fused=True no longer takes a spilling kernel silently (the sm_90 check measures
+    which do); where the fused kernel is the default, it says nothing."""
+    monkeypatch.setattr(gpu, "interpreted", lambda device: False)  # as on a GPU
+    weights = [torch.randn(3, 5)]
+    message = "fused=True takes the fused backward kernel, which spills registers in float32"
+    with pytest.warns(gpu.SpillWarning, match=message):
+        gpu._fused_choice(True, weights, ["relu"], torch.randn(4, 5), False, backward=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        half = [w.half() for w in weights]
+        assert gpu._fused_choice(True, half, ["relu"], torch.randn(4, 5).half(), False, False)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the real tests compile every kernel")
 def test_every_kernel_compiles_for_an_h100(request):
     # The interpreter accepts what a GPU compiler refuses (tl.dot blocks < 16,
@@ -355,8 +371,10 @@ def test_every_kernel_compiles_for_an_h100(request):
     returncode = worker.process.wait()
     worker.output.seek(0)
     output = worker.output.read()
-    assert returncode == 0, output
+    assert returncode == 0, output  # it fails on a spill in a default path
     assert "compiled" in output
+    lines = [json.loads(line[5:]) for line in output.splitlines() if line.startswith("SM90 {")]
+    assert lines and all(line["spill_bytes"] == 0 for line in lines if line["default_path"])
 
 
 # ---------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -606,9 +607,12 @@ class Blocks(NamedTuple):
 
 
 def _layer_blocks(dtype: torch.dtype, interpreting: bool) -> Blocks:
+    """64×64 output tiles over 8 warps: with 4, ptxas spilled 56-228 bytes per thread in
+    float32's ∂x and ∂W kernels (IEEE and TF32) and 72 in bfloat16's ∂W (sm_90,
+    Triton 3.8), since each thread then holds 32 accumulators beside its operands."""
     if interpreting:
         return Blocks(16, 32, 16, 1)
-    return Blocks(64, 64, 64 if dtype.itemsize == 2 else 32, 4)
+    return Blocks(64, 64, 64 if dtype.itemsize == 2 else 32, 8)
 
 
 class FusedPlan(NamedTuple):
@@ -642,6 +646,10 @@ def fused_plan(widths: tuple[int, ...], batch: int, device: torch.device) -> Fus
 
 # Row blocks summed per partial ∂W accumulator (see _layer_grad_weight_kernel).
 SUM_GROUP = 2
+# Software-pipeline stages of the ∂W kernel: with Triton's default 3, ptxas held the
+# identity's float32 variant to 64 registers and spilled 32-36 bytes (sm_90, Triton
+# 3.8 and 3.9); with 2 it takes 73 and spills nothing.
+GRAD_WEIGHT_STAGES = 2
 
 
 class SplitPlan(NamedTuple):
@@ -741,16 +749,31 @@ def fusable(weights, activations=()) -> bool:
     return narrow and all(parse(a).code in FUSED_ACTIVATIONS for a in activations)
 
 
-def _fused_choice(fused, weights, activations, dtype, tf32, backward: bool) -> bool:
-    """``fused`` as given (True refused where the network does not fit), or, for None,
-    ``fused_by_default``."""
+class SpillWarning(UserWarning):
+    """``fused=True`` took a fused kernel that spills registers on this path."""
+
+
+def _fused_choice(fused, weights, activations, x, tf32, backward: bool) -> bool:
+    """``fused`` as given (True refused where the network does not fit, and warned of
+    where it spills), or, for None, ``fused_by_default``."""
+    default = fused_by_default(weights, x.dtype, tf32, backward)
     if fused is None:
-        return fusable(weights, activations) and fused_by_default(weights, dtype, tf32, backward)
+        return fusable(weights, activations) and default
     if fused and not fusable(weights, activations):
         raise ValueError(
             f"fused=True needs every layer output at most {FUSED_MAX_WIDTH} wide and "
             f"activations among identity, relu, sigmoid, tanh, got widths "
             f"{[w.shape[0] for w in weights]} and {[parse(a).spec for a in activations]}"
+        )
+    if fused and not default and not interpreted(x.device):
+        kind = "backward" if backward else "forward"
+        precision = "TF32" if tf32 and x.dtype == torch.float32 else str(x.dtype)[6:]
+        warnings.warn(
+            f"fused=True takes the fused {kind} kernel, which spills registers in "
+            f"{precision} (fused_by_default says where it does not): fused=None takes "
+            "the layered kernels here",
+            SpillWarning,
+            stacklevel=3,
         )
     return fused
 
@@ -760,10 +783,11 @@ def fused_by_default(weights, dtype: torch.dtype, tf32: bool, backward: bool) ->
     layer in registers, their reason to exist.
 
     ``tests/triton_compile_worker.py`` compiles every kernel for sm_90 and reads
-    ptxas's register counts: the fused backward spills 7-9 KB per thread on tensor
-    cores and 127-132 KB in float32 (IEEE) and float64, the float32 (IEEE) fused
-    forward 52 KB, and the float64 one 0.3-1.1 KB with Triton 3.8 (none with 3.9);
-    the layered kernels spill at most 0.4 KB. On an H200 the spilling fused kernels
+    ptxas's register counts: the fused backward spills 6-9 KB per thread on tensor
+    cores and 117-132 KB in float32 (IEEE) and float64, the float32 (IEEE) fused
+    forward 7.6 KB (Triton 3.8) to 52 KB (3.9), and the float64 one 1.1 KB with
+    Triton 3.8 (none with 3.9); the layered kernels spill nothing but in float64.
+    On an H200 the spilling fused kernels
     took 1.7 ms (backward) and 196 µs (forward) of a 64x1000x100x10 step whose
     torch-eager kernels take 44 µs in all. The fused forward on tensor cores
     (float16, bfloat16, TF32) spills nothing with either: there it is the default.
@@ -780,7 +804,7 @@ def mlp_forward(x, weights, biases, activations, *, tf32=False, fused=None) -> l
     ``fusable(weights)``) or False forces a path (the tests run both).
     """
     weights, biases, parsed = _checked(x, weights, biases, activations)
-    fused = _fused_choice(fused, weights, activations, x.dtype, tf32, backward=False)
+    fused = _fused_choice(fused, weights, activations, x, tf32, backward=False)
     acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
     outputs = [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
     kept = [x.new_empty(x.shape[0], w.shape[0]) if p.activation.reads_input else None
@@ -896,7 +920,7 @@ def mlp_backward(
         ]
         grad_x = x.new_empty(x.shape) if needs_input_grad else None
         return grad_x, [w.new_zeros(w.shape) for w in weights], grad_biases
-    fused = _fused_choice(fused, weights, activations, x.dtype, tf32, backward=True)
+    fused = _fused_choice(fused, weights, activations, x, tf32, backward=True)
     acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
     grad_x = (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else None
@@ -1068,6 +1092,7 @@ def _launch_grad_weight(g, saved, x, acc, precision, blocks: Blocks):
         BK=blocks.BK,
         GROUP=SUM_GROUP,
         num_warps=blocks.num_warps,
+        num_stages=GRAD_WEIGHT_STAGES,
         enable_fp_fusion=FP_FUSION,
     )
     return _views(_reduced(partials, x.dtype), 0, N, K)
