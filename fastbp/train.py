@@ -88,8 +88,8 @@ class FusedTrainer:
             and update. A callable whose graph reaches the model's parameters (or any
             other tensor that requires grad) is refused, since that gradient would be
             dropped: a weight penalty belongs in ``weight_decay``.
-        reduction: "mean" or "sum", as in ``torch.nn.functional``'s losses (the loss
-            names only; a callable reduces as it likes).
+        reduction: "mean" or "sum", as in ``torch.nn.functional``'s losses; for the loss
+            names only (a callable reduces its own terms, and "sum" beside one raises).
         optimizer: a ``torch.optim.SGD`` (momentum, weight_decay), ``Adam`` or
             ``AdamW`` (betas, eps, weight_decay) over exactly the model's parameters,
             in any number of param groups; or "sgd", "adam" or "adamw", built with
@@ -244,6 +244,11 @@ class FusedTrainer:
             raise ValueError(
                 f"compile_loss=True compiles a callable loss; the {self.loss!r} loss runs "
                 "inside fastbp's kernel already: set compile_loss=False"
+            )
+        if custom and self.reduction != "mean":
+            raise ValueError(
+                f"reduction={self.reduction!r} applies to the loss names; a callable loss "
+                "reduces its own terms: leave reduction at 'mean' and sum inside the loss"
             )
         if not custom and len(targets) != 1:
             raise TypeError(

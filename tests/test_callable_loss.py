@@ -222,3 +222,11 @@ def test_a_loss_name_takes_one_target():
     x, targets = batches[0]
     with pytest.raises(TypeError, match="one target y for the 'mse' loss, got 2"):
         FusedTrainer(model, "mse").step(x, *targets)
+
+
+def test_a_reduction_beside_a_callable_loss_is_refused():
+    model, batches = _problem(huber_loss, torch.float32)
+    x, (y,) = batches[0]
+    trainer = FusedTrainer(model, huber_loss, reduction="sum")
+    with pytest.raises(ValueError, match="reduction='sum' applies to the loss names"):
+        trainer.step(x, y)
