@@ -446,7 +446,7 @@ BAR = "{desc} {bar:20} {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
 Unit = tuple[str, str, str, list[str]]  # (device, workload, task, implementations)
 
 
-def plan(
+def timed_units(
     workloads: list[str], devices: list[str], implementations: list[str] | None,
     tasks: tuple[str, ...],
 ) -> list[Unit]:  # fmt: skip
@@ -485,13 +485,13 @@ def run(
     """The whole comparison: rows, ``bench.json``, ``bench.md`` (the table) and
     ``bench.png``, with a progress bar on stderr."""
     threads.ensure_policy()
-    units = plan(workloads, devices, implementations, tasks)
+    timed = timed_units(workloads, devices, implementations, tasks)
     passes = _times_passes(devices, implementations, tasks)
-    total = sum(len(names) + rounds for *_, names in units) + (2 * (1 + rounds) if passes else 0)
+    total = sum(len(names) + rounds for *_, names in timed) + (2 * (1 + rounds) if passes else 0)
     rows = []
     progress = dict(total=total, disable=not show_progress, file=sys.stderr, bar_format=BAR)
     with tqdm(**progress) as bar:
-        for device, workload, task, names in units:
+        for device, workload, task, names in timed:
             rows += bench_workload(
                 WORKLOADS[workload], device, names, rounds, round_seconds, bar, task
             )
