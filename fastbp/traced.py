@@ -31,7 +31,7 @@ from .plans import (
 # The same kernels as torch.library custom ops: opaque to torch.compile and
 # torch.export (which trace them through their fake implementations instead of
 # breaking the graph on numpy or Triton launches), at a few µs more dispatch per
-# call than the autograd.Function above. The device picks the kernels: numba on
+# call than plans.py's autograd.Function. The device picks the kernels: numba on
 # CPU (also for backend="triton" in the interpreter), Triton on CUDA.
 # joins the activation specs in the ops' str argument (a spec may hold commas)
 SPEC_SEPARATOR = ";"
