@@ -391,8 +391,16 @@ class Plan:
             and all(map(operator.is_, biases, self.biases))
             # .data assignment (model.to(), .cuda(), user code) keeps the Parameter
             # object but not its memory: the numpy views would read stale values.
-            and list(map(torch.Tensor.data_ptr, self.params)) == self._pointers
-            and list(map(torch.Tensor.stride, self.params)) == self._strides
+            and self.same_memory(self.params)
+        )
+
+    def same_memory(self, params) -> bool:
+        """Whether ``params`` (the first of ``self.params``, in that order) still have the
+        memory and strides this plan was built on."""
+        count = len(params)
+        return (
+            list(map(torch.Tensor.data_ptr, params)) == self._pointers[:count]
+            and list(map(torch.Tensor.stride, params)) == self._strides[:count]
         )
 
     def fits(self, x) -> bool:

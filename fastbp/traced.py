@@ -65,11 +65,7 @@ class _OpPlan:
                 if (ref is None) != (bias is None) or (ref is not None and ref() is not bias):
                     return False
             params += [b for b in biases if b is not None]
-        count = len(params)
-        return (
-            list(map(torch.Tensor.data_ptr, params)) == plan._pointers[:count]
-            and list(map(torch.Tensor.stride, params)) == plan._strides[:count]
-        )
+        return plan.same_memory(params)
 
 
 _OP_PLANS: dict[tuple, _OpPlan] = {}
