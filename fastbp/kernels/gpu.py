@@ -25,8 +25,9 @@ Two ways to run a network:
   the first layer, whose input may be wide, loops over its input in ``BK``
   chunks. Widths are padded to one power of two ``H``; masks keep the padding
   out of every result. Outputs are still stored, since backward needs them.
-- **layered**: three kernels per layer (forward; ∂x; ∂W with ∂b), tiled like
-  Triton's matmul tutorial, for wider layers.
+- **layered**: two launches per layer, tiled like Triton's matmul tutorial, for
+  wider layers: forward, and backward, whose programs split between tiles of ∂W
+  (with ∂b) and tiles of ∂x, which read the same δ and need nothing of each other.
 
 Weight gradients are sums over the batch, so programs that own different rows
 produce partial sums. Each program accumulates its own slice of a workspace
@@ -261,15 +262,14 @@ def _load_delta(
 
 
 @triton.jit
-def _layer_grad_input_kernel(
-    g_ptr, a_ptr, z_ptr, w_ptr, dx_ptr, M, N, K, stride_gm, stride_gn,
-    P0: tl.float64, P1: tl.float64,
+def _grad_input_tile(
+    g_ptr, a_ptr, z_ptr, w_ptr, dx_ptr, tile_m, tile_k, M, N, K, stride_gm, stride_gn, P0, P1,
     ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """dx[M, K] = δ[M, N] W[N, K]; one (BM, BK) tile of dx per program, looping over N."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    ks = tl.program_id(1) * BK + tl.arange(0, BK)
+    """Tile (tile_m, tile_k) of dx[M, K] = δ[M, N] W[N, K], looping over N."""
+    rows = tile_m * BM + tl.arange(0, BM)
+    ks = tile_k * BK + tl.arange(0, BK)
     ns = tl.arange(0, BN)
     acc = tl.zeros((BM, BK), ACC)
     for n0 in range(0, N, BN):
@@ -288,32 +288,17 @@ def _layer_grad_input_kernel(
 
 
 @triton.jit
-def _layer_grad_weight_kernel(
-    g_ptr,                  # (M, N) ∂L/∂a of this layer's output, strides stride_g*
-    a_ptr,                  # (M, N) contiguous saved output a (δ = g ⊙ act'(a))
-    z_ptr,                  # (M, N) contiguous saved z where act' reads it, else a_ptr
-    x_ptr,                  # (M, K) this layer's input, strides stride_x*
-    out_ptr,                # (splits, N·K + N) partial [∂W | ∂b], one row per split
-    M, N, K,
-    stride_gm, stride_gn,
-    stride_xm, stride_xk,
-    rows_per_split,         # batch rows each split sums, a multiple of BM
-    P0: tl.float64,         # the activation's parameters: as given, in float64 (a
-    P1: tl.float64,         # float argument is float32 otherwise); used in acc's dtype
-    ACT: tl.constexpr,      # activation code
-    ACC: tl.constexpr,      # accumulation dtype: float32, or float64 for float64
-    PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32"
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,  # tile: rows, ∂W rows, ∂W cols
-    GROUP: tl.constexpr,    # row blocks per fresh accumulator (blocked summation)
+def _grad_weight_tile(
+    g_ptr, a_ptr, z_ptr, x_ptr, out_ptr, tile_n, tile_k, split, M, N, K,
+    stride_gm, stride_gn, stride_xm, stride_xk, rows_per_split, P0, P1,
+    ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    """Row ``split`` of out (splits, N·K + N) = [δᵀx | Σδ] over that split's batch rows.
-
-    One (BN, BK) tile of ∂W per program; the programs of the first K tile also
-    store ∂b, summed from the same δ tiles.
-    """
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    ks = tl.program_id(1) * BK + tl.arange(0, BK)
-    split = tl.program_id(2)
+    """Tile (tile_n, tile_k) of row ``split`` of out (splits, N·K + N) = [δᵀx | Σδ]
+    over that split's batch rows; the tiles with tile_k = 0 also store ∂b, summed
+    from the same δ tiles."""
+    cols = tile_n * BN + tl.arange(0, BN)
+    ks = tile_k * BK + tl.arange(0, BK)
     acc = tl.zeros((BN, BK), ACC)
     bias_acc = tl.zeros((BN,), ACC)
     start = split * rows_per_split
@@ -345,8 +330,54 @@ def _layer_grad_weight_kernel(
     out = out_ptr + split * (N * K + N)
     mask = (cols[:, None] < N) & (ks[None, :] < K)
     tl.store(out + cols[:, None] * K + ks[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-    bias_columns = tl.where(tl.program_id(1) == 0, N, 0)  # ∂b from the first K tile only
+    bias_columns = tl.where(tile_k == 0, N, 0)  # ∂b from the first K tile only
     tl.store(out + N * K + cols, bias_acc.to(out_ptr.dtype.element_ty), mask=cols < bias_columns)
+
+
+@triton.jit
+def _layer_backward_kernel(
+    g_ptr,                  # (M, N) ∂L/∂a of this layer's output, strides stride_g*
+    a_ptr,                  # (M, N) contiguous saved output a (δ = g ⊙ act'(a))
+    z_ptr,                  # (M, N) contiguous saved z where act' reads it, else a_ptr
+    w_ptr,                  # (N, K) contiguous weight
+    x_ptr,                  # (M, K) this layer's input, strides stride_x*
+    dx_ptr,                 # (M, K) contiguous ∂L/∂x, written by the ∂x programs
+    out_ptr,                # (splits, N·K + N) partial [∂W | ∂b], one row per split
+    M, N, K,
+    stride_gm, stride_gn,
+    stride_xm, stride_xk,
+    rows_per_split,         # batch rows each split sums, a multiple of BM
+    weight_programs,        # the first programs, which compute ∂W: the rest compute ∂x
+    P0: tl.float64,         # the activation's parameters: as given, in float64 (a
+    P1: tl.float64,         # float argument is float32 otherwise); used in acc's dtype
+    ACT: tl.constexpr,      # activation code
+    ACC: tl.constexpr,      # accumulation dtype: float32, or float64 for float64
+    PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32"
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,  # tiles: (BN, BK) of ∂W, (BM, BK) of dx
+    GROUP: tl.constexpr,    # row blocks per fresh accumulator (blocked summation)
+):  # fmt: skip
+    """One layer's backward in one launch: both products read the same δ and neither
+    needs the other, so the programs split between them.
+
+    Programs [0, weight_programs) each own a (BN, BK) tile of one split's partial
+    [∂W | ∂b]; the programs after them each own a (BM, BK) tile of dx.
+    """
+    pid = tl.program_id(0)
+    k_tiles = tl.cdiv(K, BK)
+    if pid < weight_programs:
+        tiles = tl.cdiv(N, BN) * k_tiles
+        tile = pid % tiles
+        _grad_weight_tile(
+            g_ptr, a_ptr, z_ptr, x_ptr, out_ptr, tile // k_tiles, tile % k_tiles, pid // tiles,
+            M, N, K, stride_gm, stride_gn, stride_xm, stride_xk, rows_per_split, P0, P1,
+            ACT, ACC, PRECISION, BM, BN, BK, GROUP,
+        )  # fmt: skip
+    else:
+        tile = pid - weight_programs
+        _grad_input_tile(
+            g_ptr, a_ptr, z_ptr, w_ptr, dx_ptr, tile // k_tiles, tile % k_tiles, M, N, K,
+            stride_gm, stride_gn, P0, P1, ACT, ACC, PRECISION, BM, BN, BK,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -604,15 +635,24 @@ class Blocks(NamedTuple):
     BN: int
     BK: int
     num_warps: int
+    maxnreg: int | None  # the backward's registers per thread, where ptxas must be told
 
 
-def _layer_blocks(dtype: torch.dtype, interpreting: bool) -> Blocks:
+def _layer_blocks(dtype: torch.dtype, interpreting: bool, precision: str = "ieee") -> Blocks:
     """64×64 output tiles over 8 warps: with 4, ptxas spilled 56-228 bytes per thread in
     float32's ∂x and ∂W kernels (IEEE and TF32) and 72 in bfloat16's ∂W (sm_90,
-    Triton 3.8), since each thread then holds 32 accumulators beside its operands."""
+    Triton 3.8), since each thread then holds 32 accumulators beside its operands.
+
+    In float32 (IEEE) the backward, ∂W and ∂x in one kernel, is capped at 128 registers:
+    left to itself, ptxas gave some activations' variants 64-80 registers and spilled
+    48-68 bytes (identity with 3 pipeline stages, elu with 2), where 128 spill nothing.
+    """
     if interpreting:
-        return Blocks(16, 32, 16, 1)
-    return Blocks(64, 64, 64 if dtype.itemsize == 2 else 32, 8)
+        return Blocks(16, 32, 16, 1, None)
+    if dtype.itemsize == 2:
+        return Blocks(64, 64, 64, 8, None)
+    ieee = dtype == torch.float32 and precision == "ieee"
+    return Blocks(64, 64, 32, 8, 128 if ieee else None)
 
 
 class FusedPlan(NamedTuple):
@@ -644,11 +684,11 @@ def fused_plan(widths: tuple[int, ...], batch: int, device: torch.device) -> Fus
     )
 
 
-# Row blocks summed per partial ∂W accumulator (see _layer_grad_weight_kernel).
+# Row blocks summed per partial ∂W accumulator (see _grad_weight_tile).
 SUM_GROUP = 2
-# Software-pipeline stages of the ∂W kernel: with Triton's default 3, ptxas held the
-# identity's float32 variant to 64 registers and spilled 32-36 bytes (sm_90, Triton
-# 3.8 and 3.9); with 2 it takes 73 and spills nothing.
+# Software-pipeline stages of the layered backward: with Triton's default 3, ptxas
+# held the identity's float32 ∂W variant to 64 registers and spilled 32-36 bytes
+# (sm_90, Triton 3.8 and 3.9); with 2 it takes 73 and spills nothing.
 GRAD_WEIGHT_STAGES = 2
 
 
@@ -1013,67 +1053,64 @@ def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision
     return [w for w, _ in views], [b for _, b in views]
 
 
-def _layered_backward(g, x, weights, activations, layers, grad_x, acc, precision):
-    """Every layer's gradients, top down; ``layers`` holds each layer's (a, z or None)."""
+def _layered_backward(g, x, weights, activations, layers, grad_x, acc, precision, partials=None):
+    """Every layer's gradients, top down; ``layers`` holds each layer's (a, z or None).
+
+    ``partials``: a workspace per layer, shaped by ``layered_workspaces``, to leave
+    the partial [∂W | ∂b] sums in for the caller (the training step's update sums
+    them); None sums them here. Returns ([∂Wₗ], [∂bₗ]), or Nones where left in partials.
+    """
     grad_weights, grad_biases = [None] * len(weights), [None] * len(weights)
-    blocks = _layer_blocks(x.dtype, interpreted(x.device))
+    blocks = _layer_blocks(x.dtype, interpreted(x.device), precision)
     for layer in reversed(range(len(weights))):
         w, (a, z), activation = weights[layer], layers[layer], activations[layer]
-        saved = (a, a if z is None else z, activation)
         layer_input = x if layer == 0 else layers[layer - 1][0]
-        grad_weights[layer], grad_biases[layer] = _launch_grad_weight(
-            g, saved, layer_input, acc, precision, blocks
-        )
+        dx = None
         if layer > 0 or grad_x is not None:
             dx = grad_x if layer == 0 else torch.empty_like(layer_input)
-            _launch_grad_input(g, saved, w, dx, acc, precision, blocks)
-            g = dx
+        (M, N), K = a.shape, w.shape[1]
+        split = _split_plan(M, N, K, blocks, x.device)
+        if partials is None:
+            out = _workspace(x, split.splits, N * K + N, direct=split.splits == 1)
+        else:
+            out = partials[layer]
+        saved = (a, a if z is None else z, activation)
+        _launch_layer_backward(g, saved, w, layer_input, dx, out, split, acc, precision, blocks)
+        if partials is None:
+            grad_weights[layer], grad_biases[layer] = _views(_reduced(out, x.dtype), 0, N, K)
+        g = dx
     return grad_weights, grad_biases
 
 
-def _launch_grad_input(g, saved, w, dx, acc, precision, blocks: Blocks) -> None:
-    """``saved``: the layer's (a, z, parsed activation), z being a where act' reads a."""
+def layered_workspaces(x: torch.Tensor, weights) -> tuple[tuple[int, int], ...]:
+    """``(splits, N·K + N)`` of each layer's partial-gradient workspace on the layered
+    path: what ``_layered_backward``'s ``partials`` must hold."""
+    blocks = _layer_blocks(x.dtype, interpreted(x.device))
+    shapes, width = [], x.shape[1]
+    for w in weights:
+        N = w.shape[0]
+        shapes.append((_split_plan(x.shape[0], N, width, blocks, x.device).splits, N * width + N))
+        width = N
+    return tuple(shapes)
+
+
+def _launch_layer_backward(g, saved, w, x, dx, out, split: SplitPlan, acc, precision, blocks):
+    """``saved``: the layer's (a, z, parsed activation), z being a where act' reads a;
+    ``dx`` None where ∂x is not wanted."""
     a, z, activation = saved
     (M, N), K = a.shape, w.shape[1]
-    grid = (triton.cdiv(M, blocks.BM), triton.cdiv(K, blocks.BK))
+    k_tiles = triton.cdiv(K, blocks.BK)
+    weight_programs = triton.cdiv(N, blocks.BN) * k_tiles * split.splits
+    input_programs = 0 if dx is None else triton.cdiv(M, blocks.BM) * k_tiles
     code, p0, p1 = _activation_arguments(activation)
-    _layer_grad_input_kernel[grid](
+    _layer_backward_kernel[(weight_programs + input_programs,)](
         g,
         a,
         z,
         w,
-        dx,
-        M,
-        N,
-        K,
-        g.stride(0),
-        g.stride(1),
-        p0,
-        p1,
-        ACT=code,
-        ACC=acc,
-        PRECISION=precision,
-        BM=blocks.BM,
-        BN=blocks.BN,
-        BK=blocks.BK,
-        num_warps=blocks.num_warps,
-        enable_fp_fusion=FP_FUSION,
-    )
-
-
-def _launch_grad_weight(g, saved, x, acc, precision, blocks: Blocks):
-    a, z, activation = saved
-    (M, N), K = a.shape, x.shape[1]
-    plan = _split_plan(M, N, K, blocks, x.device)
-    partials = _workspace(x, plan.splits, N * K + N, direct=plan.splits == 1)
-    grid = (triton.cdiv(N, blocks.BN), triton.cdiv(K, blocks.BK), plan.splits)
-    code, p0, p1 = _activation_arguments(activation)
-    _layer_grad_weight_kernel[grid](
-        g,
-        a,
-        z,
         x,
-        partials,
+        x if dx is None else dx,
+        out,
         M,
         N,
         K,
@@ -1081,7 +1118,8 @@ def _launch_grad_weight(g, saved, x, acc, precision, blocks: Blocks):
         g.stride(1),
         x.stride(0),
         x.stride(1),
-        plan.rows_per_split,
+        split.rows_per_split,
+        weight_programs,
         p0,
         p1,
         ACT=code,
@@ -1093,6 +1131,6 @@ def _launch_grad_weight(g, saved, x, acc, precision, blocks: Blocks):
         GROUP=SUM_GROUP,
         num_warps=blocks.num_warps,
         num_stages=GRAD_WEIGHT_STAGES,
+        maxnreg=blocks.maxnreg,
         enable_fp_fusion=FP_FUSION,
     )
-    return _views(_reduced(partials, x.dtype), 0, N, K)
