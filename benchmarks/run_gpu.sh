@@ -33,7 +33,7 @@ slug=$(echo "$gpu" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^
 out=${1:-benchmarks/results/$(date -u +%F)-$slug}
 commit=${FASTBP_COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
 rounds=${GPU_BENCH_ROUNDS:-7}
-workloads=${GPU_WORKLOADS:-docs-64x1000x100x10 mnist-784x256x128x10-b128 mnist-sigmoid-b128 mnist-784x256x128x10-b65536}
+workloads=${GPU_WORKLOADS:-docs-64x1000x100x10 mnist-784x256x128x10-b128 mnist-784x256x128x10-b4096 mnist-sigmoid-b128}
 mkdir -p "$out"
 log="$out/run.log"
 : >"$log"
@@ -46,8 +46,8 @@ echo "== CUDA tests" | tee -a "$log"
 workers=()  # pytest-xdist, where installed, compiles the kernels of several tests at once
 "$python" -c 'import xdist' 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-8}")
 timeout "${GPU_TEST_TIMEOUT:-240}" "$python" -m pytest -q -p no:cacheprovider "${workers[@]}" \
-    tests/test_triton.py tests/test_ecosystem.py tests/test_accuracy.py tests/test_train.py \
-    -k "cuda or triton" 2>&1 | tee "$out/pytest.log" || status=1
+    tests/test_triton.py tests/test_gpu_step.py tests/test_ecosystem.py tests/test_accuracy.py \
+    tests/test_train.py -k "cuda or triton" 2>&1 | tee "$out/pytest.log" || status=1
 
 echo "== Triton launch cost" | tee -a "$log"
 timeout 120 "$python" -m benchmarks.triton_launch --json "$out/triton_launch.json" 2>&1 \

@@ -280,7 +280,7 @@ class NumbaKernels:
         return _tensor(grad_x), [*map(_tensor, grad_weights)], [*map(_tensor, grad_biases)]
 
 
-def _tf32() -> bool:
+def tf32() -> bool:
     """Whether float32 matmuls may use TF32, as torch's own CUDA matmuls decide."""
     return torch.backends.cuda.matmul.allow_tf32
 
@@ -294,7 +294,7 @@ class TritonKernels:
 
     @staticmethod
     def forward(plan: Plan, x: torch.Tensor):
-        outputs = _gpu().mlp_forward(x, plan.weights, plan.biases, plan.activations, tf32=_tf32())
+        outputs = _gpu().mlp_forward(x, plan.weights, plan.biases, plan.activations, tf32=tf32())
         # Backward gets a detached alias of the output: the output itself in ctx would
         # make a cycle (node → ctx → output → node) that kept every step's autograd
         # graph and activations alive until Python's gc ran, and, in a CUDA graph
@@ -326,7 +326,7 @@ class TritonKernels:
             plan.activations,
             outputs,
             needs_input_grad,
-            tf32=_tf32(),
+            tf32=tf32(),
         )
 
 

@@ -391,7 +391,7 @@ def _cuda_graphed(make: Callable[[Workload, str], Step]) -> Callable[[Workload, 
     return make_graphed
 
 
-def _fused(backend: str) -> Callable[[Workload, str], Step]:
+def _fused(backend: str, cuda_graph: bool | None = None) -> Callable[[Workload, str], Step]:
     def make(workload: Workload, device: str) -> Step:
         model = MLP.from_torch(workload.model(device))
         trainer = FusedTrainer(
@@ -401,6 +401,7 @@ def _fused(backend: str) -> Callable[[Workload, str], Step]:
             workload.torch_optimizer(model.parameters()),
             backend=backend,
             compile_loss=workload.callable_loss is not None,
+            cuda_graph=cuda_graph,
         )
         x, targets = workload.data(device)
         return Step(lambda: trainer.step(x, *targets), _parameters_of(model))
@@ -649,8 +650,10 @@ def _entries() -> list[Entry]:
               _inference_of(MLP.from_torch)),
         Entry("fastbp-cudagraph", "cuda", "fastbp's step captured in a CUDA graph",
               step=_cuda_graphed(_fastbp_loop)),
-        Entry("fastbp-fused", "cuda", "FusedTrainer on CUDA: Triton forward/backward",
-              step=_fused("auto")),
+        Entry("fastbp-fused", "cuda", "FusedTrainer on CUDA: the whole step on the device "
+              "(Triton), replayed from a CUDA graph", step=_fused("auto")),
+        Entry("fastbp-fused-eager", "cuda", "FusedTrainer on CUDA, every step launched "
+              "eagerly (cuda_graph=False)", step=_fused("auto", cuda_graph=False)),
     ]  # fmt: skip
 
 

@@ -32,7 +32,7 @@ import torch
 from torch.optim import optimizer as _optim
 
 from . import activations as _activations
-from . import plans, threads
+from . import capture, plans, threads
 from .kernels import cpu, reference
 from .kernels.utils import check_choice
 from .nn import MLP
@@ -49,7 +49,7 @@ _UNSUPPORTED["adamw"] = _UNSUPPORTED["adam"]
 _STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}
 _STATE_KEYS["adamw"] = _STATE_KEYS["adam"]
 _UNSET = object()
-_SETTINGS = ("loss", "reduction", "backend", "max_grad_norm", "compile_loss")
+_SETTINGS = ("loss", "reduction", "backend", "max_grad_norm", "compile_loss", "cuda_graph")
 
 
 def _rule(optimizer: torch.optim.Optimizer) -> str:
@@ -103,6 +103,10 @@ class FusedTrainer:
             after the first step has checked its graph eagerly. torch's autograd engine
             costs more than a small network's whole fused step on a CPU; compiled, the
             loss costs about what its forward does. The first compile takes seconds.
+        cuda_graph: capture the Triton step in a CUDA graph and replay it
+            (``fastbp.capture``): None (the default) does so on CUDA wherever the step
+            runs whole on the device (a loss name, no ``max_grad_norm``); True requires
+            it, and raises where it cannot; False runs every step eagerly.
 
     The hyperparameters live in ``trainer.optimizer.param_groups``, read at every step;
     the state in ``trainer.optimizer.state``. Options the kernels do not implement
@@ -127,6 +131,7 @@ class FusedTrainer:
         max_grad_norm: float | None = None,
         backend: str = "auto",
         compile_loss: bool = False,
+        cuda_graph: bool | None = None,
     ) -> None:
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.nn.MLP, got {type(model).__name__}")
@@ -134,6 +139,7 @@ class FusedTrainer:
         self.loss, self.reduction, self.backend = loss, reduction, backend
         self.max_grad_norm = max_grad_norm
         self.compile_loss = compile_loss
+        self.cuda_graph = cuda_graph
         options = {
             name: value
             for name, value in zip(
@@ -148,6 +154,8 @@ class FusedTrainer:
         self._check_groups()
         self._kernel = None  # (plan, cpu.TrainStep) of the numba path
         self._binding = None
+        self._flag = None  # the Triton step's class-range flag
+        self._graphs = None  # capture.Graphs of the Triton step's binding
 
     # -- settings: each takes effect at the next step, or raises ----------------
     def __setattr__(self, name: str, value) -> None:
@@ -168,6 +176,9 @@ class FusedTrainer:
         elif name == "compile_loss":
             if not isinstance(value, bool):
                 raise TypeError(f"compile_loss must be True or False, got {value!r}")
+        elif name == "cuda_graph":
+            if value not in (None, True, False):
+                raise TypeError(f"cuda_graph must be None, True or False, got {value!r}")
         elif name in ("model", "optimizer"):
             raise AttributeError(f"{name} is fixed at construction: make a new FusedTrainer")
         elif not name.startswith("_"):
@@ -278,6 +289,16 @@ class FusedTrainer:
             self._check_step_hooks()
             return self._numba_step(x, targets, weights, biases, activations, unchanged)
         self._check_groups()
+        on_device = backend == "triton" and self._on_device_step(weights, biases)
+        if self.cuda_graph and not (on_device and x.is_cuda):
+            raise ValueError(
+                "cuda_graph=True captures the Triton step on CUDA tensors, whole on the device "
+                f"(a loss name, max_grad_norm=None); this step has x on {x.device}, backend "
+                f"{backend!r}, loss {self.loss!r} and max_grad_norm={self.max_grad_norm}: "
+                "set cuda_graph=None or False"
+            )
+        if on_device:
+            return self._triton_step(x, targets[0], weights, biases, activations)
         if self.loss == "cross_entropy":
             _check_class_range(targets[0], weights[-1].shape[0])
         kernels = plans.KERNELS.get(backend)
@@ -304,6 +325,24 @@ class FusedTrainer:
                 f"got {plans.describe(y)}"
             )
 
+    def _bound(self, weights, biases) -> tuple[_Binding, np.ndarray]:
+        """The binding of the optimizer's state to these parameters (made anew where the
+        optimizer's state or the parameters changed), and the hyperparameters as now."""
+        binding = self._binding
+        if binding is None or not binding.current(_sequential_order(weights, biases)):
+            binding = self._new_binding(weights, biases)
+        hyper = binding.hyper()  # also refuses options the kernels do not implement
+        if binding.container is None:  # SGD's momentum turned on where no buffer exists
+            binding = self._new_binding(weights, biases)
+            hyper = binding.hyper()
+        return binding, hyper
+
+    def _new_binding(self, weights, biases) -> _Binding:
+        ordered = _sequential_order(weights, biases)
+        binding = _Binding(self.optimizer, ordered, self._rule, on_device=ordered[0].is_cuda)
+        object.__setattr__(self, "_binding", binding)
+        return binding
+
     def _numba_step(self, x, targets, weights, biases, activations, unchanged) -> torch.Tensor:
         custom = callable(self.loss)
         if not unchanged:
@@ -312,15 +351,9 @@ class FusedTrainer:
             kernel = cpu.TrainStep(plan.prepared, loss, self.reduction, self._rule)
             self._kernel, self._binding = (plan, kernel), None
         plan, kernel = self._kernel
-        binding = self._binding
-        if binding is None or not binding.current():
-            ordered = _sequential_order(weights, biases)
-            binding = self._binding = _Binding(self.optimizer, ordered, kernel, self._rule)
-        hyper = binding.hyper()  # also refuses options the kernels do not implement
-        if binding.container is None:  # SGD's momentum turned on where no buffer exists
-            ordered = _sequential_order(weights, biases)
-            binding = self._binding = _Binding(self.optimizer, ordered, kernel, self._rule)
-            hyper = binding.hyper()
+        binding, hyper = self._bound(weights, biases)
+        if binding.arrays is None:
+            binding.arrays = kernel.bind(*binding.views())
         parallel = plan.prepared.parallel(x.shape[0], updates=True)
         if custom:
             output = threads.call(kernel.forward, plans.numpy_view(x), parallel=parallel)
@@ -343,6 +376,60 @@ class FusedTrainer:
         # warns that it stepped first when it finds this unset.
         self.optimizer._opt_called = True
         return value if custom else torch.scalar_tensor(result, dtype=x.dtype)
+
+    def _on_device_step(self, weights, biases) -> bool:
+        """Whether the Triton step runs whole on the device (``kernels.gpu_step``): a loss
+        name, no clipping (its global norm is a reduction before the update), outputs
+        within the loss kernel's tile, parameters that hold their own memory."""
+        from .kernels import gpu_step
+
+        parameters = _sequential_order(weights, biases)
+        return (
+            not callable(self.loss)
+            and self.max_grad_norm is None
+            and gpu_step.supports(weights[-1].shape[0])
+            and all(p.is_contiguous() for p in parameters)
+        )
+
+    @torch.no_grad()
+    def _triton_step(self, x, y, weights, biases, activations) -> torch.Tensor:
+        """The whole step on the device, with no host sync (``kernels.gpu_step``)."""
+        from .kernels import gpu_step
+
+        flag = self._flag
+        if flag is None or flag.tensor.device != x.device:
+            flag = self._flag = _ClassFlag(x.device)
+        flag.check(weights[-1].shape[0])  # an earlier step's class index out of range
+        binding, hyper = self._bound(weights, biases)
+        if binding.device_state is None:
+            binding.device_state = _DeviceState(binding, weights, biases, flag.tensor)
+        state = binding.device_state.refreshed(hyper, binding.fresh)
+        mean, tf32 = self.reduction == "mean", plans.tf32()
+
+        def step(x, y):
+            return gpu_step.train_step(
+                x, y, weights, biases, activations, state, self.loss, mean, tf32=tf32
+            )
+
+        y = y.contiguous()
+        if self.cuda_graph is False or not x.is_cuda:
+            loss = step(x, y)
+        else:
+            key = capture.key(x, y, self.loss, self.reduction, activations, tf32)
+            loss = self._graphs_for(binding).run(key, step, (x, y))
+        binding.stepped()
+        flag.copy_out()
+        self.optimizer._opt_called = True  # as in _numba_step
+        return loss
+
+    def _graphs_for(self, binding: _Binding) -> capture.Graphs:
+        """The graphs of this binding: a new binding (load_state_dict, .to(), replaced
+        parameters or state) drops the old one's graphs, which point at its tensors."""
+        graphs = self._graphs
+        if graphs is None or graphs.binding is not binding:
+            graphs = capture.Graphs(binding)
+            object.__setattr__(self, "_graphs", graphs)
+        return graphs
 
     @torch.no_grad()
     def _torch_step(self, x, targets, weights, biases, activations, kernels=None) -> torch.Tensor:
@@ -404,15 +491,21 @@ class FusedTrainer:
 
 
 class _Binding:
-    """The optimizer's state and hyperparameters as the kernel takes them, for one plan.
+    """The optimizer's state and hyperparameters as the kernels take them, for one
+    list of parameters (W₁, b₁, W₂, …, biases only where a layer has one).
 
-    Holds numpy views of the state tensors (creating those torch would create on its
-    first step) and a (parameters, 6) hyperparameter array. ``current()`` says, in
-    one identity test per state tensor, whether they are still the optimizer's.
+    Creates the state tensors torch would create on its first step, and builds a
+    (parameters, 6) hyperparameter array from the groups. ``current(params)`` says, in
+    one identity test per tensor, whether the parameters (and their memory) and the
+    state tensors are still those bound. The numba step binds ``views()`` into
+    ``arrays``; the Triton step takes ``device_state``. ``on_device``: keep Adam's step
+    counts on the parameters' device (as torch's capturable Adam does), where the
+    Triton step advances them.
     """
 
-    def __init__(self, optimizer, params, kernel: cpu.TrainStep, rule: str) -> None:
+    def __init__(self, optimizer, params, rule: str, on_device: bool = False) -> None:
         self.optimizer, self.params, self.rule = optimizer, params, rule
+        self.pointers = [p.data_ptr() for p in params]
         position = {id(p): index for index, p in enumerate(params)}
         self.groups = [
             (group, [position[id(p)] for p in group["params"]]) for group in optimizer.param_groups
@@ -422,8 +515,10 @@ class _Binding:
         self.fresh, self.started = np.zeros(len(params), bool), False
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         self.container = optimizer.state
+        self.on_device = on_device
         self.held = [self._state(i, p, group_of[id(p)]) for i, p in enumerate(params)]
-        self.arrays = kernel.bind(*self._views())
+        self.arrays = None  # the numba kernel's views of the state, bound by its step
+        self.device_state: _DeviceState | None = None  # the Triton step's, made by its step
 
     def _state(self, index: int, param, group) -> tuple[dict, dict]:
         """``(the parameter's state dict, the tensors in it the kernel uses)``, created as
@@ -441,9 +536,13 @@ class _Binding:
             state["step"] = torch.tensor(0.0, dtype=torch.float64 if wide else torch.float32)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        step = state.get("step")
+        if self.on_device and step is not None and step.device != param.device:
+            state["step"] = step.to(param.device)
         return state, {key: state.get(key) for key in (*_STATE_KEYS[self.rule], "step")}
 
-    def _views(self):
+    def views(self):
+        """``(states, steps)`` as numpy views, for ``cpu.TrainStep.bind``."""
         states, steps = [], []
         empty = {p.dtype: np.empty(0, _numpy_dtype(p.dtype)) for p in self.params}
         for param, (_, held) in zip(self.params, self.held, strict=True):
@@ -453,11 +552,15 @@ class _Binding:
             steps.append(_NO_STEP if step is None else step.detach().view(1).numpy())
         return states, steps
 
-    def current(self) -> bool:
-        """Whether the optimizer still holds the state tensors this binding views (a
-        load_state_dict replaces them all, a hand edit some)."""
-        if self.optimizer.state is not self.container:
+    def current(self, params) -> bool:
+        """Whether ``params`` are the parameters bound, in the same memory, and the
+        optimizer still holds the state tensors bound (a load_state_dict replaces them
+        all, a hand edit some)."""
+        if self.optimizer.state is not self.container or len(params) != len(self.params):
             return False
+        for param, bound, pointer in zip(params, self.params, self.pointers, strict=True):
+            if param is not bound or param.data_ptr() != pointer:
+                return False
         for state, held in self.held:
             for key, tensor in held.items():
                 if state.get(key) is not tensor:
@@ -491,6 +594,90 @@ class _Binding:
         if self.started:
             self.fresh[:] = False
             self.started = False
+
+
+class _DeviceState:
+    """A binding as ``gpu_step`` takes it: the state per parameter slot (W₁, b₁, W₂, …,
+    a layer without bias filling its b slot with W) and the hyperparameters in a device
+    tensor, sent again only when the groups or the first-step flags change."""
+
+    def __init__(self, binding: _Binding, weights, biases, flag: torch.Tensor) -> None:
+        from .kernels import gpu_step
+
+        slots, index = [], 0
+        for w, b in zip(weights, biases, strict=True):
+            slots += [(w, index), (w if b is None else b, None if b is None else index + 1)]
+            index += 1 if b is None else 2
+        self.rows = [row for _, row in slots]
+        device = weights[0].device
+        placeholder = torch.zeros((), dtype=torch.float32, device=device)
+        held = [None if row is None else binding.held[row][1] for row in self.rows]
+        keys = _STATE_KEYS[binding.rule]
+
+        def tensors(key, fallback):
+            return tuple(
+                fallback[i] if h is None or h.get(key) is None else h[key]
+                for i, h in enumerate(held)
+            )
+
+        params = [tensor for tensor, _ in slots]
+        self.hyper = torch.zeros(len(slots), gpu_step.HYPER_COLUMNS, dtype=torch.float64,
+                                 device=device)  # fmt: skip
+        self.sent = None
+        self.state = gpu_step.OptimizerState(
+            binding.rule,
+            tensors(keys[0], params),
+            tensors(keys[-1], params) if len(keys) > 1 else tuple(params),
+            tensors("step", [placeholder] * len(slots)),
+            self.hyper,
+            flag,
+        )
+
+    def refreshed(self, hyper: np.ndarray, fresh: np.ndarray):
+        """The state, its hyperparameter rows sent to the device if they changed."""
+        rows = np.zeros(tuple(self.hyper.shape))
+        for slot, row in enumerate(self.rows):
+            if row is not None:
+                rows[slot, :6], rows[slot, 6] = hyper[row], fresh[row]
+        if self.sent is None or not np.array_equal(rows, self.sent):
+            source = torch.from_numpy(rows)
+            if self.hyper.is_cuda:  # a copy from pinned memory does not wait for the device
+                source = source.pin_memory()
+            self.hyper.copy_(source, non_blocking=True)
+            self.sent = rows
+        return self.state
+
+
+class _ClassFlag:
+    """``gpu_step``'s class-range flag, read without waiting on the device: after each
+    step a copy goes to pinned host memory behind an event, and the next step reads it
+    once the event has passed. The flag stays up on the device, so every step after a
+    bad one changes nothing until the host has raised."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.tensor = torch.zeros(2, dtype=torch.int64, device=device)
+        self.host, self.event = self.tensor, None
+        if device.type == "cuda":
+            self.host = torch.zeros(2, dtype=torch.int64).pin_memory()
+            self.event = torch.cuda.Event()
+
+    def copy_out(self) -> None:
+        if self.event is not None:
+            self.host.copy_(self.tensor, non_blocking=True)
+            self.event.record()
+
+    def check(self, classes: int) -> None:
+        if self.event is not None and not self.event.query():
+            return  # not known yet: the next step asks again
+        raised, label = self.host.numpy()
+        if raised:
+            self.tensor.zero_()
+            self.host.zero_()
+            raise ValueError(
+                f"y of an earlier step held class index {label}, outside [0, {classes}): "
+                "that step and every step after it left the parameters and the "
+                "optimizer's state unchanged"
+            )
 
 
 _NO_STEP = np.zeros(1, np.float32)  # SGD keeps no step count

@@ -4,6 +4,7 @@ processes, and the CUDA marker. (``conftest.py`` holds pytest's hooks and fixtur
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -255,3 +256,82 @@ def run_cli(*arguments: str) -> subprocess.CompletedProcess:
     """``fastbp ARGUMENTS`` in a subprocess, as a user runs it."""
     command = [sys.executable, "-m", "fastbp.cli", *arguments]
     return subprocess.run(command, capture_output=True, text=True)
+
+
+class Launches(NamedTuple):
+    """What ``count_launches`` saw: Triton kernels by name, torch compute ops by name,
+    and the ops that make the host wait on the device."""
+
+    kernels: list[str]
+    torch_ops: list[str]
+    syncs: list[str]
+
+    @property
+    def total(self) -> int:
+        return len(self.kernels) + len(self.torch_ops)
+
+
+# aten ops whose result the host reads: on a GPU, each waits for the device.
+HOST_READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "allclose", "item"}
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Count the launches of the code inside: Triton kernels (compiled or interpreted)
+    and torch ops that compute (not views, not allocations that write nothing), and
+    the host reads among the ops (``HOST_READS``). What the interpreter does inside a
+    kernel is the kernel's, not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    seen = Launches([], [], [])
+    inside = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside:
+                name = func._schema.name.removeprefix("aten::")
+                if name in HOST_READS:
+                    seen.syncs.append(name)
+                if _computes(func):
+                    seen.torch_ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    def counted(run):
+        def launch(self, *args, **kwargs):
+            if not kwargs.get("warmup") and not inside:
+                seen.kernels.append(self.fn.__name__)
+            inside.append(True)
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                inside.pop()
+
+        return launch
+
+    runs = {cls: cls.run for cls in (InterpretedFunction, JITFunction)}
+    try:
+        for cls, run in runs.items():
+            cls.run = counted(run)
+        with Ops():
+            yield seen
+    finally:
+        for cls, run in runs.items():
+            cls.run = run
+
+
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+
+def _computes(func) -> bool:
+    """Whether an aten op launches work: not a view (an alias it does not write), not
+    an allocation that writes nothing, not a metadata query."""
+    schema = func._schema
+    name = schema.name.removeprefix("aten::")
+    if name in _ALLOCATIONS or name in ("is_pinned", "_has_compatible_shallow_copy_type"):
+        return False
+    returns = schema.returns
+    if returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write:
+        return False  # a view
+    return bool(returns)

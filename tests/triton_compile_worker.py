@@ -132,7 +132,7 @@ def main() -> None:
 
     JITFunction.__getitem__ = compile_only
 
-    from fastbp.kernels import gpu
+    from fastbp.kernels import gpu, gpu_step
 
     warnings.simplefilter("ignore", gpu.SpillWarning)  # the report below says it, per variant
 
@@ -167,19 +167,50 @@ def main() -> None:
                     tf32=tf32,
                     fused=fused,
                 )
-    _check_coverage(gpu, launched)
+            if widths == NETWORKS[0][0]:  # one network: the step's kernels take any
+                _compile_training_steps(gpu_step, x, weights, biases, activations, tf32)
+    _check_coverage((gpu, gpu_step), launched)
     _report(resources)
 
 
-def _check_coverage(gpu, launched) -> None:
+# (loss, optimizer) of the training steps compiled: every loss and every rule.
+STEPS = [("mse", "sgd"), ("cross_entropy", "adam"), ("bce_with_logits", "adamw")]
+
+
+def _compile_training_steps(gpu_step, x, weights, biases, activations, tf32) -> None:
+    """The Triton training step's own kernels (loss gradient, update) for each loss and
+    rule, on CPU tensors standing in for the device's."""
+    slots = [p for w, b in zip(weights, biases, strict=True) for p in (w, b)]
+    for loss, rule in STEPS:
+        steps = tuple(torch.zeros(()) for _ in slots)
+        state = gpu_step.OptimizerState(
+            rule,
+            tuple(map(torch.zeros_like, slots)),
+            tuple(map(torch.zeros_like, slots)),
+            steps,
+            torch.zeros(len(slots), gpu_step.HYPER_COLUMNS, dtype=torch.float64),
+            torch.zeros(2, dtype=torch.int64),
+        )
+        classes = weights[-1].shape[0]
+        if loss == "cross_entropy":
+            y = torch.zeros(x.shape[0], dtype=torch.int64)
+        else:
+            y = torch.zeros(x.shape[0], classes, dtype=x.dtype)
+        gpu_step.train_step(x, y, weights, biases, activations, state, loss, True, tf32=tf32)
+
+
+def _check_coverage(modules, launched) -> None:
+    gpu = modules[0]
     defined = {
         name
-        for name, value in vars(gpu).items()
+        for module in modules
+        for name, value in vars(module).items()
         if isinstance(value, JITFunction) and name.endswith("_kernel")
     }
     assert set(launched) == defined, (
-        f"kernels in gpu.py never launched: {sorted(defined - set(launched))}; "
-        f"launched but not in gpu.py: {sorted(set(launched) - defined)}"
+        f"kernels in gpu.py and gpu_step.py never launched: "
+        f"{sorted(defined - set(launched))}; "
+        f"launched but defined in neither: {sorted(set(launched) - defined)}"
     )
     dtypes = {str(d).removeprefix("torch.") + ("+tf32" if t else "") for d, t in DTYPES}
     every = set(range(len(activation_table.TABLE)))
