@@ -154,6 +154,7 @@ class FusedTrainer:
         self._check_groups()
         self._kernel = None  # (plan, cpu.TrainStep) of the numba path
         self._binding = None
+        self._device_plan = None  # the network as the Triton step last checked it
         self._flag = None  # the Triton step's class-range flag
         self._graphs = None  # capture.Graphs of the Triton step's binding
 
@@ -274,7 +275,8 @@ class FusedTrainer:
                 "this model has one or the other: train it with the torch loop"
             )
         weights, biases, activations = fused
-        plan = self._kernel and self._kernel[0]
+        kernel_plan = self._kernel[0] if self._kernel else None  # the numba step's
+        plan = kernel_plan or self._device_plan
         unchanged = plan and plan.activations == activations and plan.current(weights, biases)
         if not (unchanged and x.__class__ is torch.Tensor and x.dim() == 2 and plan.fits(x)):
             x = _check_input(x, weights[0].shape[1])  # the layout or x changed: every check
@@ -287,7 +289,8 @@ class FusedTrainer:
         backend = plans.resolve_backend(self.backend, x)
         if backend == "numba":
             self._check_step_hooks()
-            return self._numba_step(x, targets, weights, biases, activations, unchanged)
+            built = unchanged and plan is kernel_plan  # else the kernel is built anew
+            return self._numba_step(x, targets, weights, biases, activations, built)
         self._check_groups()
         on_device = backend == "triton" and self._on_device_step(weights, biases)
         if self.cuda_graph and not (on_device and x.is_cuda):
@@ -298,6 +301,9 @@ class FusedTrainer:
                 "set cuda_graph=None or False"
             )
         if on_device:
+            if not unchanged:  # checked above: the next steps check x alone
+                plan = plans.Plan(list(weights), list(biases), activations, "triton")
+                object.__setattr__(self, "_device_plan", plan)
             return self._triton_step(x, targets[0], weights, biases, activations)
         if self.loss == "cross_entropy":
             _check_class_range(targets[0], weights[-1].shape[0])
@@ -403,7 +409,7 @@ class FusedTrainer:
         binding, hyper = self._bound(weights, biases)
         if binding.device_state is None:
             binding.device_state = _DeviceState(binding, weights, biases, flag.tensor)
-        state = binding.device_state.refreshed(hyper, binding.fresh)
+        state = binding.device_state.refreshed(binding, hyper)
         mean, tf32 = self.reduction == "mean", plans.tf32()
 
         def step(x, y):
@@ -513,6 +519,7 @@ class _Binding:
         self._last: list = [None] * len(self.groups)  # each group's values at the last step
         self.hyper_array = np.zeros((len(params), 6))
         self.fresh, self.started = np.zeros(len(params), bool), False
+        self.version = 0  # counts the changes of hyper_array and fresh
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         self.container = optimizer.state
         self.on_device = on_device
@@ -587,6 +594,7 @@ class _Binding:
                 row = (lr, 0.0, decay, beta1, beta2, eps)
             self.hyper_array[rows] = [_number(v) for v in row]
             self._last[index] = values
+            self.version += 1
         return self.hyper_array
 
     def stepped(self) -> None:
@@ -594,6 +602,7 @@ class _Binding:
         if self.started:
             self.fresh[:] = False
             self.started = False
+            self.version += 1
 
 
 class _DeviceState:
@@ -623,7 +632,7 @@ class _DeviceState:
         params = [tensor for tensor, _ in slots]
         self.hyper = torch.zeros(len(slots), gpu_step.HYPER_COLUMNS, dtype=torch.float64,
                                  device=device)  # fmt: skip
-        self.sent = None
+        self.sent = -1  # the binding's version the device holds
         self.state = gpu_step.OptimizerState(
             binding.rule,
             tensors(keys[0], params),
@@ -633,18 +642,19 @@ class _DeviceState:
             flag,
         )
 
-    def refreshed(self, hyper: np.ndarray, fresh: np.ndarray):
-        """The state, its hyperparameter rows sent to the device if they changed."""
-        rows = np.zeros(tuple(self.hyper.shape))
-        for slot, row in enumerate(self.rows):
-            if row is not None:
-                rows[slot, :6], rows[slot, 6] = hyper[row], fresh[row]
-        if self.sent is None or not np.array_equal(rows, self.sent):
+    def refreshed(self, binding: _Binding, hyper: np.ndarray):
+        """The state, its hyperparameter rows sent to the device if ``binding``'s
+        changed since they were last sent (``hyper``: ``binding.hyper()``)."""
+        if self.sent != binding.version:
+            rows = np.zeros(tuple(self.hyper.shape))
+            for slot, row in enumerate(self.rows):
+                if row is not None:
+                    rows[slot, :6], rows[slot, 6] = hyper[row], binding.fresh[row]
             source = torch.from_numpy(rows)
             if self.hyper.is_cuda:  # a copy from pinned memory does not wait for the device
                 source = source.pin_memory()
             self.hyper.copy_(source, non_blocking=True)
-            self.sent = rows
+            self.sent = binding.version
         return self.state
 
 

@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from .activation_table import CODE_BITS, CODES, parse, split_saved
-from .utils import check_one_per_layer
+from .utils import cdiv, check_one_per_layer, next_power_of_2
 
 # Globals a kernel reads must be tl.constexpr.
 IDENTITY, RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU, SOFTPLUS, ELU = map(
@@ -77,7 +77,7 @@ FUSED_ACTIVATIONS = tuple(int(code) for code in (IDENTITY, RELU, SIGMOID, TANH))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FUSED_MAX_WIDTH = 128  # widest layer output the fused kernels keep in registers
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-PARAMETERS_AS_FLOATS = tl.constexpr(INTERPRETING)  # see _param
+PARAMETERS_AS_FLOATS = tl.constexpr(INTERPRETING)  # see float64_argument
 INT32_MAX = 2**31 - 1  # the kernels' offsets are int32: no tensor may span more
 # a·b + c as one FMA, one rounding: Triton's default through 3.9, which 3.10 turns
 # off; named at every launch so that results do not change with Triton's version.
@@ -103,7 +103,7 @@ def _tanh(z):
 
 
 @triton.jit
-def _sigmoid(z):
+def sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
 
 
@@ -117,14 +117,14 @@ def _expm1(z):
 
 
 @triton.jit
-def _log1p(t):
+def log1p(t):
     """log(1 + t) without the cancellation for small t (Goldberg: log(u)·t/(u − 1))."""
     u = 1.0 + t
     return tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
 
 
 @triton.jit
-def _param(p, z):
+def float64_argument(p, z):
     """An activation parameter (a float64 argument) in z's dtype, as torch takes it. The
     interpreter passes the Python float itself, which tl.cast would round to float32 on
     the way; arithmetic with z keeps it in z's dtype there."""
@@ -146,20 +146,20 @@ def _activate(z, ACT: tl.constexpr, P0, P1):
     if ACT == RELU:
         return tl.where(z < 0, 0.0, z)  # NaN < 0 is False: NaN stays NaN, as in torch
     elif ACT == SIGMOID:
-        return _sigmoid(z)
+        return sigmoid(z)
     elif ACT == TANH:
         return _tanh(z)
     elif ACT == LEAKY_RELU:
-        return tl.where(z > 0, z, z * _param(P0, z))
+        return tl.where(z > 0, z, z * float64_argument(P0, z))
     # The branch not taken is clamped by tl.where, not tl.minimum, which would turn a
     # NaN into the bound: torch gives NaN there.
     elif ACT == ELU:
-        return tl.where(z > 0, z, _param(P0, z) * _expm1(tl.where(z > 0, 0.0, z)))
+        return tl.where(z > 0, z, float64_argument(P0, z) * _expm1(tl.where(z > 0, 0.0, z)))
     elif ACT == SOFTPLUS:
-        beta, threshold = _param(P0, z), _param(P1, z)
+        beta, threshold = float64_argument(P0, z), float64_argument(P1, z)
         scaled = z * beta
         above = scaled > threshold
-        return tl.where(above, z, _log1p(tl.exp(tl.where(above, threshold, scaled))) / beta)
+        return tl.where(above, z, log1p(tl.exp(tl.where(above, threshold, scaled))) / beta)
     elif ACT == SILU:
         return z / (1.0 + tl.exp(-z))
     elif ACT == GELU:
@@ -181,14 +181,14 @@ def _delta(g, a, z, ACT: tl.constexpr, P0, P1):
     elif ACT == TANH:
         return g * (1.0 - a * a)
     elif ACT == LEAKY_RELU:
-        return tl.where(z > 0, g, g * _param(P0, z))
+        return tl.where(z > 0, g, g * float64_argument(P0, z))
     elif ACT == ELU:
-        return tl.where(z > 0, g, g * _param(P0, z) * tl.exp(tl.where(z > 0, 0.0, z)))
+        return tl.where(z > 0, g, g * float64_argument(P0, z) * tl.exp(tl.where(z > 0, 0.0, z)))
     elif ACT == SOFTPLUS:
-        scaled = z * _param(P0, z)
-        return tl.where(scaled > _param(P1, z), g, g * _sigmoid(scaled))
+        scaled = z * float64_argument(P0, z)
+        return tl.where(scaled > float64_argument(P1, z), g, g * sigmoid(scaled))
     elif ACT == SILU:
-        s = _sigmoid(z)
+        s = sigmoid(z)
         return g * s * (1.0 + z * (1.0 - s))
     elif ACT == GELU:
         cdf = (1.0 + tl.erf(z * 0.7071067811865476)) * 0.5
@@ -613,7 +613,7 @@ def _mlp_backward_kernel(
 # Launch plans: block sizes, grids and offsets, computed once per shape
 # ---------------------------------------------------------------------------
 def _next_power_of_2(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(n))
+    return max(floor, next_power_of_2(n))
 
 
 def interpreted(device: torch.device) -> bool:
@@ -676,7 +676,7 @@ def fused_plan(widths: tuple[int, ...], batch: int, device: torch.device) -> Fus
     for n_in, n_out in zip(widths, widths[1:], strict=False):
         offsets.append(size)
         size += n_out * n_in + n_out
-    blocks = triton.cdiv(batch, BM)
+    blocks = cdiv(batch, BM)
     programs = min(blocks, multiprocessors(device))
     num_warps = 1 if interpreting else (8 if H > 64 else 4)
     return FusedPlan(
@@ -700,21 +700,21 @@ class SplitPlan(NamedTuple):
 @functools.lru_cache(maxsize=1024)
 def _split_plan(M: int, N: int, K: int, blocks: Blocks, device: torch.device) -> SplitPlan:
     """Split ∂W = δᵀx over the batch until the tiles fill the GPU twice over."""
-    tiles = triton.cdiv(N, blocks.BN) * triton.cdiv(K, blocks.BK)
-    row_blocks = triton.cdiv(M, blocks.BM)
+    tiles = cdiv(N, blocks.BN) * cdiv(K, blocks.BK)
+    row_blocks = cdiv(M, blocks.BM)
     splits = max(1, min(row_blocks, (2 * multiprocessors(device)) // tiles))
-    rows_per_split = triton.cdiv(row_blocks, splits) * blocks.BM
-    return SplitPlan(triton.cdiv(M, rows_per_split), rows_per_split)
+    rows_per_split = cdiv(row_blocks, splits) * blocks.BM
+    return SplitPlan(cdiv(M, rows_per_split), rows_per_split)
 
 
 # ---------------------------------------------------------------------------
 # Launchers: check, allocate, launch
 # ---------------------------------------------------------------------------
-def _tl_dtype(dtype: torch.dtype):
+def accumulator_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _precision(dtype: torch.dtype, tf32: bool) -> str:
+def precision_of(dtype: torch.dtype, tf32: bool) -> str:
     return "tf32" if tf32 and dtype == torch.float32 else "ieee"
 
 
@@ -728,7 +728,7 @@ def check_device(x: torch.Tensor) -> None:
     )
 
 
-def _device_guard(device: torch.device):
+def device_guard(device: torch.device):
     """Triton launches on the current CUDA device: make it ``device`` (a model on
     cuda:1 under DDP) when it is not already."""
     if device.type == "cuda" and device.index != torch.cuda.current_device():
@@ -750,7 +750,7 @@ def check_offsets(name: str, extent) -> None:
         )
 
 
-def _checked(x, weights, biases, activations):
+def checked(x, weights, biases, activations):
     """(x, contiguous weights, contiguous biases, activation codes) after checking shapes."""
     check_device(x)
     if x.dtype not in DTYPES:
@@ -778,7 +778,7 @@ def _checked(x, weights, biases, activations):
     return weights, biases, parsed
 
 
-def _packed(values, bits: int) -> int:
+def packed(values, bits: int) -> int:
     return sum(int(v) << (bits * layer) for layer, v in enumerate(values))
 
 
@@ -843,16 +843,21 @@ def mlp_forward(x, weights, biases, activations, *, tf32=False, fused=None) -> l
     ``fused``: None picks the fused kernel where ``fused_by_default``; True (where
     ``fusable(weights)``) or False forces a path (the tests run both).
     """
-    weights, biases, parsed = _checked(x, weights, biases, activations)
+    weights, biases, parsed = checked(x, weights, biases, activations)
+    return checked_forward(x, weights, biases, activations, parsed, tf32=tf32, fused=fused)
+
+
+def checked_forward(x, weights, biases, activations, parsed, *, tf32=False, fused=None):
+    """``mlp_forward`` of what ``checked`` returned (``parsed``) and the activations."""
     fused = _fused_choice(fused, weights, activations, x, tf32, backward=False)
-    acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
+    acc, precision = accumulator_dtype(x.dtype), precision_of(x.dtype, tf32)
     outputs = [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
     kept = [x.new_empty(x.shape[0], w.shape[0]) if p.activation.reads_input else None
             for w, p in zip(weights, parsed, strict=True)]  # fmt: skip
     saved = outputs + [z for z in kept if z is not None]
     if x.shape[0] == 0:
         return saved  # no rows: nothing to launch (a grid of 0 programs is an error)
-    with _device_guard(x.device):
+    with device_guard(x.device):
         if fused:
             codes = tuple(p.code for p in parsed)
             _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision)
@@ -868,7 +873,7 @@ def mlp_forward(x, weights, biases, activations, *, tf32=False, fused=None) -> l
 def _launch_layer_forward(x, w, b, activation, out, z, acc, precision) -> None:
     (M, K), N = x.shape, w.shape[0]
     blocks = _layer_blocks(x.dtype, interpreted(x.device))
-    grid = (triton.cdiv(M, blocks.BM), triton.cdiv(N, blocks.BN))
+    grid = (cdiv(M, blocks.BM), cdiv(N, blocks.BN))
     code, p0, p1 = _activation_arguments(activation)
     _layer_forward_kernel[grid](
         x,
@@ -909,7 +914,7 @@ def _bias_pointers(weights, biases) -> tuple[torch.Tensor, ...]:
 def _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision) -> None:
     widths = (x.shape[1], *(w.shape[0] for w in weights))
     plan = fused_plan(widths, x.shape[0], x.device)
-    _mlp_forward_kernel[(triton.cdiv(x.shape[0], plan.BM),)](
+    _mlp_forward_kernel[(cdiv(x.shape[0], plan.BM),)](
         x,
         tuple(weights),
         _bias_pointers(weights, biases),
@@ -919,9 +924,9 @@ def _launch_fused_forward(x, weights, biases, codes, outputs, acc, precision) ->
         x.stride(0),
         x.stride(1),
         L=len(weights),
-        ACTS=_packed(codes, ACT_BITS),
+        ACTS=packed(codes, ACT_BITS),
         ACT_BITS=ACT_BITS,
-        BIASES=_packed((b is not None for b in biases), 1),
+        BIASES=packed((b is not None for b in biases), 1),
         ACC=acc,
         PRECISION=precision,
         BM=plan.BM,
@@ -941,7 +946,7 @@ def mlp_backward(
     ``mlp_forward``.
     """
     has_bias = [b is not None for b in biases]
-    weights, _, parsed = _checked(x, weights, [None] * len(weights), activations)
+    weights, _, parsed = checked(x, weights, [None] * len(weights), activations)
     layers = split_saved(outputs, [p.activation.reads_input for p in parsed])
     for layer, (w, (a, z)) in enumerate(zip(weights, layers, strict=True)):
         want = (x.shape[0], w.shape[0])
@@ -961,11 +966,11 @@ def mlp_backward(
         grad_x = x.new_empty(x.shape) if needs_input_grad else None
         return grad_x, [w.new_zeros(w.shape) for w in weights], grad_biases
     fused = _fused_choice(fused, weights, activations, x, tf32, backward=True)
-    acc, precision = _tl_dtype(x.dtype), _precision(x.dtype, tf32)
+    acc, precision = accumulator_dtype(x.dtype), precision_of(x.dtype, tf32)
     grad_x = (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else None
     )
-    with _device_guard(x.device):
+    with device_guard(x.device):
         if fused:
             codes = tuple(p.code for p in parsed)
             outputs = [a for a, _ in layers]
@@ -973,7 +978,7 @@ def mlp_backward(
                 g, x, weights, codes, outputs, grad_x, acc, precision
             )
         else:
-            grad_weights, grad_biases = _layered_backward(
+            grad_weights, grad_biases = layered_backward(
                 g, x, weights, parsed, layers, grad_x, acc, precision
             )
     return (
@@ -1006,7 +1011,7 @@ def _reduced(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return partials[0]
     out = partials.new_empty(T, dtype=dtype)
     BLOCK = 1024
-    _sum_partials_kernel[(triton.cdiv(T, BLOCK),)](
+    _sum_partials_kernel[(cdiv(T, BLOCK),)](
         partials, out, P, T, BLOCK=BLOCK, enable_fp_fusion=FP_FUSION
     )
     return out
@@ -1016,7 +1021,7 @@ def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision
     widths = (x.shape[1], *(w.shape[0] for w in weights))
     plan = fused_plan(widths, x.shape[0], x.device)
     # One program writes final gradients in place; several sum partials in acc's dtype.
-    direct = plan.programs == 1 and triton.cdiv(x.shape[0], plan.BM) == 1
+    direct = plan.programs == 1 and cdiv(x.shape[0], plan.BM) == 1
     partials = _workspace(x, plan.programs, plan.size, direct)
     _mlp_backward_kernel[(plan.programs,)](
         g,
@@ -1034,7 +1039,7 @@ def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision
         x.stride(0),
         x.stride(1),
         L=len(weights),
-        ACTS=_packed(codes, ACT_BITS),
+        ACTS=packed(codes, ACT_BITS),
         ACT_BITS=ACT_BITS,
         NEEDS_DX=grad_x is not None,
         ACC=acc,
@@ -1053,7 +1058,7 @@ def _launch_fused_backward(g, x, weights, codes, outputs, grad_x, acc, precision
     return [w for w, _ in views], [b for _, b in views]
 
 
-def _layered_backward(g, x, weights, activations, layers, grad_x, acc, precision, partials=None):
+def layered_backward(g, x, weights, activations, layers, grad_x, acc, precision, partials=None):
     """Every layer's gradients, top down; ``layers`` holds each layer's (a, z or None).
 
     ``partials``: a workspace per layer, shaped by ``layered_workspaces``, to leave
@@ -1084,7 +1089,7 @@ def _layered_backward(g, x, weights, activations, layers, grad_x, acc, precision
 
 def layered_workspaces(x: torch.Tensor, weights) -> tuple[tuple[int, int], ...]:
     """``(splits, N·K + N)`` of each layer's partial-gradient workspace on the layered
-    path: what ``_layered_backward``'s ``partials`` must hold."""
+    path: what ``layered_backward``'s ``partials`` must hold."""
     blocks = _layer_blocks(x.dtype, interpreted(x.device))
     shapes, width = [], x.shape[1]
     for w in weights:
@@ -1099,9 +1104,9 @@ def _launch_layer_backward(g, saved, w, x, dx, out, split: SplitPlan, acc, preci
     ``dx`` None where ∂x is not wanted."""
     a, z, activation = saved
     (M, N), K = a.shape, w.shape[1]
-    k_tiles = triton.cdiv(K, blocks.BK)
-    weight_programs = triton.cdiv(N, blocks.BN) * k_tiles * split.splits
-    input_programs = 0 if dx is None else triton.cdiv(M, blocks.BM) * k_tiles
+    k_tiles = cdiv(K, blocks.BK)
+    weight_programs = cdiv(N, blocks.BN) * k_tiles * split.splits
+    input_programs = 0 if dx is None else cdiv(M, blocks.BM) * k_tiles
     code, p0, p1 = _activation_arguments(activation)
     _layer_backward_kernel[(weight_programs + input_programs,)](
         g,

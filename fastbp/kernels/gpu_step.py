@@ -12,7 +12,7 @@ for "mean", 1 for "sum"), the loss kernel writes, as ``reference.loss_and_grad``
 
 each program summing its rows' terms; a class index outside [0, C) raises a flag
 on the device instead of a host-side check. The backward leaves each layer's
-[∂W | ∂b] as rows of partial sums (``gpu._layered_backward``); the update kernel
+[∂W | ∂b] as rows of partial sums (``gpu.layered_backward``); the update kernel
 adds them in a fixed order, so results are deterministic, and applies
 ``torch.optim``'s rule to every parameter in one launch (``reference.SGD``,
 ``Adam``, ``AdamW``), with d the gradient::
@@ -39,6 +39,7 @@ import triton.language as tl
 from . import gpu
 from .activation_table import split_saved
 from .reference import LOSSES, OPTIMIZERS
+from .utils import cdiv, next_power_of_2
 
 MSE, CROSS_ENTROPY, BCE_WITH_LOGITS = map(tl.constexpr, range(len(LOSSES)))
 SGD, ADAM, ADAMW = map(tl.constexpr, range(len(OPTIMIZERS)))
@@ -116,10 +117,10 @@ def _loss_grad_kernel(
             g = 2.0 * difference
         else:
             # −log σ(ŷ) = log(1 + e^{−|ŷ|}) − min(ŷ, 0): no overflow for any ŷ
-            log_sigmoid = tl.minimum(o, 0.0) - gpu._log1p(tl.exp(-tl.abs(o)))
+            log_sigmoid = tl.minimum(o, 0.0) - gpu.log1p(tl.exp(-tl.abs(o)))
             term = (1.0 - y) * o - log_sigmoid
-            g = gpu._sigmoid(o) - y
-    g = _divide(g, gpu._param(divisor, g))
+            g = gpu.sigmoid(o) - y
+    g = _divide(g, gpu.float64_argument(divisor, g))
     tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=inside)
     tl.store(terms_ptr + pid, tl.sum(tl.sum(tl.where(inside, term, 0.0), axis=1), axis=0))
     if pid == 0:
@@ -200,7 +201,8 @@ def _update_kernel(
         total = tl.load(terms_ptr)
         for p in range(1, term_programs):
             total += tl.load(terms_ptr + p)
-        tl.store(loss_ptr, _divide(total, gpu._param(divisor, total)).to(loss_ptr.dtype.element_ty))
+        loss = _divide(total, gpu.float64_argument(divisor, total))
+        tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
     if tl.load(flag_ptr) == 0:
         index = block * BLOCK + tl.arange(0, BLOCK)
         for layer in tl.static_range(L):
@@ -260,17 +262,17 @@ def train_step(x, y, weights, biases, activations, state: OptimizerState, loss: 
     2L + 2 launches, no host sync and no torch compute op. ``x`` (M, K₀) and
     ``y`` must be checked by the caller (see ``FusedTrainer``), M ≥ 1.
     """
-    weights, biases, parsed = gpu._checked(x, weights, biases, activations)
-    acc, precision = gpu._tl_dtype(x.dtype), gpu._precision(x.dtype, tf32)
-    with gpu._device_guard(x.device):
-        saved = gpu.mlp_forward(x, weights, biases, activations, tf32=tf32)
+    weights, biases, parsed = gpu.checked(x, weights, biases, activations)
+    acc, precision = gpu.accumulator_dtype(x.dtype), gpu.precision_of(x.dtype, tf32)
+    with gpu.device_guard(x.device):
+        saved = gpu.checked_forward(x, weights, biases, activations, parsed, tf32=tf32)
         output = saved[len(weights) - 1]
         g = torch.empty_like(output)
         terms, steps_in, divisor = _loss_grad(output, y, g, state, loss, mean, acc)
         shapes = gpu.layered_workspaces(x, weights)
         flat, partials, bases = _partials(x, shapes)
         layers = split_saved(saved, [p.activation.reads_input for p in parsed])
-        gpu._layered_backward(g, x, weights, parsed, layers, None, acc, precision, partials)
+        gpu.layered_backward(g, x, weights, parsed, layers, None, acc, precision, partials)
         loss_value = output.new_empty(())
         _update(weights, biases, state, flat, bases, shapes, steps_in, terms, loss_value,
                 divisor, x, acc)  # fmt: skip
@@ -279,9 +281,9 @@ def train_step(x, y, weights, biases, activations, state: OptimizerState, loss: 
 
 def _loss_grad(output, y, g, state: OptimizerState, loss: str, mean: bool, acc):
     M, C = output.shape
-    BC = max(2, triton.next_power_of_2(C))
-    BM = max(1, min(triton.next_power_of_2(M), LOSS_TILE // BC))
-    programs = triton.cdiv(M, BM)
+    BC = max(2, next_power_of_2(C))
+    BM = max(1, min(next_power_of_2(M), LOSS_TILE // BC))
+    programs = cdiv(M, BM)
     terms = output.new_empty(programs, dtype=_acc_dtype(output.dtype))
     adam = state.rule != "sgd"
     steps_in = output.new_empty(len(state.steps), dtype=torch.float64)
@@ -330,7 +332,7 @@ def _update(weights, biases, state, flat, bases, shapes, steps_in, terms, loss_v
     params = tuple(p for w, b in pairs for p in (w, w if b is None else b))
     widths = (x.shape[1], *(w.shape[0] for w in weights))
     largest = max(width for _, width in shapes)
-    _update_kernel[(triton.cdiv(largest, UPDATE_BLOCK), len(weights))](
+    _update_kernel[(cdiv(largest, UPDATE_BLOCK), len(weights))](
         flat,
         params,
         state.state_a,
@@ -347,7 +349,7 @@ def _update(weights, biases, state, flat, bases, shapes, steps_in, terms, loss_v
         bases,
         tuple(rows for rows, _ in shapes),
         L=len(weights),
-        BIASES=gpu._packed((b is not None for b in biases), 1),
+        BIASES=gpu.packed((b is not None for b in biases), 1),
         RULE=OPTIMIZERS.index(state.rule),
         ACC=acc,
         BLOCK=UPDATE_BLOCK,

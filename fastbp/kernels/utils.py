@@ -26,3 +26,14 @@ def check_one_per_layer(weights: Sequence, biases: Sequence, activations: Sequen
         )
     if len(weights) == 0:
         raise ValueError("weights must hold at least one layer, got none")
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for launch grids: ``triton.cdiv`` is a constexpr function, whose call
+    from the host costs more than the launch arithmetic it does."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of 2 ≥ n (1 for n ≤ 1), as ``triton.next_power_of_2``, cheaply."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
