@@ -96,6 +96,7 @@ def _stubbed_calls() -> dict:
     activations = ["relu", "identity"]
     return {
         "torch.add (the CPU's, for scale)": lambda: torch.add(x, x),
+        "fastbp MLP forward+backward": lambda: model(x).sum().backward(),
         "gpu.mlp_forward (launcher)": lambda: gpu.mlp_forward(x, weights, biases, activations),
         "F.mlp forward, no_grad": torch.no_grad()(
             lambda: F.mlp(x, weights, biases, activations, backend="triton")

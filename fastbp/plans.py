@@ -1,8 +1,9 @@
 """A network checked once, and run eagerly: the one place the kernels meet autograd.
 
 A ``Plan`` holds a network's parameters checked for one backend, with what its
-kernels prepared (numba: a ``cpu.Network`` of numpy views; Triton: nothing). Build
-one with ``plan(x, weights, biases, activations, backend)``, after every check, and
+kernels prepared (numba: a ``cpu.Network`` of numpy views; Triton: the checks done,
+``gpu.Prepared``). Build one with ``plan(x, weights, biases, activations, backend)``,
+after every check, and
 run it with ``plan(x)``: one ``autograd.Function`` node for the whole network, or the
 kernels alone when nothing needs a gradient. ``fastbp.nn.MLP`` keeps its plan between
 calls and asks ``Plan.current`` (a few attribute reads) whether its parameters are
@@ -286,15 +287,18 @@ def tf32() -> bool:
 
 
 class TritonKernels:
-    """The GPU kernels, launched on the plan's tensors."""
+    """The GPU kernels, launched on the plan's tensors, checked once per plan."""
 
     @staticmethod
-    def prepare(plan: Plan) -> None:
-        return None
+    def prepare(plan: Plan):
+        stand_in = plan.weights[0].new_empty(0, plan.in_features)  # x as the plan takes it
+        return _gpu().prepare(stand_in, plan.weights, plan.biases, plan.activations)
 
     @staticmethod
     def forward(plan: Plan, x: torch.Tensor):
-        outputs = _gpu().mlp_forward(x, plan.weights, plan.biases, plan.activations, tf32=tf32())
+        outputs = _gpu().prepared_forward(
+            x, plan.weights, plan.biases, plan.activations, plan.prepared, tf32=tf32()
+        )
         # Backward gets a detached alias of the output: the output itself in ctx would
         # make a cycle (node → ctx → output → node) that kept every step's autograd
         # graph and activations alive until Python's gc ran, and, in a CUDA graph
@@ -318,7 +322,7 @@ class TritonKernels:
     @staticmethod
     def backward(plan: Plan, saved, grad_output: torch.Tensor, needs_input_grad: bool):
         x, outputs = saved
-        return _gpu().mlp_backward(
+        return _gpu().prepared_backward(
             grad_output,
             x,
             plan.weights,
@@ -326,6 +330,7 @@ class TritonKernels:
             plan.activations,
             outputs,
             needs_input_grad,
+            plan.prepared,
             tf32=tf32(),
         )
 

@@ -750,8 +750,17 @@ def check_offsets(name: str, extent) -> None:
         )
 
 
-def checked(x, weights, biases, activations):
-    """(x, contiguous weights, contiguous biases, activation codes) after checking shapes."""
+class Prepared(NamedTuple):
+    """What a checked network's launches take every call: the parsed activations and
+    the widest layer (for the per-call offset check)."""
+
+    parsed: tuple
+    widest: int
+
+
+def prepare(x, weights, biases, activations) -> Prepared:
+    """Check a network for the kernels, with inputs like ``x``: once per network (a
+    ``plans.Plan`` keeps the result); ``check_rows`` then checks each batch."""
     check_device(x)
     if x.dtype not in DTYPES:
         raise TypeError(f"x must be one of {DTYPES}, got {x.dtype}")
@@ -769,13 +778,26 @@ def checked(x, weights, biases, activations):
                 f"biases[{layer}] must be ({width},) {x.dtype} on {x.device}, got "
                 f"{tuple(b.shape)} {b.dtype} on {b.device}"
             )
-    check_offsets("x", x)
     widest = max(x.shape[1], *(w.shape[0] for w in weights))
-    check_offsets(f"a ({x.shape[0]}, {widest}) layer output", x.shape[0] * widest)
-    parsed = tuple(parse(a) for a in activations)
-    weights = [w.contiguous() for w in weights]
-    biases = [None if b is None else b.contiguous() for b in biases]
-    return weights, biases, parsed
+    return Prepared(tuple(parse(a) for a in activations), widest)
+
+
+def check_rows(x, prepared: Prepared) -> None:
+    """The checks of a batch that a prepared network still needs: 32-bit offsets."""
+    check_offsets("x", x)
+    check_offsets(f"a ({x.shape[0]}, {prepared.widest}) layer output", x.shape[0] * prepared.widest)
+
+
+def checked(x, weights, biases, activations):
+    """(contiguous weights, contiguous biases, parsed activations) after every check."""
+    prepared = prepare(x, weights, biases, activations)
+    check_rows(x, prepared)
+    return contiguous(weights), contiguous(biases), prepared.parsed
+
+
+def contiguous(tensors) -> list:
+    """The launches index parameters as contiguous: each one, or a contiguous copy."""
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def packed(values, bits: int) -> int:
@@ -845,6 +867,14 @@ def mlp_forward(x, weights, biases, activations, *, tf32=False, fused=None) -> l
     """
     weights, biases, parsed = checked(x, weights, biases, activations)
     return checked_forward(x, weights, biases, activations, parsed, tf32=tf32, fused=fused)
+
+
+def prepared_forward(x, weights, biases, activations, prepared: Prepared, *, tf32=False):
+    """``mlp_forward`` of a network ``prepare`` checked: only ``x`` is checked here."""
+    check_rows(x, prepared)
+    return checked_forward(
+        x, contiguous(weights), contiguous(biases), activations, prepared.parsed, tf32=tf32
+    )
 
 
 def checked_forward(x, weights, biases, activations, parsed, *, tf32=False, fused=None):
@@ -959,6 +989,23 @@ def mlp_backward(
     if g.shape != layers[-1][0].shape:
         raise ValueError(f"g must have shape {tuple(layers[-1][0].shape)}, got {tuple(g.shape)}")
     check_offsets("g", g)
+    return _backward(g, x, weights, has_bias, activations, parsed, layers, needs_input_grad,
+                     tf32, fused)  # fmt: skip
+
+
+def prepared_backward(g, x, weights, biases, activations, outputs, needs_input_grad,
+                      prepared: Prepared, *, tf32=False):  # fmt: skip
+    """``mlp_backward`` of a network ``prepare`` checked, and of what ``prepared_forward``
+    returned: nothing is checked again."""
+    parsed = prepared.parsed
+    layers = split_saved(outputs, [p.activation.reads_input for p in parsed])
+    has_bias = [b is not None for b in biases]
+    return _backward(g, x, contiguous(weights), has_bias, activations, parsed, layers,
+                     needs_input_grad, tf32, None)  # fmt: skip
+
+
+def _backward(g, x, weights, has_bias, activations, parsed, layers, needs_input_grad, tf32,
+              fused):  # fmt: skip
     if x.shape[0] == 0:  # no rows: every gradient is an empty sum
         grad_biases = [
             w.new_zeros(len(w)) if has else None for w, has in zip(weights, has_bias, strict=True)
