@@ -4,6 +4,7 @@ torch.compile for the headline network.
     python -m benchmarks.dispatch_overhead [--rounds 7] [--calls 500]
 
 1. Per-call overhead: a 2-2-2 network at batch 1, where the kernels take ~1 µs,
+   through ``fastbp.nn.MLP`` beside ``nn.Sequential`` (the drop-in's whole call),
    through a checked ``Plan`` (``plans.plan``: the ``torch.autograd.Function``, the eager
    default, or the kernels alone under no_grad), through ``F.mlp`` (its checks, then
    the plan) and through the
@@ -56,7 +57,21 @@ def _tiny_calls() -> dict:
     def forward_backward(forward):
         return lambda: forward(x).sum().backward()
 
+    module = fastbp.nn.MLP([2, 2, 2], activation="relu")
+    sequential = module.to_torch()
+
+    def training(network):  # the drop-in's whole call: zero_grad, forward, backward
+        def run():
+            network.zero_grad()
+            network(x).sum().backward()
+
+        return run
+
     return {
+        "fastbp.nn.MLP, forward (no_grad)": forward_only(module),
+        "nn.Sequential, forward (no_grad)": forward_only(sequential),
+        "fastbp.nn.MLP, zero_grad+forward+backward": training(module),
+        "nn.Sequential, zero_grad+forward+backward": training(sequential),
         "checked plan, forward (no_grad: the kernels alone)": forward_only(function),
         "custom op, forward (no_grad)": forward_only(op),
         "checked plan, forward+backward (the autograd.Function)": forward_backward(function),

@@ -52,6 +52,7 @@ class _Planned(nn.Module):
         state = dict(super().__getstate__())
         state.pop("_plan", None)
         state.pop("_layout_cache", None)
+        state.pop("_bound", None)
         return state
 
 
@@ -211,6 +212,7 @@ class MLP(_Planned, nn.Sequential):
     def __setattr__(self, name: str, value) -> None:
         if name == "backend":
             value = plans.check_backend(value)
+            self.__dict__.pop("_plan", None)  # made for the old backend
         super().__setattr__(name, value)
 
     @property
@@ -225,10 +227,39 @@ class MLP(_Planned, nn.Sequential):
         return _layout(self._modules.values())[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bound = self.__dict__.get("_bound")
+        if bound is not None:  # the common call: what the last one checked still holds
+            output = bound(self, x)
+            if output is not None:
+                return output
         fused = self.fused()
         if fused is None:  # runs its children, hooks and all, as nn.Sequential does
             return nn.Sequential.forward(self, x)
-        return self._run(x, *fused)
+        output = self._run(x, *fused)
+        plan = self.__dict__.get("_plan")
+        if plan is not None and plan.kernels is not None and plan.reusable:
+            self.__dict__["_bound"] = _Bound(self, plan)
+        return output
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``nn.Module.zero_grad``, over the parameters the last forward bound while
+        nothing that holds them has changed (torch's walks every module each call)."""
+        bound = self.__dict__.get("_bound")
+        replica = self.__dict__.get("_is_replica", False)
+        if bound is None or replica or not bound.holds_parameters(self):
+            return super().zero_grad(set_to_none)  # torch's, with its warning for a replica
+        for parameter in bound.plan.params:
+            if parameter.grad is None:
+                continue
+            if set_to_none:
+                parameter.grad = None
+            else:
+                if parameter.grad.grad_fn is not None:
+                    parameter.grad.detach_()
+                else:
+                    parameter.grad.requires_grad_(False)
+                parameter.grad.zero_()
+        return None
 
     def fused(self) -> tuple[tuple, tuple, tuple[str, ...]] | None:
         """``(weights, biases, activation names)`` of the network as fastbp runs it, in
@@ -310,6 +341,75 @@ class MLP(_Planned, nn.Sequential):
         sequential = nn.Sequential(*modules)
         _copy_parameters(linears, [m for m in sequential if isinstance(m, nn.Linear)])
         return sequential
+
+
+class _Bound:
+    """What an ``MLP``'s forward checked on its full path (``fused``, ``_run``): its
+    children, their hooks and settings, its parameters and their memory, with the plan
+    they made. ``bound(module, x)`` re-checks all of it in one frame and runs the plan's
+    kernels, or returns None where anything changed (the full path then runs and binds
+    anew) or ``x`` is not the common case (a 2-D tensor of the plan's dtype and device).
+    """
+
+    def __init__(self, module: MLP, plan: plans.Plan) -> None:
+        self.plan, self.backend = plan, module.backend
+        self.children = tuple(module._modules.values())
+        self.edit = _last_edit[0]
+        self.settings = tuple(map(_activations.settings, self.children))
+        self.parameters = tuple(tuple(child._parameters.values()) for child in self.children)
+
+    def holds_parameters(self, module: MLP) -> bool:
+        """Whether the module's parameters are still exactly ``plan.params``."""
+        if module._parameters or tuple(module._modules.values()) != self.children:
+            return False
+        for child, held in zip(self.children, self.parameters, strict=True):
+            if tuple(child._parameters.values()) != held or child._modules:
+                return False
+        return True
+
+    def __call__(self, module: MLP, x: torch.Tensor) -> torch.Tensor | None:
+        plan = self.plan
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return None  # before anything reads memory: tracing sees none
+        if not (
+            x.__class__ is torch.Tensor
+            and x.dtype == plan.dtype
+            and x.device == plan.device
+            and x.dim() == 2
+            and x.shape[1] == plan.in_features
+            and module.backend == self.backend
+            and _last_edit[0] == self.edit
+            and not _module._global_forward_hooks
+            and not _module._global_forward_pre_hooks
+            and not _module._global_backward_hooks
+            and not _module._global_backward_pre_hooks
+            and not module._parameters
+            and tuple(module._modules.values()) == self.children
+            and plan.same_memory(plan.params)
+        ):
+            return None
+        # holds_parameters's loop, inline: a frame is much of a small network's call
+        for child, held in zip(self.children, self.parameters, strict=True):
+            if tuple(child._parameters.values()) != held or child._modules:
+                return None
+        for child, settings in zip(self.children, self.settings, strict=True):
+            if (
+                child._forward_hooks
+                or child._forward_pre_hooks
+                or child._backward_hooks
+                or child._backward_pre_hooks
+                or (settings and _activations.settings(child) != settings)
+            ):
+                return None
+        if torch.is_grad_enabled():
+            if x.requires_grad:
+                return plans.kernel_node(x, plan, *plan.params)
+            for parameter in plan.params:
+                if parameter.requires_grad:
+                    return plans.kernel_node(x, plan, *plan.params)
+        if plan.backend == "triton" and torch.is_autocast_enabled(x.device.type):
+            return None  # the full path casts
+        return plan.kernels.infer(plan, x)
 
 
 def _layout(children, name: str = "MLP") -> tuple[list[nn.Module], tuple[str, ...]]:

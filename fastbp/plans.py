@@ -246,14 +246,17 @@ class NumbaKernels:
     def forward(plan: Plan, x: torch.Tensor):
         """``(the last layer's output, what backward needs)``: every layer's output, kept
         as arrays, since no one but backward sees the hidden ones."""
-        x, network = numpy_view(x), plan.prepared
-        outputs = threads.call(network.forward, x, parallel=network.parallel(x.shape[0]))
+        x, network = (x.detach() if x.requires_grad else x).numpy(), plan.prepared
+        outputs = threads.call(network.forward, x, parallel=x.shape[0] >= network.parallel_rows)
         return torch.from_numpy(outputs[len(plan.weights) - 1]), (x, outputs)
 
     @staticmethod
     def infer(plan: Plan, x: torch.Tensor) -> torch.Tensor:
-        """The last layer's output alone."""
-        return NumbaKernels.forward(plan, x)[0]
+        """The last layer's output alone (forward's lines, not a call of it: a small
+        network's call costs what its Python does)."""
+        x, network = (x.detach() if x.requires_grad else x).numpy(), plan.prepared
+        outputs = threads.call(network.forward, x, parallel=x.shape[0] >= network.parallel_rows)
+        return torch.from_numpy(outputs[len(plan.weights) - 1])
 
     @staticmethod
     def saved(x: torch.Tensor, outputs) -> tuple:
@@ -276,9 +279,14 @@ class NumbaKernels:
             x,
             outputs,
             needs_input_grad,
-            parallel=network.parallel(x.shape[0]),
+            parallel=x.shape[0] >= network.parallel_rows,
         )
-        return _tensor(grad_x), [*map(_tensor, grad_weights)], [*map(_tensor, grad_biases)]
+        from_numpy = torch.from_numpy
+        for layer, (w, b) in enumerate(zip(grad_weights, grad_biases, strict=True)):
+            grad_weights[layer] = from_numpy(w)
+            if b is not None:
+                grad_biases[layer] = from_numpy(b)
+        return None if grad_x is None else from_numpy(grad_x), grad_weights, grad_biases
 
 
 def tf32() -> bool:
@@ -481,18 +489,23 @@ class _KernelMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        refuse_double_backward()
+        if torch.is_grad_enabled():
+            refuse_double_backward(always=True)
         ctx.saved_tensors  # noqa: B018 - raises if a saved tensor was changed in place
         plan = ctx.plan
-        grad_x, grad_weights, grad_biases = plan.kernels.backward(
+        grad_x, grads, grad_biases = plan.kernels.backward(
             plan, ctx.saved, grad_output, ctx.needs_input_grad[0]
         )
-        return grad_x, None, *_in_params_order(grad_weights, grad_biases)
+        for grad in grad_biases:  # the params' order (weights, then present biases), inline
+            if grad is not None:
+                grads.append(grad)
+        return grad_x, None, *grads
 
 
 # _KernelMLP.apply without Function.apply's Python wrapper, whose functorch bookkeeping
 # took 6 µs of a 16 µs call: torch.func transforms never get here (see tracing()).
-_apply = super(torch.autograd.Function, _KernelMLP).apply
+# ``kernel_node(x, plan, *plan.params)``: the network's output, one autograd node.
+kernel_node = super(torch.autograd.Function, _KernelMLP).apply
 
 
 def _run_kernels(plan: Plan, x: torch.Tensor) -> torch.Tensor:
@@ -501,7 +514,7 @@ def _run_kernels(plan: Plan, x: torch.Tensor) -> torch.Tensor:
         plan, x = _autocast(plan, x)
     if not _needs_graph(x, plan.params):  # inference: no autograd node to build
         return plan.kernels.infer(plan, x)
-    return _apply(x, plan, *plan.params)
+    return kernel_node(x, plan, *plan.params)
 
 
 def _needs_graph(x: torch.Tensor, params) -> bool:

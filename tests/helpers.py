@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -335,3 +336,22 @@ def _computes(func) -> bool:
     if returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write:
         return False  # a view
     return bool(returns)
+
+
+def python_calls(run: Callable[[], object]) -> list[str]:
+    """The Python functions ``run()`` calls (``sys.setprofile``'s "call" events, each
+    as ``file:function``), after two calls to warm any cache."""
+    for _ in range(2):
+        run()
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return calls[1:]  # the first is run itself

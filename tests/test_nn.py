@@ -9,6 +9,8 @@ from torch import nn
 
 import fastbp
 
+from .helpers import python_calls
+
 
 def test_linear_initialises_exactly_like_nn_linear():
     torch.manual_seed(0)
@@ -116,3 +118,67 @@ def test_import_compiles_no_kernel_and_the_readme_example_runs():
         "assert all(p.grad is not None for p in m.parameters())\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+# The bounds on Python calls per call of the drop-in (counts, not timings).
+NO_GRAD_FORWARD_CALLS = 15
+TRAINING_CALLS = 45
+
+
+def _seeds_net():
+    from fastbp.registry import WORKLOADS
+
+    workload = WORKLOADS["seeds-2x2x2-sigmoid-b1"]
+    x, _ = workload.data()
+    return fastbp.nn.MLP.from_torch(workload.model()), workload.model(), x
+
+
+def test_a_no_grad_forward_makes_few_python_calls():
+    model, sequential, x = _seeds_net()
+
+    def forward(network):
+        def run():
+            network(x)
+
+        return run
+
+    with torch.no_grad():
+        ours, torchs = python_calls(forward(model)), python_calls(forward(sequential))
+    assert len(ours) <= NO_GRAD_FORWARD_CALLS, ours
+    assert len(torchs) > len(ours), torchs  # the count sees torch's own chain too
+
+
+def test_a_training_step_makes_few_python_calls():
+    model, sequential, x = _seeds_net()
+
+    def step(network):
+        def run():
+            network.zero_grad()
+            network(x).sum().backward()
+
+        return run
+
+    ours, torchs = python_calls(step(model)), python_calls(step(sequential))
+    assert len(ours) <= TRAINING_CALLS, ours
+    assert len(torchs) > len(ours), torchs
+
+
+def test_setting_backend_after_a_forward_takes_effect():
+    model, _, x = _seeds_net()
+    model(x)
+    model.backend = "torch"
+    model(x)
+    assert model._plan.backend == "torch"
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_does_what_torchs_does(set_to_none):
+    model, sequential, x = _seeds_net()
+    for network in (model, sequential):
+        for _ in range(2):  # the second call takes the bound path
+            network(x).sum().backward()
+            network.zero_grad(set_to_none)
+    for ours, theirs in zip(model.parameters(), sequential.parameters(), strict=True):
+        assert (ours.grad is None) == (theirs.grad is None) == set_to_none
+        if not set_to_none:
+            assert torch.equal(ours.grad, theirs.grad)

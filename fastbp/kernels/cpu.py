@@ -118,6 +118,8 @@ class Network:
         self.keeps = tuple(parse(a).activation.reads_input for a in activations)
         self.holds_originals = not self.copies
         self._widest = max(self.widths[1:])  # what the workspaces hold: layer outputs
+        # the batch from which forward and backward reach numba's pool (see parallel)
+        self.parallel_rows = -(-PARALLEL_MIN_ELEMENTS // self._widest)
         self._largest = max(w.size for w in self.weights)
         self._workspaces = threading.local()
         self._no_grad_x = np.empty((0, self.widths[0]), dtype)  # "∂L/∂x not needed"
@@ -130,8 +132,7 @@ class Network:
         """Whether a call on ``batch`` rows reaches numba's thread pool: an element-wise
         pass of ``PARALLEL_MIN_ELEMENTS`` or more, or (``updates``, a ``TrainStep``) an
         update of a parameter that large. Below, numba's thread count does not matter."""
-        parallel = batch * self._widest >= PARALLEL_MIN_ELEMENTS
-        return parallel or (updates and self._largest >= PARALLEL_MIN_ELEMENTS)
+        return batch >= self.parallel_rows or (updates and self._largest >= PARALLEL_MIN_ELEMENTS)
 
     def _input(self, x: np.ndarray) -> np.ndarray:
         if x.dtype != self.dtype:
@@ -152,7 +153,9 @@ class Network:
     def forward(self, x: np.ndarray) -> list[np.ndarray]:
         """Outputs ``[a₁, …, a_L]`` of every layer in one kernel call, followed by the
         pre-activation z of each layer that ``keeps`` it (what backward reads)."""
-        x = self._input(x)
+        if not (x.dtype == self.dtype and x.ndim == 2 and x.shape[1] == self.widths[0]
+                and x.flags.c_contiguous):  # fmt: skip
+            x = self._input(x)  # the common case inline: a small network's call is its Python
         batch, dtype = x.shape[0], self.dtype
         outputs, slots = self.new_outputs(batch)
         gemm = _prepare_launch(dtype)
@@ -167,12 +170,22 @@ class Network:
     def new_outputs(self, batch: int) -> tuple[list, list | tuple]:
         """``(every layer's output, every layer's z slot)`` for ``batch`` rows, new: what
         ``_mlp_forward`` writes."""
-        outputs = [np.empty((batch, w), self.dtype) for w in self.widths[1:]]
+        outputs = []
+        for width in self.widths[1:]:  # a loop, not a comprehension: one frame fewer
+            outputs.append(np.empty((batch, width), self.dtype))
         return outputs, self._no_slots or self._z_slots(batch, [None] * len(outputs))
 
     def _saved(self, saved, batch: int) -> tuple:
         """What forward returned, checked, as the kernels take it: every layer's output,
         then every layer's z slot."""
+        if self._no_slots is not None and len(saved) == len(self.keeps):
+            # no layer keeps z: one loop over the outputs, the common case
+            for a, width in zip(saved, self.widths[1:], strict=True):
+                if not (a.dtype == self.dtype and a.shape == (batch, width)
+                        and a.flags.c_contiguous):  # fmt: skip
+                    break
+            else:
+                return (*saved, *self._no_slots)
         layers = split_saved(saved, list(self.keeps))
         checked = [
             (_exactly("outputs", a, self.dtype, (batch, w), layer),
@@ -194,13 +207,17 @@ class Network:
     def backward(self, g, x, outputs, needs_input_grad: bool = True):
         """``(∂L/∂x or None, [∂L/∂Wₗ], [∂L/∂bₗ or None])`` from ``g = ∂L/∂a_L`` and the
         ``outputs`` forward returned for ``x``, in one kernel call."""
-        x = self._input(x)
+        if not (x.dtype == self.dtype and x.ndim == 2 and x.shape[1] == self.widths[0]
+                and x.flags.c_contiguous):  # fmt: skip
+            x = self._input(x)  # as in forward, the common case inline
         batch, dtype = x.shape[0], self.dtype
         outputs = self._saved(outputs, batch)
         g = _exactly("g", g, dtype, (batch, self.widths[-1]))
-        grad_weights = tuple([np.empty(w.shape, dtype) for w in self.weights])
-        # a layer without bias passes its shared empty one, which the kernel leaves alone
-        grad_biases = tuple([np.empty(b.shape, dtype) if b.size else b for b in self.biases])
+        grad_weights, grad_biases = [], []  # loops, not comprehensions: fewer frames
+        for w, b in zip(self.weights, self.biases, strict=True):
+            grad_weights.append(np.empty(w.shape, dtype))
+            # a layer without bias passes its shared empty one, which the kernel leaves alone
+            grad_biases.append(np.empty(b.shape, dtype) if b.size else b)
         grad_x = np.empty((batch, self.widths[0]), dtype) if needs_input_grad else self._no_grad_x
         _mlp_backward(
             _prepare_launch(dtype),
@@ -209,16 +226,15 @@ class Network:
             self.weights,
             self.activations,
             outputs,
-            grad_weights,
-            grad_biases,
+            tuple(grad_weights),
+            tuple(grad_biases),
             grad_x,
             *self._spaces(batch),
         )
-        return (
-            grad_x if needs_input_grad else None,
-            list(grad_weights),
-            [b if has else None for b, has in zip(grad_biases, self.has_bias, strict=True)],
-        )
+        for layer, has in enumerate(self.has_bias):
+            if not has:
+                grad_biases[layer] = None
+        return grad_x if needs_input_grad else None, grad_weights, grad_biases
 
 
 def _exactly(name: str, array: np.ndarray, dtype: np.dtype, shape: tuple, index=None):

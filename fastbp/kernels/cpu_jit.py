@@ -779,7 +779,8 @@ def _prepare_launch(dtype: np.dtype) -> int:
     """The ``gemm`` address every kernel takes, after making the kernels safe to run."""
     if not _pool_started:
         start_thread_pool()
-    gemm_provider()
+    if _gemm_binding is None:
+        gemm_provider()
     _, sgemm_address, dgemm_address = _gemm_binding  # type: ignore[misc]
     return sgemm_address if dtype == np.float32 else dgemm_address
 
