@@ -1,8 +1,8 @@
 """CUDA graphs of ``FusedTrainer``'s Triton step: captured once per key, then replayed.
 
-A step on the Triton backend makes 2L + 2 launches and never waits on the host
-(``kernels.gpu_step``), so it can be captured: a replay then costs one launch of
-the host's time. A graph bakes in the addresses and shapes it was captured with,
+A step on the Triton backend makes at most 2L + 2 launches and never waits on
+the host (``kernels.gpu_step``), so it can be captured: a replay then costs one
+launch of the host's time. A graph bakes in the addresses and shapes it was captured with,
 and so it is kept per **key**: the batch's shapes and dtypes, the loss, the
 reduction, the activations and the precision flag (``allow_tf32``). What a step
 reads from the device each time, it reads anew at every replay: the batch (copied

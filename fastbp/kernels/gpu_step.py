@@ -1,10 +1,11 @@
 r"""A whole training step on the GPU: the loss gradient and the optimizer update in Triton.
 
 Around ``gpu.py``'s forward and layered backward, two kernels finish a step, so
-that an L-layer network trains in 2L + 2 launches and the host never waits on
-the device (the step can be captured in a CUDA graph). With ŷ the network's
-output (M, C), y the targets and D the reduction's divisor (the number of terms
-for "mean", 1 for "sum"), the loss kernel writes, as ``reference.loss_and_grad``::
+that an L-layer network trains in 2L + 2 launches (L + 3 with the fused forward)
+and the host never waits on the device (the step can be captured in a CUDA
+graph). With ŷ the network's output (M, C), y the targets and D the reduction's
+divisor (the number of terms for "mean", 1 for "sum"), the loss kernel writes,
+as ``reference.loss_and_grad``::
 
     mse              L = Σ (ŷ − y)² / D                      g = 2 (ŷ − y) / D
     cross_entropy    L = Σᵢ (logsumexp ŷᵢ − ŷᵢ,yᵢ) / D        g = (softmax ŷᵢ − onehot yᵢ) / D
@@ -259,8 +260,10 @@ def train_step(x, y, weights, biases, activations, state: OptimizerState, loss: 
     """One step: forward, the loss gradient, backward and the update of ``weights``
     and ``biases`` (and ``state``) in place; returns the 0-dim loss before the update.
 
-    2L + 2 launches, no host sync and no torch compute op. ``x`` (M, K₀) and
-    ``y`` must be checked by the caller (see ``FusedTrainer``), M ≥ 1.
+    2L + 2 launches (L + 3 where the forward is fused), no host sync and no torch
+    compute op. ``x`` (M, K₀) and ``y`` must be checked by the caller (see
+    ``FusedTrainer``), M ≥ 1; the parameters and the state must be contiguous, since
+    the update writes them in place.
     """
     weights, biases, parsed = gpu.checked(x, weights, biases, activations)
     acc, precision = gpu.accumulator_dtype(x.dtype), gpu.precision_of(x.dtype, tf32)
