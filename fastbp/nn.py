@@ -369,7 +369,7 @@ class _Bound:
 
     def __call__(self, module: MLP, x: torch.Tensor) -> torch.Tensor | None:
         plan = self.plan
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        if torch.compiler.is_compiling() or traced.functorch_active():
             return None  # before anything reads memory: tracing sees none
         if not (
             x.__class__ is torch.Tensor

@@ -197,9 +197,10 @@ def custom_op_mlp(x, weights, biases, activations: Sequence[str]) -> torch.Tenso
     return outputs[len(weights) - 1]
 
 
-def functorch_active() -> bool:
-    # private, hence the getattr: without it, torch's own (less clear) error stands
-    return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
+# ``functorch_active()``: whether a torch.func transform runs this call. torch's own
+# function, called directly (no Python frame: MLP's bound call counts them); private,
+# hence the getattr: without it, torch's own (less clear) error stands.
+functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 # ---------------------------------------------------------------------------
