@@ -236,8 +236,9 @@ class MLP(_Planned, nn.Sequential):
         if fused is None:  # runs its children, hooks and all, as nn.Sequential does
             return nn.Sequential.forward(self, x)
         output = self._run(x, *fused)
-        plan = self.__dict__.get("_plan")
-        if plan is not None and plan.kernels is not None and plan.reusable:
+        plan = self.__dict__.get("_plan")  # from an eager call: tracing makes none
+        bindable = plan is not None and plan.kernels is not None and plan.reusable
+        if bindable and not traced.tracing():
             self.__dict__["_bound"] = _Bound(self, plan)
         return output
 
