@@ -225,6 +225,15 @@ def _check_coverage(modules, launched) -> None:
             assert codes == wanted, f"{name} {dtype}: activations {codes}, not {wanted}"
 
 
+# Spills a default path is known to have with one Triton, and the most it may: the
+# check fails above them. Triton 3.9's ptxas (torch 2.13.0's) keeps an 8-byte stack
+# frame in the float32 backward, ∂W and ∂x in one launch, with any register cap
+# tried (128, 168, 255) and 4, 8 or 16 warps: 8-48 bytes per thread. 3.8's (torch
+# 2.14.1's) spills nothing there at 128. An open finding (README, Registers and spills).
+TRITON = ".".join(triton.__version__.split(".")[:2])
+KNOWN_SPILLS = {("3.9", "_layer_backward_kernel", "float32"): 64}
+
+
 def _report(resources) -> None:
     spilled = []
     print(
@@ -236,7 +245,7 @@ def _report(resources) -> None:
             f"| {name} | {dtype} | {variant} | {registers} | {spills} | {shared} "
             f"| {'yes' if default else 'no'} |"
         )
-        if spills and default:
+        if default and spills > KNOWN_SPILLS.get((TRITON, name, dtype), 0):
             spilled.append(f"{name} {dtype} ({variant}): {spills} bytes")
     for (name, dtype, variant), (registers, spills, shared, default) in sorted(resources.items()):
         line = dict(kernel=name, dtype=dtype, variant=variant, registers=registers,
