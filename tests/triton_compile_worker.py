@@ -248,8 +248,10 @@ def _report(resources) -> None:
         if default and spills > KNOWN_SPILLS.get((TRITON, name, dtype), 0):
             spilled.append(f"{name} {dtype} ({variant}): {spills} bytes")
     for (name, dtype, variant), (registers, spills, shared, default) in sorted(resources.items()):
+        allowed = KNOWN_SPILLS.get((TRITON, name, dtype), 0) if default else None
         line = dict(kernel=name, dtype=dtype, variant=variant, registers=registers,
-                    spill_bytes=spills, shared_bytes=shared, default_path=default)  # fmt: skip
+                    spill_bytes=spills, shared_bytes=shared, default_path=default,
+                    allowed_spill_bytes=allowed)  # fmt: skip
         print("SM90", json.dumps(line))
     kernels = sorted({name for name, _, _ in resources})
     print(f"compiled {len(resources)} variants of {len(kernels)} kernels: {kernels}")
