@@ -3,11 +3,10 @@
 A ``Plan`` holds a network's parameters checked for one backend, with what its
 kernels prepared (numba: a ``cpu.Network`` of numpy views; Triton: the checks done,
 ``gpu.Prepared``). Build one with ``plan(x, weights, biases, activations, backend)``,
-after every check, and
-run it with ``plan(x)``: one ``autograd.Function`` node for the whole network, or the
-kernels alone when nothing needs a gradient. ``fastbp.nn.MLP`` keeps its plan between
-calls and asks ``Plan.current`` (a few attribute reads) whether its parameters are
-still the tensors it checked.
+after every check, and run it with ``plan(x)``: one ``autograd.Function`` node for the
+whole network, or the kernels alone when nothing needs a gradient. ``fastbp.nn.MLP``
+keeps its plan between calls and asks ``Plan.current`` (a few attribute reads) whether
+its parameters are still the tensors it checked.
 
 Here too: the input checks, whose messages name the argument, what it got and what
 it needs; the backends and their kernel sets (``Kernels``); and how the three wirings
@@ -193,10 +192,6 @@ def saved_layers(saved: Sequence, activations: Sequence[str]) -> list[tuple]:
 
 def _array(tensor: torch.Tensor | None):
     return None if tensor is None else tensor.detach().numpy()
-
-
-def _tensor(array):
-    return None if array is None else torch.from_numpy(array)
 
 
 def numpy_view(x: torch.Tensor):
@@ -461,11 +456,6 @@ def refuse_double_backward(always: bool = False) -> None:
             "fastbp's hand-derived backward is not differentiable: double backward "
             "(create_graph=True) and higher-order gradients need backend='torch'"
         )
-
-
-def _in_params_order(grad_weights, grad_biases) -> list:
-    """The gradients in the order of ``Plan.params``: weights, then present biases."""
-    return [*grad_weights, *split_biases(grad_biases)[0]]
 
 
 class _KernelMLP(torch.autograd.Function):
