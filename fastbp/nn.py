@@ -9,11 +9,15 @@ autograd node while its children are layers and activations fastbp runs; when
 they are not (a child replaced by another module, a hook on a child), it runs
 its children one by one, as ``nn.Sequential`` does, so that every edit and hook
 takes effect.
+
+``MLPEnsemble`` holds K networks of one shape with their parameters stacked, as
+``torch.func.stack_module_state`` stacks them, and runs every member in one call.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -440,3 +444,210 @@ def _copy_parameters(sources, targets) -> None:
         target.weight.copy_(source.weight)
         if source.bias is not None:
             target.bias.copy_(source.bias)
+
+
+# ---------------------------------------------------------------------------
+# Ensembles
+# ---------------------------------------------------------------------------
+class StackedLinear(nn.Module):
+    """One layer of an ``MLPEnsemble``: every member's ``nn.Linear`` parameters stacked,
+    ``weight`` (members, out_features, in_features) and ``bias`` (members, out_features)
+    or None. It holds them; the ensemble runs them (calling it on its own raises)."""
+
+    def __init__(self, members, in_features, out_features, bias=True, *, device=None,
+                 dtype=None) -> None:  # fmt: skip
+        super().__init__()
+        self.members, self.in_features, self.out_features = members, in_features, out_features
+        options = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(members, out_features, in_features, **options))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(members, out_features, **options))
+        else:
+            self.register_parameter("bias", None)
+
+    @torch.no_grad()
+    def reset_member(self, member: int) -> None:
+        """Member ``member``'s parameters drawn as ``nn.Linear.reset_parameters`` draws them."""
+        nn.init.kaiming_uniform_(self.weight[member], a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias[member], -bound, bound)
+
+    def forward(self, x):
+        raise RuntimeError("a StackedLinear runs inside its MLPEnsemble: call the ensemble")
+
+    def extra_repr(self) -> str:
+        return (
+            f"members={self.members}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+class MLPEnsemble(nn.Module):
+    """K dense networks of one shape, trained side by side, every member in one call.
+
+    Args:
+        k: the number of members.
+        sizes, activation, output_activation, bias: each member's network, as ``MLP``
+            takes them.
+        backend: "auto" (numba on CPU; torch's batched matmuls on CUDA, where Triton has
+            no ensemble kernel yet), "numba" or "torch".
+
+    Parameters are stacked, as ``torch.func.stack_module_state`` stacks K
+    ``nn.Sequential``'s: ``layers[l].weight`` is ``(k, out, in)`` and ``layers[l].bias``
+    ``(k, out)`` (state_dict keys ``layers.0.weight``, ``layers.0.bias``, …). Member m
+    is drawn as the m-th of K ``nn.Sequential``'s made one after another would be, so
+    for one seed ``MLPEnsemble(k, sizes)`` equals ``from_torch`` of those K networks.
+
+    ``forward(x)`` takes ``(k, batch, in)``, one batch per member, or ``(batch, in)``,
+    one batch for all, and returns ``(k, batch, out)``. Forward and backward each run
+    every member in one kernel call; under torch.compile and torch.func transforms,
+    torch's batched matmuls run instead. ``FusedTrainer`` trains it, the members'
+    losses added.
+    """
+
+    def __init__(
+        self,
+        k: int,
+        sizes: Sequence[int],
+        activation: str | nn.Module | Sequence[str | nn.Module] = "relu",
+        output_activation: str | nn.Module = "identity",
+        bias: bool | Sequence[bool] = True,
+        *,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.backend = backend
+        members = _positive_int("k", k)
+        sizes = [_positive_int(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
+        if len(sizes) < 2:
+            raise ValueError(f"sizes must list at least [in, out], got {sizes}")
+        if isinstance(activation, (str, nn.Module)):
+            activation = _activations.get(activation).name
+        hidden = _per_layer("activation", activation, len(sizes) - 2)
+        self._names = tuple(_activations.get(a).name for a in [*hidden, output_activation])
+        biases = _per_layer("bias", bias, len(sizes) - 1)
+        self.layers = nn.ModuleList(
+            StackedLinear(members, i, o, b, device=device, dtype=dtype)
+            for i, o, b in zip(sizes[:-1], sizes[1:], biases, strict=True)
+        )
+        self.reset_parameters()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "backend":
+            value = plans.check_backend(value)
+            self.__dict__.pop("_plan", None)  # made for the old backend
+        super().__setattr__(name, value)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_plan", None)  # views of these parameters' memory: a copy makes its own
+        return state
+
+    @property
+    def members(self) -> int:
+        return self.layers[0].members
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        """The activation after each layer, as names."""
+        return self._names
+
+    def reset_parameters(self) -> None:
+        """Every member drawn anew, member by member, as K ``nn.Sequential``'s would be."""
+        for member in range(self.members):
+            for layer in self.layers:
+                layer.reset_member(member)
+
+    def stacked(self) -> tuple[tuple, tuple]:
+        """``(weights, biases)``: each layer's stacked parameters, None for no bias."""
+        layers = self.layers._modules.values()
+        return (
+            tuple(layer._parameters["weight"] for layer in layers),
+            tuple(layer._parameters["bias"] for layer in layers),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _hooked(self.layers._modules.values()):
+            raise RuntimeError(
+                "MLPEnsemble runs its layers fused, so hooks on them would not fire: "
+                "register them on the MLPEnsemble itself"
+            )
+        weights, biases = self.stacked()
+        if traced.tracing():  # no memory to plan on: torch's batched matmuls
+            names = plans.check_ensemble(x, weights, biases, self._names)
+            return plans.torch_ensemble_forward(x, weights, biases, names)[-1]
+        plan = self.__dict__.get("_plan")
+        if plan is None or not plan.current(weights, biases):
+            plan = plans.ensemble_plan(x, weights, biases, self._names, self.backend)
+            self.__dict__["_plan"] = plan
+        return plan(x)
+
+    @classmethod
+    def from_torch(cls, sequentials: Sequence[nn.Sequential], *, backend: str = "auto"):
+        """An ensemble holding copies of the weights of K ``nn.Sequential(Linear, act, …)``
+        of one shape (as ``MLP.from_torch`` takes one), member m from ``sequentials[m]``."""
+        if isinstance(sequentials, nn.Module) or not len(sequentials):
+            raise TypeError(
+                f"sequentials must be a non-empty list of nn.Sequential, got {sequentials!r}"
+            )
+        layouts = []
+        for index, sequential in enumerate(sequentials):
+            if not isinstance(sequential, nn.Sequential):
+                raise TypeError(
+                    f"sequentials[{index}] must be an nn.Sequential, "
+                    f"got {type(sequential).__name__}"
+                )
+            linears, names = _layout(sequential, f"sequentials[{index}]")
+            shape = [(m.in_features, m.out_features, m.bias is not None) for m in linears]
+            layouts.append((linears, names, shape, linears[0].weight))
+            first = layouts[0]
+            if (names, shape) != first[1:3]:
+                raise ValueError(
+                    f"sequentials[{index}] is not the shape of sequentials[0]: layers "
+                    f"(in, out, bias) {shape} with activations {names}, against "
+                    f"{first[2]} with {first[1]}"
+                )
+        linears, names, shape, weight = layouts[0]
+        ensemble = cls(
+            len(sequentials),
+            [shape[0][0]] + [out for _, out, _ in shape],
+            names[:-1],
+            names[-1],
+            [has for _, _, has in shape],
+            backend=backend,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            for member, (linears, *_) in enumerate(layouts):
+                for layer, linear in zip(ensemble.layers, linears, strict=True):
+                    layer.weight[member].copy_(linear.weight)
+                    if linear.bias is not None:
+                        layer.bias[member].copy_(linear.bias)
+        return ensemble
+
+    def to_torch(self) -> list[nn.Sequential]:
+        """The K equivalent ``nn.Sequential``'s, member m's weights copied into the m-th."""
+        members = []
+        for member in range(self.members):
+            modules = []
+            for layer, name in zip(self.layers, self._names, strict=True):
+                weight = layer.weight
+                linear = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None,
+                                   device=weight.device, dtype=weight.dtype)  # fmt: skip
+                with torch.no_grad():
+                    linear.weight.copy_(weight[member])
+                    if layer.bias is not None:
+                        linear.bias.copy_(layer.bias[member])
+                modules.append(linear)
+                module = _activations.get(name).module()
+                if module is not None:
+                    modules.append(module)
+            members.append(nn.Sequential(*modules))
+        return members
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}, activations={self._names}, backend={self.backend!r}"

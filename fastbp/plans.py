@@ -242,7 +242,7 @@ class NumbaKernels:
         """``(the last layer's output, what backward needs)``: every layer's output, kept
         as arrays, since no one but backward sees the hidden ones."""
         x, network = (x.detach() if x.requires_grad else x).numpy(), plan.prepared
-        outputs = threads.call(network.forward, x, parallel=x.shape[0] >= network.parallel_rows)
+        outputs = threads.call(network.forward, x, parallel=x.shape[-2] >= network.parallel_rows)
         return torch.from_numpy(outputs[len(plan.weights) - 1]), (x, outputs)
 
     @staticmethod
@@ -250,7 +250,7 @@ class NumbaKernels:
         """The last layer's output alone (forward's lines, not a call of it: a small
         network's call costs what its Python does)."""
         x, network = (x.detach() if x.requires_grad else x).numpy(), plan.prepared
-        outputs = threads.call(network.forward, x, parallel=x.shape[0] >= network.parallel_rows)
+        outputs = threads.call(network.forward, x, parallel=x.shape[-2] >= network.parallel_rows)
         return torch.from_numpy(outputs[len(plan.weights) - 1])
 
     @staticmethod
@@ -274,7 +274,7 @@ class NumbaKernels:
             x,
             outputs,
             needs_input_grad,
-            parallel=x.shape[0] >= network.parallel_rows,
+            parallel=x.shape[-2] >= network.parallel_rows,
         )
         from_numpy = torch.from_numpy
         for layer, (w, b) in enumerate(zip(grad_weights, grad_biases, strict=True)):
@@ -338,7 +338,19 @@ class TritonKernels:
         )
 
 
+class EnsembleKernels(NumbaKernels):
+    """The CPU kernels of an ensemble: the plan holds a ``cpu.Ensemble`` of numpy views
+    of its stacked parameters; forward and backward are NumbaKernels', on (K, N, ·)."""
+
+    @staticmethod
+    def prepare(plan: Plan) -> cpu.Ensemble:
+        threads.ensure_policy()
+        arrays = [_array(w) for w in plan.weights], [_array(b) for b in plan.biases]
+        return cpu.Ensemble(*arrays, plan.activations)
+
+
 KERNELS: dict[str, type[Kernels]] = {"numba": NumbaKernels, "triton": TritonKernels}
+ENSEMBLE_KERNELS: dict[str, type[Kernels]] = {"numba": EnsembleKernels}
 
 
 # ---------------------------------------------------------------------------
@@ -359,7 +371,7 @@ def with_nones(present: Sequence[torch.Tensor], has_bias: Sequence[bool]) -> lis
 def unread_biases(weights, has_bias) -> list:
     """Bias placeholders for a plan that runs backward only, which reads no bias."""
     pairs = zip(weights, has_bias, strict=True)
-    return [w.new_empty(w.shape[0]) if has else None for w, has in pairs]
+    return [w.new_empty(w.shape[:-1]) if has else None for w, has in pairs]
 
 
 # ---------------------------------------------------------------------------
@@ -374,17 +386,19 @@ class Plan:
     shape and strides: then the plan may run again.
     """
 
+    kernel_sets = KERNELS
+
     def __init__(self, weights, biases, activations, backend: str) -> None:
         self.weights, self.biases = tuple(weights), tuple(biases)
         self.activations = tuple(activations)
         self.backend = backend
-        self.kernels: type[Kernels] | None = KERNELS.get(backend)  # None: torch's own ops
+        self.kernels: type[Kernels] | None = self.kernel_sets.get(backend)  # None: torch's ops
         self.params = (*self.weights, *split_biases(self.biases)[0])
         self._pointers = list(map(torch.Tensor.data_ptr, self.params))
         self._strides = list(map(torch.Tensor.stride, self.params))
         first = self.weights[0]
         self.dtype, self.device = first.dtype, first.device
-        self.in_features, self.out_features = first.shape[1], self.weights[-1].shape[0]
+        self.in_features, self.out_features = first.shape[-1], self.weights[-1].shape[-2]
         self.prepared = None if self.kernels is None else self.kernels.prepare(self)
         # A plan whose kernels hold copies of the parameters (non-contiguous ones)
         # would not see their updates: it runs once.
@@ -443,6 +457,104 @@ def plan(x, weights, biases, activations, backend: str = "auto") -> Plan:
     weights, biases = list(weights), list(biases)
     names = check_network(x, weights, biases, list(activations))
     return Plan(weights, biases, names, resolve_backend(backend, x))
+
+
+# ---------------------------------------------------------------------------
+# Ensembles: K networks of one shape, parameters stacked (K, out, in) and (K, out)
+# ---------------------------------------------------------------------------
+def check_ensemble(x, weights, biases, activations) -> list[str]:
+    """Check ``x`` (``(K, batch, in)`` or ``(batch, in)``) against an ensemble's stacked
+    layers; their activation names."""
+    check_one_per_layer(weights, biases, activations)
+    members = check_tensor("weights[0]", weights[0], 3).shape[0]
+    x = check_tensor("x", x, None)
+    if x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[0] != members):
+        raise ValueError(
+            f"x must have shape ({members}, batch, in_features), one batch per member, or "
+            f"(batch, in_features), one batch for all {members}, got {describe(x)}"
+        )
+    width = x.shape[-1]
+    for layer, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+        weight = check_tensor(f"weights[{layer}]", weight, 3)
+        if weight.shape[0] != members or weight.shape[2] != width:
+            raise ValueError(
+                f"weights[{layer}] must have shape ({members}, out_features, {width}), "
+                f"got {describe(weight)}"
+            )
+        if bias is not None and (
+            check_tensor(f"biases[{layer}]", bias, 2).shape != (members, weight.shape[1])
+        ):
+            raise ValueError(
+                f"biases[{layer}] must have shape ({members}, {weight.shape[1]}), "
+                f"got {describe(bias)}"
+            )
+        _check_layer(x, width, weight[0], None if bias is None else bias[0], f"[{layer}]")
+        width = weight.shape[1]
+    return [_activations.get(a, "activations").name for a in activations]
+
+
+def resolve_ensemble_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend that runs an ensemble on ``x``: numba's kernels on CPU, torch's
+    batched matmuls elsewhere ("auto" on CUDA: Triton has no ensemble kernel yet)."""
+    if check_backend(backend) == "triton":
+        raise ValueError(
+            "backend 'triton' has no ensemble kernel yet: use 'auto' (torch's batched "
+            "matmuls on CUDA) or 'torch'"
+        )
+    resolved = resolve_backend(backend, x)
+    return "torch" if resolved == "triton" else resolved
+
+
+def torch_ensemble_forward(x, weights, biases, activations, keep=False) -> list[torch.Tensor]:
+    """Every layer's ``(K, N, out)`` output in torch ops, as a user writes an ensemble by
+    hand: ``baddbmm`` on the stacked weights (``torch_forward``'s, per member)."""
+    outputs, kept = [], []
+    if x.dim() == 2:
+        x = x.expand(weights[0].shape[0], *x.shape)
+    for weight, bias, name in zip(weights, biases, activations, strict=True):
+        activation = _activations.get(name)
+        transposed = weight.transpose(1, 2)
+        z = (
+            torch.bmm(x, transposed)
+            if bias is None
+            else torch.baddbmm(bias[:, None], x, transposed)
+        )
+        x = activation.function(z)
+        outputs.append(x)
+        if keep and activation.reads_input:
+            kept.append(z)
+    return outputs + kept
+
+
+class EnsemblePlan(Plan):
+    """A ``Plan`` of an ensemble: stacked parameters, inputs ``(K, N, in)`` or
+    ``(N, in)``, outputs ``(K, N, out)``; numba's kernels, or torch's ops."""
+
+    kernel_sets = ENSEMBLE_KERNELS
+
+    def fits(self, x) -> bool:
+        return (
+            isinstance(x, torch.Tensor)
+            and x.dtype == self.dtype
+            and x.device == self.device
+            and x.shape[-1] == self.in_features
+            and (x.dim() == 2 or (x.dim() == 3 and x.shape[0] == self.weights[0].shape[0]))
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fits(x):
+            check_ensemble(x, self.weights, self.biases, self.activations)
+            resolve_ensemble_backend(self.backend, x)
+        if self.kernels is None:
+            return torch_ensemble_forward(x, self.weights, self.biases, self.activations)[-1]
+        return _run_kernels(self, x)
+
+
+def ensemble_plan(x, weights, biases, activations, backend: str = "auto") -> EnsemblePlan:
+    """An ``EnsemblePlan`` for the stacked layers and inputs like ``x``, after every check."""
+    weights, biases = list(weights), list(biases)
+    names = check_ensemble(x, weights, biases, list(activations))
+    return EnsemblePlan(weights, biases, names, resolve_ensemble_backend(backend, x))
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from . import activations as _activations
 from .plans import (
     Plan,
     check_network,
+    ensemble_plan,
     plan,
     refuse_double_backward,
     resolve_backend,
@@ -209,6 +210,25 @@ functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda:
 # torch.func.grad and vjp need forward and setup_context apart; vmap needs a rule, as
 # the kernels take plain tensors. Both Functions take ``(spec, *tensors)`` with
 # ``spec = (backend, activations, has_bias, needs_input_grad)`` and the tensors flat.
+def _plan_of(x, weights, biases, activations, backend: str) -> Plan:
+    """The plan of a network, or of an ensemble where the weights are stacked (K, out, in):
+    what the Functions run, and what their vmap rules make of a batch of networks."""
+    make = ensemble_plan if weights[0].dim() == 3 else plan
+    return make(x, weights, biases, activations, backend)
+
+
+def _stacked(info, in_dims, spec, tensors, weight: int) -> list | None:
+    """``tensors`` of a vmapped batch of networks stacked as one ensemble's: each on
+    dim 0, one shared by every member expanded. None where numba's ensemble kernels
+    cannot run them: another backend, or networks stacked already (vmap within vmap).
+    ``tensors[weight]`` is the first layer's weight, 2-D for one network."""
+    if spec[0] != "numba" or tensors[weight].dim() - (in_dims[weight] is not None) != 2:
+        return None
+    members = info.batch_size
+    pairs = zip(tensors, in_dims, strict=True)
+    return [t.expand(members, *t.shape) if d is None else t.movedim(d, 0) for t, d in pairs]
+
+
 def _split(spec, tensors):
     """``weights, biases (None where a layer has none)`` from the flat parameters."""
     has_bias = spec[2]
@@ -234,7 +254,7 @@ class _FuncMLP(torch.autograd.Function):
     @staticmethod
     def forward(spec, x, *parameters):
         weights, biases = _split(spec, parameters)
-        checked = plan(x, weights, biases, spec[1], spec[0])
+        checked = _plan_of(x, weights, biases, spec[1], spec[0])
         kernels = checked.kernels
         return tuple(kernels.outputs(kernels.forward(checked, x.contiguous())[1]))
 
@@ -262,8 +282,13 @@ class _FuncMLP(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, spec, x, *parameters):
-        if any(d is not None for d in in_dims[2:]):  # a batch of networks: one by one
-            return _each_of_the_batch(_FuncMLP, info, in_dims[1:], spec, (x, *parameters))
+        if any(d is not None for d in in_dims[2:]):  # a batch of networks: an ensemble
+            stacked = _stacked(info, in_dims[2:], spec, parameters, 0)
+            if stacked is None:  # one by one
+                return _each_of_the_batch(_FuncMLP, info, in_dims[1:], spec, (x, *parameters))
+            x = x if in_dims[1] is None else x.movedim(in_dims[1], 0)  # shared, or per member
+            outputs = _FuncMLP.apply(spec, x, *stacked)
+            return outputs, (0,) * len(outputs)
         rows = x.movedim(in_dims[1], 0)  # a batch of inputs is more rows for the kernels
         outputs = _FuncMLP.apply(spec, rows.reshape(-1, rows.shape[-1]), *parameters)
         outputs = tuple(a.reshape(*rows.shape[:-1], a.shape[-1]) for a in outputs)
@@ -279,7 +304,8 @@ class _FuncMLPBackward(torch.autograd.Function):
     def forward(spec, grad_output, x, *saved):
         backend, activations, has_bias, needs_input_grad = spec
         weights, outputs = list(saved[: len(has_bias)]), list(saved[len(has_bias) :])
-        checked = plan(x, weights, unread_biases(weights, has_bias), activations, backend)
+        biases = unread_biases(weights, has_bias)
+        checked = _plan_of(x, weights, biases, activations, backend)
         kernels = checked.kernels
         grad_x, grad_weights, grad_biases = kernels.backward(
             checked,
@@ -299,8 +325,16 @@ class _FuncMLPBackward(torch.autograd.Function):
         refuse_double_backward(always=True)
 
     @staticmethod
-    def vmap(info, in_dims, spec, *tensors):  # jacrev: a batch of cotangents, one by one
-        return _each_of_the_batch(_FuncMLPBackward, info, in_dims[1:], spec, tensors)
+    def vmap(info, in_dims, spec, *tensors):
+        stacked = None
+        if any(d is not None for d in in_dims[3 : 3 + len(spec[2])]):  # a batch of networks
+            stacked = _stacked(info, in_dims[1:], spec, tensors, 2)
+        if stacked is None:  # jacrev's batch of cotangents, or no ensemble kernel: one by one
+            return _each_of_the_batch(_FuncMLPBackward, info, in_dims[1:], spec, tensors)
+        # x too is stacked, one per member: vmap takes ∂L/∂x per member, and sums it
+        # itself where x was shared
+        grads = _FuncMLPBackward.apply(spec, *stacked)
+        return grads, (0,) * len(grads)
 
 
 def _func_mlp(x, weights, biases, activations, backend: str) -> torch.Tensor:

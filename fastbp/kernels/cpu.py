@@ -9,6 +9,8 @@ launchers check shapes, because numba does not check bounds.
 - ``Network``: a network's parameters as the kernels take them, with its forward and
   backward (``mlp_forward`` and ``mlp_backward`` build one per call);
 - ``TrainStep``: a whole training step as one kernel call;
+- ``Ensemble`` and ``EnsembleStep``: the same for K networks of one shape, their
+  parameters stacked, every member in one call;
 - ``activate``, ``activation_grad``, ``update``: the element-wise passes and the
   optimizer's update on their own, for the tests and the benchmarks.
 """
@@ -32,6 +34,9 @@ from .cpu_jit import (  # the kernels and the codes they switch on
     SGD,
     _activate,
     _delta_and_bias_grad,
+    _ensemble_backward,
+    _ensemble_forward,
+    _ensemble_train_step,
     _mlp_backward,
     _mlp_forward,
     _prepare_launch,
@@ -482,7 +487,7 @@ class TrainStep:
             self._forwarded = None
         else:
             x = self._prepare(x)
-        batch, width = x.shape[0], network.widths[-1]
+        batch, width = x.shape[-2], network.widths[-1]
         if hyper.shape != (count, 6) or hyper.dtype != np.float64:
             raise ValueError(f"hyper must be a ({count}, 6) float64 array, got {hyper.shape}")
         if fresh.shape != (count,) or fresh.dtype != np.bool_:
@@ -490,7 +495,21 @@ class TrainStep:
         targets, labels = self._targets(y, batch, width)
         terms = batch if self.loss == CROSS_ENTROPY else batch * width
         scale = 1.0 / terms if self.scale_by_mean else 1.0
-        value, bad = _train_step(
+        value, bad = self._launch(x, targets, labels, bound, hyper, fresh, scale, max_norm)
+        if bad >= 0:
+            raise ValueError(f"y holds class index {y.flat[bad]}, outside [0, {width})")
+        if bad < -1:
+            used = "2 state arrays" if self.rule != SGD else "a momentum buffer"
+            raise ValueError(
+                f"parameter {-2 - bad}'s update reads {used} of {self.sizes[-2 - bad]} elements"
+                ", which the states passed to bind() do not hold"
+            )
+        return value
+
+    def _launch(self, x, targets, labels, bound, hyper, fresh, scale, max_norm) -> tuple:
+        """``(loss, code)`` of the step's kernel (``_train_step``'s)."""
+        network = self.network
+        return _train_step(
             _prepare_launch(x.dtype),
             x,
             targets,
@@ -510,15 +529,191 @@ class TrainStep:
             self.rule,
             float(max_norm),
         )
-        if bad >= 0:
-            raise ValueError(f"y holds class index {y[bad]}, outside [0, {width})")
-        if bad < -1:
-            used = "2 state arrays" if self.rule != SGD else "a momentum buffer"
+
+
+class Ensemble:
+    """K networks of one shape, each layer's parameters stacked: weights (K, out, in),
+    biases (K, out) or None, one activation per layer for every member; held, checked
+    and run as ``Network`` holds its own (``holds_originals``, ``copies``).
+
+    ``forward(x)`` takes ``(K, N, in)``, one batch per member, or ``(N, in)``, one batch
+    for all, and returns every layer's ``(K, N, out)`` output (then the kept z's);
+    ``backward`` gives ∂L/∂x of x's shape (summed over the members for a shared x) and
+    the stacked ∂W, ∂b. Each is one kernel call for every member.
+    """
+
+    def __init__(self, weights, biases, activations, in_features: int | None = None) -> None:
+        check_one_per_layer(weights, biases, activations)
+        self.dtype = dtype = _dtype_of(weights[0], "weights[0]")
+        self.members = _matrix("weights", weights[0], dtype, (None, None, None), 0).shape[0]
+        width, checked, self.copies = in_features, [], []
+        for layer, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+            weight_ = _matrix("weights", weight, dtype, (self.members, None, width), layer)
+            width = weight_.shape[1]
+            bias_ = np.empty((self.members, 0), dtype)
+            if bias is not None:
+                bias_ = _matrix("biases", bias, dtype, (self.members, width), layer)
+            self.copies += [f"{name}[{layer}]" for name, given, held in
+                            (("weights", weight, weight_), ("biases", bias, bias_))
+                            if given is not None and held is not given]  # fmt: skip
+            checked.append((weight_, bias_))
+        self.weights = tuple(w for w, _ in checked)
+        self.biases = tuple(b for _, b in checked)
+        self.widths = (self.weights[0].shape[2], *(w.shape[1] for w in self.weights))
+        self.has_bias = tuple(bias is not None for bias in biases)
+        self.activations = _activation_rows(tuple(activations))
+        self.keeps = tuple(parse(a).activation.reads_input for a in activations)
+        self.holds_originals = not self.copies
+        self._widest = max(self.widths[1:])
+        # as Network's: the batch from which one member's passes reach numba's pool
+        self.parallel_rows = -(-PARALLEL_MIN_ELEMENTS // self._widest)
+        self._no_z = np.empty((self.members, 0, 0), dtype)
+
+    def _input(self, x: np.ndarray) -> np.ndarray:
+        """x as the kernels take it: ``(K, N, in)``, or ``(1, N, in)`` for a shared one."""
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have dtype {self.dtype}, got {x.dtype}")
+        if x.ndim == 2:
+            return _matrix("x", x, self.dtype, (None, self.widths[0]))[None]
+        if x.ndim != 3 or x.shape[0] != self.members or x.shape[2] != self.widths[0]:
             raise ValueError(
-                f"parameter {-2 - bad}'s update reads {used} of {self.sizes[-2 - bad]} elements"
-                ", which the states passed to bind() do not hold"
+                f"x must have shape ({self.members}, batch, {self.widths[0]}) or "
+                f"(batch, {self.widths[0]}), got {tuple(x.shape)}"
             )
-        return value
+        return np.ascontiguousarray(x)
+
+    def new_outputs(self, batch: int) -> tuple[list, list]:
+        """``(every layer's (K, N, out) output, every layer's z slot)``, new."""
+        shapes = [(self.members, batch, width) for width in self.widths[1:]]
+        outputs = [np.empty(shape, self.dtype) for shape in shapes]
+        slots = [
+            np.empty(s, self.dtype) if k else self._no_z
+            for s, k in zip(shapes, self.keeps, strict=True)
+        ]
+        return outputs, slots
+
+    def forward(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every layer's ``(K, N, out)`` output, then the z of each layer that keeps it."""
+        x = self._input(x)
+        outputs, slots = self.new_outputs(x.shape[1])
+        scratch = np.empty(x.shape[1] * self._widest, self.dtype)
+        _ensemble_forward(_prepare_launch(self.dtype), x, self.weights, self.biases,
+                          self.activations, (*outputs, *slots), scratch)  # fmt: skip
+        return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
+
+    def backward(self, g, x, outputs, needs_input_grad: bool = True):
+        """``(∂L/∂x or None, [∂L/∂Wₗ], [∂L/∂bₗ or None])`` from ``g = ∂L/∂a_L`` (K, N, out)
+        and the ``outputs`` forward returned for ``x``, in one kernel call."""
+        shared = x.ndim == 2
+        x = self._input(x)
+        members, batch, dtype = self.members, x.shape[1], self.dtype
+        layers = split_saved(list(outputs), list(self.keeps))
+        saved, slots = [], []
+        for layer, ((a, z), width) in enumerate(zip(layers, self.widths[1:], strict=True)):
+            saved.append(_exactly("outputs", a, dtype, (members, batch, width), layer))
+            slots.append(self._no_z if z is None else
+                         _exactly("z", z, dtype, (members, batch, width), layer))  # fmt: skip
+        g = _exactly("g", g, dtype, (members, batch, self.widths[-1]))
+        grad_weights = [np.empty(w.shape, dtype) for w in self.weights]
+        grad_biases = [np.empty(b.shape, dtype) for b in self.biases]
+        grad_x = np.empty((x.shape[0] if needs_input_grad else 0, batch, self.widths[0]), dtype)
+        one_member = (batch if shared and needs_input_grad and members > 1 else 0, self.widths[0])
+        spaces = [np.empty(batch * self._widest, dtype) for _ in "du"]
+        _ensemble_backward(_prepare_launch(dtype), g, x, self.weights, self.activations,
+                           (*saved, *slots), tuple(grad_weights), tuple(grad_biases), grad_x,
+                           np.empty(one_member, dtype), *spaces)  # fmt: skip
+        grad_biases = [
+            g if has else None for g, has in zip(grad_biases, self.has_bias, strict=True)
+        ]
+        if not needs_input_grad:
+            return None, grad_weights, grad_biases
+        return grad_x[0] if shared else grad_x, grad_weights, grad_biases
+
+
+class EnsembleStep(TrainStep):
+    """``TrainStep`` of an ``Ensemble``: one kernel call steps every member, whose losses
+    add (a mean is each member's own). Parameters and optimizer states are stacked, as
+    ``torch.func.stack_module_state`` stacks them, with one step count per stacked
+    parameter. ``x`` is ``(K, N, in)`` or ``(N, in)`` shared; ``y`` is ``(K, N, out)``
+    or ``(N, out)`` shared (class labels ``(K, N)`` or ``(N,)``); with ``loss=None``,
+    ∂L/∂ŷ is ``(K, N, out)``. No clipping: its global norm would couple the members.
+    """
+
+    def __init__(self, network: Ensemble, loss="mse", reduction="mean", optimizer="sgd") -> None:
+        super().__init__(network, loss, reduction, optimizer)
+        # one member's gradients at a time: each is applied before the next member's
+        self._grad_weights = tuple(np.empty_like(w[0]) for w in network.weights)
+        self._grad_biases = tuple(np.empty_like(b[0]) for b in network.biases)
+
+    def _prepare(self, x) -> np.ndarray:
+        network = self.network
+        x = network._input(x)
+        batch = x.shape[1]
+        if batch == 0:
+            raise ValueError("x must hold at least one sample, got a batch of 0")
+        if not self._workspaces or self._workspaces[0][0].shape[1] != batch:
+            outputs = tuple(item for part in network.new_outputs(batch) for item in part)
+            spaces = [np.empty(batch * network._widest, x.dtype) for _ in "dg"]
+            self._workspaces = (outputs, *spaces)
+        return x
+
+    def forward(self, x) -> np.ndarray:
+        """Every member's output, ``(K, N, out)``, kept for a ``loss=None`` step."""
+        network = self.network
+        x = self._prepare(x)
+        outputs, delta_space, _ = self._workspaces
+        _ensemble_forward(_prepare_launch(x.dtype), x, network.weights, network.biases,
+                          network.activations, outputs, delta_space)  # fmt: skip
+        self._forwarded = x
+        return outputs[len(network.weights) - 1]
+
+    def _targets(self, y, batch: int, width: int):
+        members, dtype = self.network.members, self.network.dtype
+        if self.loss == GIVEN_GRADIENT:
+            return _exactly("the loss gradient", y, dtype, (members, batch, width)), _NO_LABELS[
+                None
+            ]
+        if self.loss == CROSS_ENTROPY:
+            if y.dtype.kind not in "iu":
+                raise TypeError(
+                    f"y must hold integer class indices for cross_entropy, got {y.dtype}"
+                )
+            if y.shape not in ((members, batch), (batch,)):
+                raise ValueError(
+                    f"y must have shape ({members}, {batch}) or ({batch},) for cross_entropy, "
+                    f"got {y.shape}"
+                )
+            return _NO_TARGETS[dtype][None], np.ascontiguousarray(y, np.int64).reshape(-1, batch)
+        if y.dtype != dtype or y.shape not in ((members, batch, width), (batch, width)):
+            raise ValueError(
+                f"y must have shape ({members}, {batch}, {width}) or ({batch}, {width}) and "
+                f"dtype {dtype}, got {y.shape} {y.dtype}"
+            )
+        return np.ascontiguousarray(y).reshape(-1, batch, width), _NO_LABELS[None]
+
+    def _launch(self, x, targets, labels, bound, hyper, fresh, scale, max_norm) -> tuple:
+        if max_norm:
+            raise ValueError("an EnsembleStep does not clip: max_norm must be 0")
+        network = self.network
+        return _ensemble_train_step(
+            _prepare_launch(x.dtype),
+            x,
+            targets,
+            labels,
+            network.weights,
+            network.biases,
+            network.activations,
+            *self._workspaces,
+            self._grad_weights,
+            self._grad_biases,
+            self._first_param,
+            *bound,
+            hyper,
+            fresh,
+            self.loss,
+            scale,
+            self.rule,
+        )
 
 
 _NO_TARGETS = {dtype: np.empty((0, 0), dtype) for dtype in DTYPES}

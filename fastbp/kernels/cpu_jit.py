@@ -1331,7 +1331,21 @@ def _train_step(
     GIVEN_GRADIENT the forward has run already (``outputs`` holds it) and the loss,
     computed by the caller, is returned as 0."""
     top = len(weights) - 1
-    for layer in range(top + 1):
+    bad = _refusal(weights, biases, first_param, states, hyper, rule, labels, weights[top].shape[0])
+    if bad != -1:
+        return np.nan, bad
+    _count_steps(biases, first_param, steps, rule)
+    value = _network_step(gemm, x, targets, labels, weights, biases, activations, outputs,
+                          delta_space, upstream_space, grad_weights, grad_biases, first_param,
+                          states, steps, hyper, fresh, loss, scale, rule, max_norm)  # fmt: skip
+    return value, -1
+
+
+@kernel
+def _refusal(weights, biases, first_param, states, hyper, rule, labels, classes):
+    """-1 if a step may run; else ``-2 - p`` where parameter p's state arrays are not the
+    size its rule reads, or the index of the first label outside [0, classes)."""
+    for layer in range(len(weights)):
         p = first_param[layer]
         for q, size in ((p, weights[layer].size), (p + 1, biases[layer].size)):
             if size == 0:
@@ -1340,11 +1354,31 @@ def _train_step(
             if (used > 0 and states[2 * q].size != size) or (
                 used > 1 and states[2 * q + 1].size != size
             ):
-                return np.nan, -2 - q
-    if labels.shape[0] > 0:
-        bad = _first_bad_label(labels, weights[top].shape[0])
-        if bad >= 0:
-            return np.nan, bad
+                return -2 - q
+    if labels.size > 0:
+        return _first_bad_label(labels.reshape(labels.size), classes)
+    return -1
+
+
+@kernel
+def _count_steps(biases, first_param, steps, rule):
+    """Advance Adam's step count of every parameter, once per step."""
+    if rule == SGD:
+        return
+    for layer in range(len(biases)):
+        p = first_param[layer]
+        steps[p][0] += 1
+        if biases[layer].size > 0:
+            steps[p + 1][0] += 1
+
+
+@kernel
+def _network_step(gemm, x, targets, labels, weights, biases, activations, outputs, delta_space,
+                  upstream_space, grad_weights, grad_biases, first_param, states, steps, hyper,
+                  fresh, loss, scale, rule, max_norm):  # fmt: skip
+    """``_train_step`` once its checks have passed and its step counts moved: the
+    forward, the loss gradient, the backward and every update; returns the loss."""
+    top = len(weights) - 1
     batch = x.shape[0]
     if loss == GIVEN_GRADIENT:
         upstream, value = targets, 0.0
@@ -1352,12 +1386,6 @@ def _train_step(
         _mlp_forward(gemm, x, weights, biases, activations, outputs, delta_space)
         upstream = _rows(upstream_space, batch, weights[top].shape[0])
         value = _loss_and_grad(outputs[top], targets, labels, loss, scale, upstream)
-    for layer in range(top + 1):
-        p = first_param[layer]
-        if rule != SGD:
-            steps[p][0] += 1
-            if biases[layer].shape[0] > 0:
-                steps[p + 1][0] += 1
     if max_norm > 0:  # clipping needs every gradient before any update
         _gradients(
             gemm,
@@ -1399,7 +1427,7 @@ def _train_step(
                     fresh[q],
                     coefficient,
                 )
-        return value, -1
+        return value
     for layer in range(top, -1, -1):
         source = x if layer == 0 else outputs[layer - 1]
         delta = _rows(delta_space, batch, weights[layer].shape[0])
@@ -1436,4 +1464,146 @@ def _train_step(
                 fresh[q],
                 1.0,
             )
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Ensembles: K members of one shape, their parameters stacked
+# ---------------------------------------------------------------------------
+# Member m of an ensemble is the network of every stacked array's slice [m]: Wₗ[m]
+# (out, in) of a (K, out, in) stack, bₗ[m], its outputs aₗ[m] (N, out) of (K, N, out).
+# Each member's math is the network's above, unchanged; one call loops over the
+# members, so that K networks cost one dispatch instead of K (or K per layer). An
+# input shared by every member (a (1, N, in) stack) gets ∂L/∂x = Σₘ δₘ Wₘ, summed
+# member by member into its one slice; an optimizer state, stacked as its parameter
+# is, is a flat array whose K equal parts are the members'.
+def _member(arrays, m):
+    raise NotImplementedError("_member runs inside numba kernels only")
+
+
+@overload(_member, inline="always")
+def _(arrays, m):
+    """``(arrays[0][m], arrays[1][m], …)``: member m's slice of each stacked array, a
+    tuple the network kernels take as one network's."""
+    items = ", ".join(f"arrays[{i}][m]" for i in range(len(arrays)))
+    return _compiled_lambda(f"lambda arrays, m: ({items},)")
+
+
+def _part(arrays, m, members):
+    raise NotImplementedError("_part runs inside numba kernels only")
+
+
+@overload(_part, inline="always")
+def _(arrays, m, members):
+    """Member m's part of each flat array of ``arrays`` (an empty one stays empty)."""
+    slices = [f"arrays[{i}][m * (arrays[{i}].size // members):"
+              f"(m + 1) * (arrays[{i}].size // members)]" for i in range(len(arrays))]  # fmt: skip
+    return _compiled_lambda(f"lambda arrays, m, members: ({', '.join(slices)},)")
+
+
+def _compiled_lambda(source: str):
+    """The function a lambda's source defines: an overload's implementation for a tuple
+    of one length (numba builds no tuple of a length it does not know)."""
+    return eval(source)  # noqa: S307 - source built above from integers only
+
+
+@njit(inline="always")
+def _shared_or_own(stack, m):
+    """Member m's slice of ``stack``, or its one slice where every member shares it."""
+    return stack[m if stack.shape[0] > 1 else 0]
+
+
+@kernel
+def _ensemble_forward(gemm, x, weights, biases, activations, outputs, scratch):
+    """``_mlp_forward`` of every member: x (K or 1, N, in), weights (K, out, in),
+    biases (K, out) or (K, 0), outputs every layer's (K, N, out), then its z slot."""
+    for m in range(weights[0].shape[0]):
+        _mlp_forward(gemm, _shared_or_own(x, m), _member(weights, m), _member(biases, m),
+                     activations, _member(outputs, m), scratch)  # fmt: skip
+
+
+@kernel
+def _ensemble_backward(
+    gemm,            # address of the BLAS ?gemm (bind_gemm)
+    g,               # ∂L/∂a of the last layer, (K, N, out)
+    x,               # the input, (K, N, in), or (1, N, in) shared by every member
+    weights,         # one (K, out, in) stack per layer
+    activations,     # (L, 3): each layer's activation row (code, p₀, p₁)
+    outputs,         # every layer's (K, N, out) output, then its z slot, as forward saved
+    grad_weights,    # out: ∂L/∂W per layer, (K, out, in)
+    grad_biases,     # out: ∂L/∂b per layer, (K, out); (K, 0) for a layer without bias
+    grad_x,          # out: ∂L/∂x, (K, N, in) per member, (1, N, in) summed over them, or
+                     #   (0, N, in): not needed
+    member_grad_x,   # workspace, (N, in): a member's ∂L/∂x before the sum; (0, in) if unused
+    delta_space,     # workspaces of N·(widest layer) elements, as _mlp_backward's
+    upstream_space,
+):  # fmt: skip
+    members = weights[0].shape[0]
+    summed = grad_x.shape[0] == 1 and members > 1
+    for m in range(members):
+        into = member_grad_x if summed or grad_x.shape[0] == 0 else grad_x[m]
+        _mlp_backward(gemm, g[m], _shared_or_own(x, m), _member(weights, m), activations,
+                      _member(outputs, m), _member(grad_weights, m), _member(grad_biases, m),
+                      into, delta_space, upstream_space)  # fmt: skip
+        if summed and m == 0:
+            grad_x[0][:] = into
+        elif summed:
+            grad_x[0] += into
+
+
+@kernel
+def _ensemble_train_step(
+    gemm,            # address of the BLAS ?gemm (bind_gemm)
+    x,               # the batch, (K, N, in), or (1, N, in) shared by every member
+    targets,         # (K or 1, N, out) as _train_step's per member; (1, 0, 0) for CE
+    labels,          # (K or 1, N) int64 classes of cross-entropy; (1, 0) otherwise
+    weights,         # one (K, out, in) stack per layer, updated in place
+    biases,          # one (K, out) stack per layer ((K, 0): no bias), updated in place
+    activations,     # (L, 3): each layer's activation row (code, p₀, p₁)
+    outputs,         # workspace: every layer's (K, N, out) output, then its z slot
+    delta_space,     # workspaces of one member: N·(widest layer) elements each
+    upstream_space,
+    grad_weights,    # workspaces of one member: ∂W per layer, (out, in)
+    grad_biases,     # workspaces of one member: ∂b per layer, (out,) (empty: no bias)
+    first_param,     # (L,) index of layer l's weight among the parameters (its bias: +1)
+    states,          # two flat arrays per stacked parameter, each of K equal parts
+    steps,           # one 1-element array per parameter: Adam's count, shared by members
+    hyper,           # (parameters, 6): each parameter's LR, MOMENTUM, … row
+    fresh,           # (parameters,): 1 where SGD's momentum buffer starts this step
+    loss,            # MSE, CROSS_ENTROPY, BCE_WITH_LOGITS or GIVEN_GRADIENT
+    scale,           # 1/terms of one member's mean, else 1
+    rule,            # SGD, ADAM or ADAMW
+):  # fmt: skip
+    """``_train_step`` of every member, whose losses add: returns ``(Σₘ Lₘ, -1)``, or,
+    touching nothing, the codes ``_train_step`` returns."""
+    members, top = weights[0].shape[0], len(weights) - 1
+    bad = _refusal(weights, biases, first_param, states, hyper, rule, labels, weights[top].shape[1])
+    if bad != -1:
+        return np.nan, bad
+    _count_steps(biases, first_param, steps, rule)
+    value = 0.0
+    for m in range(members):
+        value += _network_step(
+            gemm,
+            _shared_or_own(x, m),
+            _shared_or_own(targets, m),
+            _shared_or_own(labels, m),
+            _member(weights, m),
+            _member(biases, m),
+            activations,
+            _member(outputs, m),
+            delta_space,
+            upstream_space,
+            grad_weights,
+            grad_biases,
+            first_param,
+            _part(states, m, members),
+            steps,
+            hyper,
+            fresh,
+            loss,
+            scale,
+            rule,
+            0.0,
+        )
     return value, -1
