@@ -1,4 +1,4 @@
-"""fastbp's layers as PyTorch functions: ``linear_act`` and ``mlp``.
+"""fastbp's layers as PyTorch functions: ``linear_act`` and ``mlp``; ``ensemble_loss``.
 
 ``linear_act`` is one layer, ``mlp`` a whole network as ONE autograd node (one
 forward kernel call, one backward kernel call). Both check their inputs at the
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .kernels.utils import check_choice
 from .plans import Plan, check_network, plan, resolve_backend
 from .traced import traced_mlp, tracing
 
@@ -76,3 +77,34 @@ def linear_act(
     if tracing():
         return traced_mlp(x, [weight], [bias], names, backend)
     return Plan([weight], [bias], names, resolve_backend(backend, x))(x)
+
+
+_ELEMENT_LOSSES = {
+    "mse": lambda output, y: torch.nn.functional.mse_loss(output, y, reduction="none"),
+    "bce_with_logits": lambda output, y: torch.nn.functional.binary_cross_entropy_with_logits(
+        output, y, reduction="none"
+    ),
+}
+
+
+def ensemble_loss(output, y, loss: str = "mse", reduction: str = "mean") -> torch.Tensor:
+    """The loss of an ensemble's ``(K, N, out)`` output: each member's own, as
+    ``torch.nn.functional``'s ``loss`` with ``reduction`` computes it on its ``(N, out)``
+    output, added over the members (so their gradients stay each member's own).
+
+    ``y`` is ``(K, N, out)``, or ``(N, out)`` shared by every member; for
+    "cross_entropy", int64 class indices ``(K, N)`` or ``(N,)``. This is the loss
+    ``FusedTrainer`` trains an ``MLPEnsemble`` with.
+    """
+    check_choice("loss", loss, (*_ELEMENT_LOSSES, "cross_entropy"))
+    check_choice("reduction", reduction, ("mean", "sum"))
+    members, batch, classes = output.shape
+    if loss == "cross_entropy":
+        labels = y.expand(members, batch).reshape(-1)
+        terms = torch.nn.functional.cross_entropy(
+            output.reshape(-1, classes), labels, reduction="none"
+        ).reshape(members, batch)
+    else:
+        terms = _ELEMENT_LOSSES[loss](output, y.expand_as(output)).reshape(members, -1)
+    per_member = terms.mean(dim=1) if reduction == "mean" else terms.sum(dim=1)
+    return per_member.sum()

@@ -33,9 +33,10 @@ from torch.optim import optimizer as _optim
 
 from . import activations as _activations
 from . import capture, plans, threads
+from .functional import ensemble_loss
 from .kernels import cpu, reference
 from .kernels.utils import check_choice
-from .nn import MLP
+from .nn import MLP, MLPEnsemble
 
 # The torch.optim classes FusedTrainer runs, by the name of their rule.
 TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -80,7 +81,12 @@ class FusedTrainer:
     """Train a ``fastbp.nn.MLP`` with a loss and an optimizer fused into one step.
 
     Args:
-        model: the ``fastbp.nn.MLP`` whose parameters are updated in place.
+        model: the ``fastbp.nn.MLP`` whose parameters are updated in place; or an
+            ``MLPEnsemble``, whose members' losses add (``functional.ensemble_loss``):
+            x is ``(k, batch, in)`` or ``(batch, in)`` shared, y ``(k, batch, out)`` or
+            ``(batch, out)`` (labels ``(k, batch)`` or ``(batch,)``), a callable loss
+            takes the ``(k, batch, out)`` output; every member steps in one numba call
+            on CPU (torch's ops elsewhere), and max_grad_norm is refused.
         loss: "mse", "cross_entropy" (int64 class labels) or "bce_with_logits", computed
             inside the step's kernel; or a callable ``loss(output, *targets)`` returning
             a scalar tensor, written in torch ops: the step then runs fastbp's forward,
@@ -133,8 +139,10 @@ class FusedTrainer:
         compile_loss: bool = False,
         cuda_graph: bool | None = None,
     ) -> None:
-        if not isinstance(model, MLP):
-            raise TypeError(f"model must be a fastbp.nn.MLP, got {type(model).__name__}")
+        if not isinstance(model, (MLP, MLPEnsemble)):
+            raise TypeError(
+                f"model must be a fastbp.nn.MLP or MLPEnsemble, got {type(model).__name__}"
+            )
         object.__setattr__(self, "model", model)
         self.loss, self.reduction, self.backend = loss, reduction, backend
         self.max_grad_norm = max_grad_norm
@@ -267,6 +275,8 @@ class FusedTrainer:
                 f"step takes x and one target y for the {self.loss!r} loss, "
                 f"got {len(targets)} targets"
             )
+        if isinstance(self.model, MLPEnsemble):
+            return self._ensemble_step(x, targets, custom)
         fused = self.model.fused()
         if fused is None:
             raise ValueError(
@@ -352,15 +362,18 @@ class FusedTrainer:
     def _numba_step(self, x, targets, weights, biases, activations, unchanged) -> torch.Tensor:
         custom = callable(self.loss)
         if not unchanged:
-            plan = plans.plan(x, weights, biases, activations, "numba")
+            ensemble = isinstance(self.model, MLPEnsemble)
+            make_plan = plans.ensemble_plan if ensemble else plans.plan
+            plan = make_plan(x, weights, biases, activations, "numba")
             loss = None if custom else self.loss  # None: the gradient is given
-            kernel = cpu.TrainStep(plan.prepared, loss, self.reduction, self._rule)
+            step = cpu.EnsembleStep if ensemble else cpu.TrainStep
+            kernel = step(plan.prepared, loss, self.reduction, self._rule)
             self._kernel, self._binding = (plan, kernel), None
         plan, kernel = self._kernel
         binding, hyper = self._bound(weights, biases)
         if binding.arrays is None:
             binding.arrays = kernel.bind(*binding.views())
-        parallel = plan.prepared.parallel(x.shape[0], updates=True)
+        parallel = plan.prepared.parallel(x.shape[-2], updates=True)
         if custom:
             output = threads.call(kernel.forward, plans.numpy_view(x), parallel=parallel)
             value, y = self._callable_loss(torch.from_numpy(output), targets)
@@ -382,6 +395,54 @@ class FusedTrainer:
         # warns that it stepped first when it finds this unset.
         self.optimizer._opt_called = True
         return value if custom else torch.scalar_tensor(result, dtype=x.dtype)
+
+    def _ensemble_step(self, x, targets, custom: bool) -> torch.Tensor:
+        """``step`` of an ``MLPEnsemble``: every member in one numba call on CPU, torch's
+        batched matmuls and the optimizer elsewhere; the members' losses add."""
+        if self.max_grad_norm is not None:
+            raise ValueError(
+                "max_grad_norm clips the norm of every gradient together, which would couple "
+                "an ensemble's members: FusedTrainer does not clip an MLPEnsemble; set "
+                "max_grad_norm=None"
+            )
+        weights, biases = self.model.stacked()
+        activations = self.model.activations
+        plan = self._kernel[0] if self._kernel else None
+        unchanged = plan is not None and plan.current(weights, biases) and plan.fits(x)
+        if not unchanged:
+            plans.check_ensemble(x, weights, biases, activations)
+        if custom:
+            if x.shape[-2] == 0:
+                raise ValueError("x must hold at least one sample, got a batch of 0")
+        else:
+            _check_ensemble_target(self.loss, x, targets[0], weights)
+        backend = plans.resolve_ensemble_backend(self.backend, x)
+        if backend == "numba":
+            self._check_step_hooks()
+            return self._numba_step(x, targets, weights, biases, activations, unchanged)
+        self._check_groups()
+        if self.loss == "cross_entropy":
+            _check_class_range(targets[0], weights[-1].shape[1])
+        return self._torch_ensemble_step(x, targets, weights, biases, activations)
+
+    def _torch_ensemble_step(self, x, targets, weights, biases, activations) -> torch.Tensor:
+        """The ensemble's step in torch ops: forward, the loss's gradient, backward by
+        autograd, then the optimizer."""
+        parameters = _sequential_order(weights, biases)
+        with torch.enable_grad():
+            output = plans.torch_ensemble_forward(x, weights, biases, activations)[-1]
+        if callable(self.loss):
+            value, g = self._callable_loss(output.detach(), targets)
+        else:
+            loss = lambda out, y: ensemble_loss(out, y, self.loss, self.reduction)  # noqa: E731
+            value, g = _loss_and_grad_by_autograd(loss, output.detach(), targets, self.model)
+        grads = torch.autograd.grad(output, parameters, g)
+        for parameter, grad in zip(parameters, grads, strict=True):
+            parameter.grad = grad
+        self.optimizer.step()
+        for parameter in parameters:
+            parameter.grad = None
+        return value
 
     def _on_device_step(self, weights, biases) -> bool:
         """Whether the Triton step runs whole on the device (``kernels.gpu_step``): a loss
@@ -725,6 +786,28 @@ def _check_input(x, in_features: int) -> torch.Tensor:
             f"features, got {plans.describe(x)}"
         )
     return x
+
+
+def _check_ensemble_target(loss: str, x: torch.Tensor, y, weights) -> None:
+    """Reject a bad ``y`` of an ensemble's step before any parameter changes."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}; both must be on one")
+    batch, (members, classes, _) = x.shape[-2], weights[-1].shape
+    if batch == 0:
+        raise ValueError("x must hold at least one sample, got a batch of 0")
+    if loss == "cross_entropy":
+        if y.dtype != torch.int64 or y.shape not in ((members, batch), (batch,)):
+            raise TypeError(
+                f"y must be int64 class indices of shape ({members}, {batch}) or ({batch},) "
+                f"for cross_entropy, got {plans.describe(y)}"
+            )
+    elif y.shape not in ((members, batch, classes), (batch, classes)) or y.dtype != x.dtype:
+        raise ValueError(
+            f"y must have shape ({members}, {batch}, {classes}) or ({batch}, {classes}) and "
+            f"dtype {x.dtype} for {loss}, got {plans.describe(y)}"
+        )
 
 
 def _check_group(optimizer, index: int, rule: str) -> None:

@@ -567,7 +567,10 @@ class Ensemble:
         self._widest = max(self.widths[1:])
         # as Network's: the batch from which one member's passes reach numba's pool
         self.parallel_rows = -(-PARALLEL_MIN_ELEMENTS // self._widest)
+        self._largest = max(w[0].size for w in self.weights)  # one member's update at a time
         self._no_z = np.empty((self.members, 0, 0), dtype)
+
+    parallel = Network.parallel
 
     def _input(self, x: np.ndarray) -> np.ndarray:
         """x as the kernels take it: ``(K, N, in)``, or ``(1, N, in)`` for a shared one."""
