@@ -39,7 +39,12 @@ def _record(benchmark, name: str, workload, training=True) -> None:
 
 
 def _skip_unless_runnable(request, name: str, device: str, workload, task="train") -> None:
-    if not REGISTRY[name, device].runs(workload, task):
+    entry = REGISTRY[name, device]
+    if not entry.runs(workload, task):
+        if workload.ensemble != (entry.ensembles is not False):
+            pytest.skip(
+                f"{name} does not run {'ensembles' if workload.ensemble else 'one network'}"
+            )
         pytest.skip(f"{name} trains the loss names only; {workload.name}'s is written in torch")
     if not available(device):
         pytest.skip("needs a CUDA GPU; none on this machine")

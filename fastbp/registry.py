@@ -15,15 +15,17 @@ Adding a backend is adding entries; every accuracy test and benchmark then cover
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.func import functional_call, stack_module_state, vmap
 
 from . import activations as _activations
-from . import functional
+from . import functional, plans
 from .kernels import reference
-from .nn import MLP
+from .nn import MLP, MLPEnsemble
 from .train import FusedTrainer
 
 Tensors = list[torch.Tensor]
@@ -108,23 +110,36 @@ class Workload:
     activation: str = "relu"  # after every hidden layer
     output_activation: str = "identity"
     devices: tuple[str, ...] = ("cpu", "cuda")  # GPU-sized batches are timed on CUDA only
+    members: int = 1  # an ensemble of this many networks of the shape, trained side by side
+    shared_batch: bool = True  # an ensemble's members all see one batch (else each its own)
 
     def flops(self, training: bool = True) -> int:
         """Multiply-adds ×2 of the step's GEMMs (the first layer's ∂x is skipped)."""
         pairs = list(zip(self.sizes[:-1], self.sizes[1:], strict=True))
-        forward = sum(2 * self.batch * i * o for i, o in pairs)
+        forward = sum(2 * self.batch * i * o for i, o in pairs) * self.members
         if not training:
             return forward
-        return forward + forward + sum(2 * self.batch * i * o for i, o in pairs[1:])
+        backward = sum(2 * self.batch * i * o for i, o in pairs[1:]) * self.members
+        return forward + forward + backward
+
+    @property
+    def ensemble(self) -> bool:
+        return self.members > 1
 
     @property
     def activations(self) -> list[str]:
         """The activation names of ``model()``'s layers."""
         return [self.activation] * (len(self.sizes) - 2) + [self.output_activation]
 
-    def model(self, device: str = "cpu", seed: int = 0) -> torch.nn.Sequential:
-        """The initial network, as ``nn.Sequential``; every implementation starts from it."""
+    def model(self, device: str = "cpu", seed: int = 0) -> torch.nn.Module:
+        """The initial network, as ``nn.Sequential`` (an ensemble: ``TorchEnsemble``, the
+        members made one after another); every implementation starts from it."""
         torch.manual_seed(seed)
+        if self.ensemble:
+            return TorchEnsemble(self._network(device) for _ in range(self.members))
+        return self._network(device)
+
+    def _network(self, device: str) -> torch.nn.Sequential:
         layers: list[torch.nn.Module] = []
         pairs = zip(self.sizes[:-1], self.sizes[1:], self.activations, strict=True)
         for i, o, name in pairs:
@@ -146,17 +161,24 @@ class Workload:
         return self.loss if custom is None else custom.function
 
     def data(self, device: str = "cpu", seed: int = 1) -> tuple[torch.Tensor, Tensors]:
-        """``(x, targets)``: the batch and what the loss takes beside the output."""
+        """``(x, targets)``: the batch and what the loss takes beside the output (an
+        ensemble's: one for all members, or one per member along a first dimension)."""
         generator = torch.Generator().manual_seed(seed)
-        x = torch.randn(self.batch, self.sizes[0], generator=generator)
+        rows = (self.batch,) if self.shared_batch else (self.members, self.batch)
+        x = torch.randn(*rows, self.sizes[0], generator=generator)
         width, custom = self.sizes[-1], self.callable_loss
         if custom is not None:
             targets = custom.targets(self.batch, width, generator)
         elif self.loss == "cross_entropy":
-            targets = (torch.randint(0, width, (self.batch,), generator=generator),)
+            targets = (torch.randint(0, width, rows, generator=generator),)
         else:
-            targets = (torch.randn(self.batch, width, generator=generator),)
+            targets = (torch.randn(*rows, width, generator=generator),)
         return x.to(device), [t.to(device) for t in targets]
+
+    def fastbp_model(self, device: str = "cpu") -> torch.nn.Module:
+        """``model()`` as fastbp's drop-in: an ``MLP``, or an ``MLPEnsemble``."""
+        model = self.model(device)
+        return MLPEnsemble.from_torch(list(model)) if self.ensemble else MLP.from_torch(model)
 
     def numpy_parameters(self) -> tuple[list, list]:
         """``model()``'s weights and biases (None without bias) as numpy copies."""
@@ -169,6 +191,8 @@ class Workload:
         custom = self.callable_loss
         if custom is not None:
             return custom.function(output, *targets)
+        if self.ensemble:
+            return functional.ensemble_loss(output, *targets, self.loss, self.reduction)
         return TORCH_LOSSES[self.loss](output, *targets, reduction=self.reduction)
 
     def torch_optimizer(self, parameters, fused: bool | None = None) -> torch.optim.Optimizer:
@@ -228,6 +252,28 @@ WORKLOADS: dict[str, Workload] = {
             activation="tanh",
         ),
         Workload("docs-huber-64x1000x100x10", (1000, 100, 10), 64, False, "huber", 1e-3),
+        # ensembles: REDQ-style critics (17 observations + 6 actions in, one Q-value out),
+        # every critic on one batch; SAC-size critics; MBPO-style dynamics models
+        # (observation + action in, next observation + reward out), each on its own batch
+        *(
+            Workload(
+                f"ensemble-{k}x({'-'.join(map(str, sizes))})-b{batch}",
+                sizes,
+                batch,
+                True,
+                "mse",
+                3e-4,
+                "adam",
+                members=k,
+                shared_batch=shared,
+                activation=act,
+            )
+            for k, sizes, batch, shared, act in (
+                (10, (23, 64, 64, 1), 64, True, "relu"),
+                (10, (23, 256, 256, 1), 256, True, "relu"),
+                (5, (23, 200, 200, 200, 18), 256, False, "silu"),
+            )
+        ),  # fmt: skip
         # the seeds' network (E2): 2-2-2 sigmoid, one sample
         Workload(
             "seeds-2x2x2-sigmoid-b1",
@@ -242,6 +288,55 @@ WORKLOADS: dict[str, Workload] = {
         ),
     )
 }
+
+
+# ---------------------------------------------------------------------------
+# Ensembles as torch users write them: the baselines of the ensemble workloads
+# ---------------------------------------------------------------------------
+class TorchEnsemble(torch.nn.ModuleList):
+    """K ``nn.Sequential``'s in a Python loop: each member's output, stacked. Its
+    ``stacked_parameters()`` are what the other ensembles hold (W₁ as (K, out, in), …)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x if x.dim() == 2 else x[i]) for i, m in enumerate(self)])
+
+    def stacked_parameters(self) -> Tensors:
+        members = [list(member.parameters()) for member in self]
+        return [torch.stack(column) for column in zip(*members, strict=True)]
+
+
+class VmapEnsemble(torch.nn.Module):
+    """torch's own way: ``vmap(functional_call)`` over ``stack_module_state``'s stacked
+    parameters of the members of a ``TorchEnsemble``."""
+
+    def __init__(self, members: TorchEnsemble, shared_batch: bool) -> None:
+        super().__init__()
+        stacked, self.buffers_ = stack_module_state(list(members))
+        self.names = list(stacked)
+        self.stacked = torch.nn.ParameterList(
+            torch.nn.Parameter(t.detach()) for t in stacked.values()
+        )
+        base = copy.deepcopy(members[0]).to("meta")
+        call = lambda p, b, x: functional_call(base, (p, b), (x,))  # noqa: E731
+        self.call = vmap(call, in_dims=(0, 0, None if shared_batch else 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.call(dict(zip(self.names, self.stacked, strict=True)), self.buffers_, x)
+
+
+class BaddbmmEnsemble(torch.nn.Module):
+    """The ensemble a user writes by hand: stacked weights and ``torch.baddbmm``
+    (``plans.torch_ensemble_forward``, torch ops alone)."""
+
+    def __init__(self, members: TorchEnsemble, activations: Sequence[str]) -> None:
+        super().__init__()
+        ensemble = MLPEnsemble.from_torch(list(members), backend="torch")
+        self.layers, self.activations = ensemble.layers, list(activations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = [layer.weight for layer in self.layers]
+        biases = [layer.bias for layer in self.layers]
+        return plans.torch_ensemble_forward(x, weights, biases, self.activations)[-1]
 
 
 # ---------------------------------------------------------------------------
@@ -315,7 +410,9 @@ class Step:
 
 
 def _parameters_of(model) -> Callable[[], Tensors]:
-    return lambda: [p.detach().cpu().clone() for p in model.parameters()]
+    """W₁, b₁, W₂, … as CPU copies (an ensemble's stacked, whoever holds them)."""
+    parameters = getattr(model, "stacked_parameters", model.parameters)
+    return lambda: [p.detach().cpu().clone() for p in parameters()]
 
 
 def _torch_loop(
@@ -342,8 +439,20 @@ def _torch_fused_optim(workload: Workload, device: str) -> Step:
 
 
 def _fastbp_loop(workload: Workload, device: str) -> Step:
-    """``fastbp.nn.MLP`` in the same plain loop: the drop-in."""
-    return _torch_loop(workload, device, MLP.from_torch(workload.model(device)))
+    """``fastbp.nn.MLP`` (an ensemble: ``MLPEnsemble``) in the same plain loop: the drop-in."""
+    return _torch_loop(workload, device, workload.fastbp_model(device))
+
+
+def _vmap_loop(workload: Workload, device: str) -> Step:
+    return _torch_loop(
+        workload, device, VmapEnsemble(workload.model(device), workload.shared_batch)
+    )
+
+
+def _baddbmm_loop(workload: Workload, device: str) -> Step:
+    return _torch_loop(
+        workload, device, BaddbmmEnsemble(workload.model(device), workload.activations)
+    )
 
 
 def _compiled(make: Callable[[Workload, str], Step]) -> Callable[[Workload, str], Step]:
@@ -393,7 +502,7 @@ def _cuda_graphed(make: Callable[[Workload, str], Step]) -> Callable[[Workload, 
 
 def _fused(backend: str, cuda_graph: bool | None = None) -> Callable[[Workload, str], Step]:
     def make(workload: Workload, device: str) -> Step:
-        model = MLP.from_torch(workload.model(device))
+        model = workload.fastbp_model(device)
         trainer = FusedTrainer(
             model,
             workload.fused_loss,
@@ -431,20 +540,24 @@ def _numpy_manual(workload: Workload, device: str) -> Step:
 def _gemm_floor(workload: Workload, device: str) -> Step:
     """The step's GEMMs alone, on preallocated tensors: what no implementation can beat."""
     x, _ = workload.data(device)
-    weights = [p.detach() for p in workload.model(device).parameters() if p.dim() == 2]
-    outputs = [torch.empty(workload.batch, w.shape[0], device=device) for w in weights]
+    model = workload.model(device)
+    weights = [p for p in _parameters_of(model)() if p.dim() == 2 + workload.ensemble]
+    rows = (workload.members,) * workload.ensemble + (workload.batch,)  # stacked: (K, ·, ·)
+    x = x.expand(*rows, x.shape[-1]).contiguous().to(device)
+    weights = [w.to(device) for w in weights]
+    outputs = [torch.empty(*rows, w.shape[-2], device=device) for w in weights]
     grads = [torch.empty_like(w) for w in weights]
 
     def run():
         source = x
         for weight, output in zip(weights, outputs, strict=True):
-            torch.mm(source, weight.T, out=output)
+            torch.matmul(source, weight.mT, out=output)
             source = output
         for layer in reversed(range(len(weights))):
             inputs = x if layer == 0 else outputs[layer - 1]
-            torch.mm(outputs[layer].T, inputs, out=grads[layer])
+            torch.matmul(outputs[layer].mT, inputs, out=grads[layer])
             if layer > 0:
-                torch.mm(outputs[layer], weights[layer], out=outputs[layer - 1])
+                torch.matmul(outputs[layer], weights[layer], out=outputs[layer - 1])
         return None
 
     return Step(run, lambda: [w.cpu() for w in weights], trains=False)
@@ -572,6 +685,11 @@ def _inference_of(model_of: Callable[[torch.nn.Sequential], torch.nn.Module]):
     return make
 
 
+def _inference_fastbp(workload: Workload, device: str) -> Callable[[], torch.Tensor]:
+    model, (x, _) = workload.fastbp_model(device), workload.data(device)
+    return torch.no_grad()(lambda: model(x))
+
+
 def _compiled_fastbp(sequential: torch.nn.Sequential) -> torch.nn.Module:
     return torch.compile(MLP.from_torch(sequential))
 
@@ -596,9 +714,14 @@ class Entry:
     step: Callable[[Workload, str], Step] | None = None
     inference: Callable[[Workload, str], Callable[[], torch.Tensor]] | None = None
     callable_losses: bool = True  # its step trains a workload whose loss is written in torch
+    ensembles: bool = False  # it runs the ensemble workloads; None: those alone
 
     def runs(self, workload: Workload, task: str = "train") -> bool:
         """Whether this entry times ``task`` ("train" or "inference") on ``workload``."""
+        if workload.ensemble and self.ensembles is False:
+            return False
+        if not workload.ensemble and self.ensembles is None:
+            return False
         if task == "inference":
             return self.inference is not None
         return self.step is not None and (self.callable_losses or not workload.callable_loss)
@@ -607,12 +730,18 @@ class Entry:
 def _entries() -> list[Entry]:
     torch_eager = _with_autograd(_layer_by_layer("torch"))
     return [
-        Entry("gemm-floor", "cpu", "the step's GEMMs alone (torch.mm into preallocated tensors)",
-              step=_gemm_floor),
+        Entry("gemm-floor", "cpu", "the step's GEMMs alone (torch.mm into preallocated tensors; "
+              "an ensemble's: torch.bmm)", step=_gemm_floor, ensembles=True),
         Entry("roofline-floor", "cpu", "the GEMM floor + parameters and optimizer state read "
-              "and written once, at this run's copy bandwidth", step=_roofline_floor),
-        Entry("torch-eager", "cpu", "nn.Sequential, torch's loss and torch.optim in a plain loop",
-              torch_eager, _torch_loop, _inference_of(lambda m: m)),
+              "and written once, at this run's copy bandwidth", step=_roofline_floor,
+              ensembles=True),
+        Entry("torch-eager", "cpu", "nn.Sequential, torch's loss and torch.optim in a plain loop "
+              "(an ensemble: a Python loop over K of them)", torch_eager, _torch_loop,
+              _inference_of(lambda m: m), ensembles=True),
+        Entry("torch-vmap", "cpu", "an ensemble as torch.func runs it: vmap(functional_call) over "
+              "stack_module_state's parameters", step=_vmap_loop, ensembles=None),
+        Entry("torch-baddbmm", "cpu", "an ensemble written by hand: stacked weights, torch.baddbmm",
+              step=_baddbmm_loop, ensembles=None),
         Entry("torch-fused-optim", "cpu", "torch-eager with torch.optim's fused=True kernel",
               step=_torch_fused_optim),
         Entry("torch-compile", "cpu", "torch-eager's step under torch.compile",
@@ -623,20 +752,25 @@ def _entries() -> list[Entry]:
               step=_drop_in_ceiling),
         Entry("numpy", "cpu", "kernels.reference: the hand derivation in plain numpy",
               _numpy_reference, _numpy_manual, _inference_numpy, callable_losses=False),
-        Entry("fastbp", "cpu", "fastbp.nn.MLP (numba) in torch-eager's loop: the drop-in",
-              _with_autograd(_whole_network("numba")), _fastbp_loop,
-              _inference_of(MLP.from_torch)),
+        Entry("fastbp", "cpu", "fastbp.nn.MLP (numba) in torch-eager's loop: the drop-in "
+              "(an ensemble: MLPEnsemble)", _with_autograd(_whole_network("numba")), _fastbp_loop,
+              _inference_fastbp, ensembles=True),
         Entry("fastbp-layers", "cpu", "fastbp.functional.linear_act per layer (numba)",
               _with_autograd(_layer_by_layer("numba"))),
         Entry("fastbp-compile", "cpu", "fastbp's loop under torch.compile (custom ops)",
               step=_compiled(_fastbp_loop), inference=_inference_of(_compiled_fastbp)),
         Entry("fastbp-fused", "cpu", "FusedTrainer: forward, loss, backward, update in one call "
-              "(a loss written in torch: compiled, compile_loss=True)", step=_fused("numba")),
-        Entry("gemm-floor", "cuda", "the step's GEMMs alone", step=_gemm_floor),
+              "(a loss written in torch: compiled, compile_loss=True)", step=_fused("numba"),
+              ensembles=True),
+        Entry("gemm-floor", "cuda", "the step's GEMMs alone", step=_gemm_floor, ensembles=True),
         Entry("roofline-floor", "cuda", "the GEMM floor + parameters and optimizer state "
-              "read and written once", step=_roofline_floor),
+              "read and written once", step=_roofline_floor, ensembles=True),
         Entry("torch-eager", "cuda", "torch-eager on CUDA", torch_eager, _torch_loop,
-              _inference_of(lambda m: m)),
+              _inference_of(lambda m: m), ensembles=True),
+        Entry("torch-vmap", "cuda", "torch.func's vmap ensemble on CUDA", step=_vmap_loop,
+              ensembles=None),
+        Entry("torch-baddbmm", "cuda", "the hand-written baddbmm ensemble on CUDA",
+              step=_baddbmm_loop, ensembles=None),
         Entry("torch-fused-optim", "cuda", "torch-eager with torch.optim's fused=True kernel",
               step=_torch_fused_optim),
         Entry("torch-compile", "cuda", "torch-compile on CUDA", step=_compiled(_torch_loop),
@@ -646,12 +780,13 @@ def _entries() -> list[Entry]:
         Entry("drop-in-ceiling", "cuda", "torch-eager's loop around a model that costs nothing",
               step=_drop_in_ceiling),
         Entry("fastbp", "cuda", "fastbp.nn.MLP (Triton) in torch-eager's loop",
-              _with_autograd(_whole_network("triton")), _fastbp_loop,
-              _inference_of(MLP.from_torch)),
+              _with_autograd(_whole_network("triton")), _fastbp_loop, _inference_fastbp,
+              ensembles=True),
         Entry("fastbp-cudagraph", "cuda", "fastbp's step captured in a CUDA graph",
               step=_cuda_graphed(_fastbp_loop)),
         Entry("fastbp-fused", "cuda", "FusedTrainer on CUDA: the whole step on the device "
-              "(Triton), replayed from a CUDA graph", step=_fused("auto")),
+              "(Triton), replayed from a CUDA graph; an ensemble: torch's ops",
+              step=_fused("auto"), ensembles=True),
         Entry("fastbp-fused-eager", "cuda", "FusedTrainer on CUDA, every step launched "
               "eagerly (cuda_graph=False)", step=_fused("auto", cuda_graph=False)),
     ]  # fmt: skip

@@ -405,6 +405,11 @@ class FusedTrainer:
                 "an ensemble's members: FusedTrainer does not clip an MLPEnsemble; set "
                 "max_grad_norm=None"
             )
+        if self.cuda_graph:
+            raise ValueError(
+                "cuda_graph=True captures the Triton step of an MLP; an MLPEnsemble has no "
+                "Triton step yet: set cuda_graph=None or False"
+            )
         weights, biases = self.model.stacked()
         activations = self.model.activations
         plan = self._kernel[0] if self._kernel else None
