@@ -3,6 +3,7 @@ each judged against K separate ``nn.Sequential``'s run one by one."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call, stack_module_state, vmap
@@ -142,20 +143,24 @@ def test_the_torch_backend_is_the_same_ensemble():
 
 
 class _KernelCalls:
-    """Counts the calls of cpu.py's kernels, network and ensemble alike."""
+    """Counts the calls of cpu.py's kernels, network and ensemble alike (an ensemble
+    kernel's serial and member-parallel variants as one)."""
 
     NAMES = ("_mlp_forward", "_mlp_backward", "_ensemble_forward", "_ensemble_backward")
 
     def __init__(self, monkeypatch) -> None:
         self.counts = dict.fromkeys(self.NAMES, 0)
         for name in self.NAMES:
-            kernel = getattr(cpu, name)
+            for variant in (name, f"{name}_parallel"):
+                if not hasattr(cpu, variant):
+                    continue
+                kernel = getattr(cpu, variant)
 
-            def counted(*args, _kernel=kernel, _name=name):
-                self.counts[_name] += 1
-                return _kernel(*args)
+                def counted(*args, _kernel=kernel, _name=name):
+                    self.counts[_name] += 1
+                    return _kernel(*args)
 
-            monkeypatch.setattr(cpu, name, counted)
+                monkeypatch.setattr(cpu, variant, counted)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["broadcast", "per-member"])
@@ -294,3 +299,37 @@ def test_the_trainer_refuses_what_it_would_ignore():
     trainer = FusedTrainer(MLPEnsemble(2, [4, 3]), "cross_entropy")
     with pytest.raises(ValueError, match="class index 7, outside"):
         trainer.step(x, torch.tensor([0, 1, 2, 7, 0]))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["broadcast", "per-member"])
+def test_members_in_parallel_compute_what_they_compute_one_after_another(shared):
+    """The member-parallel kernels against the serial ones (a threading layer that
+    cannot nest runs those), bit for bit: each member's result is its own."""
+    torch.manual_seed(0)
+    model = MLPEnsemble(4, [9, 300, 7], "gelu", dtype=torch.float64)
+    weights, biases = ([t.detach().numpy() for t in ts] for ts in model.stacked())
+    x = np.random.default_rng(0).standard_normal((67, 9) if shared else (4, 67, 9))
+    originals, results = [a.copy() for a in (*weights, *biases)], []
+    for in_parallel in (True, False):
+        ensemble = cpu.Ensemble(weights, biases, model.activations)
+        ensemble.in_parallel = in_parallel
+        outputs = ensemble.forward(x)
+        g = np.ones_like(outputs[1])
+        results.append([*outputs, *_flat(ensemble.backward(g, x, outputs))])
+        step = cpu.EnsembleStep(ensemble, "mse", "mean", "adam")
+        states = [np.zeros(w.size) for w in (weights[0], biases[0], weights[1], biases[1])
+                  for _ in "mv"]  # fmt: skip
+        bound = step.bind(states, [np.zeros(1) for _ in range(4)])
+        y = np.zeros((67, 7)) if shared else np.zeros((4, 67, 7))
+        hyper = np.tile(cpu.hyperparameters(0.01), (4, 1))
+        values = [step(x, y, bound, hyper, np.zeros(4, bool)) for _ in range(2)]
+        results[-1] += [np.array(values), *[w.copy() for w in ensemble.weights], *states]
+        for array, original in zip((*weights, *biases), originals, strict=True):
+            array[...] = original  # the next variant starts from the same parameters
+    for index, (a, b) in enumerate(zip(*results, strict=True)):
+        assert np.array_equal(a, b), (index, np.abs(a - b).max())
+
+
+def _flat(gradients) -> list:
+    grad_x, grad_weights, grad_biases = gradients
+    return [grad_x, *grad_weights, *grad_biases]

@@ -30,18 +30,22 @@ from .cpu_jit import (  # the kernels and the codes they switch on
     GIVEN_GRADIENT,
     MEAN,
     MOMENTUM,
+    NESTING_LAYERS,
     PARALLEL_MIN_ELEMENTS,
     SGD,
     _activate,
     _delta_and_bias_grad,
     _ensemble_backward,
+    _ensemble_backward_parallel,
     _ensemble_forward,
+    _ensemble_forward_parallel,
     _ensemble_train_step,
     _mlp_backward,
     _mlp_forward,
     _prepare_launch,
     _train_step,
     _update,
+    start_thread_pool,
 )
 from .reference import LOSSES, OPTIMIZERS, REDUCTIONS
 from .utils import check_choice, check_one_per_layer
@@ -539,7 +543,8 @@ class Ensemble:
     ``forward(x)`` takes ``(K, N, in)``, one batch per member, or ``(N, in)``, one batch
     for all, and returns every layer's ``(K, N, out)`` output (then the kept z's);
     ``backward`` gives ∂L/∂x of x's shape (summed over the members for a shared x) and
-    the stacked ∂W, ∂b. Each is one kernel call for every member.
+    the stacked ∂W, ∂b. Each is one kernel call for every member, the members on
+    numba's threads where its threading layer nests parallel regions (``in_parallel``).
     """
 
     def __init__(self, weights, biases, activations, in_features: int | None = None) -> None:
@@ -565,8 +570,12 @@ class Ensemble:
         self.keeps = tuple(parse(a).activation.reads_input for a in activations)
         self.holds_originals = not self.copies
         self._widest = max(self.widths[1:])
-        # as Network's: the batch from which one member's passes reach numba's pool
-        self.parallel_rows = -(-PARALLEL_MIN_ELEMENTS // self._widest)
+        # Members on numba's threads, each member's passes serial in its thread: needs a
+        # layer that nests parallel regions (workqueue aborts the process on a nested one)
+        self.in_parallel = self.members > 1 and start_thread_pool() in NESTING_LAYERS
+        # as Network's: the batch from which a call reaches numba's pool (every call,
+        # with the members in parallel)
+        self.parallel_rows = 0 if self.in_parallel else -(-PARALLEL_MIN_ELEMENTS // self._widest)
         self._largest = max(w[0].size for w in self.weights)  # one member's update at a time
         self._no_z = np.empty((self.members, 0, 0), dtype)
 
@@ -599,10 +608,16 @@ class Ensemble:
         """Every layer's ``(K, N, out)`` output, then the z of each layer that keeps it."""
         x = self._input(x)
         outputs, slots = self.new_outputs(x.shape[1])
-        scratch = np.empty(x.shape[1] * self._widest, self.dtype)
-        _ensemble_forward(_prepare_launch(self.dtype), x, self.weights, self.biases,
-                          self.activations, (*outputs, *slots), scratch)  # fmt: skip
+        forward = _ensemble_forward_parallel if self.in_parallel else _ensemble_forward
+        forward(_prepare_launch(self.dtype), x, self.weights, self.biases, self.activations,
+                (*outputs, *slots), self.workspace(x.shape[1]))  # fmt: skip
         return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
+
+    def workspace(self, batch: int, shape: tuple | None = None) -> np.ndarray:
+        """A workspace of ``shape`` (default: ``batch`` rows of the widest layer) for
+        each member that runs at once: every member, or one."""
+        shape = (batch * self._widest,) if shape is None else shape
+        return np.empty((self.members if self.in_parallel else 1, *shape), self.dtype)
 
     def backward(self, g, x, outputs, needs_input_grad: bool = True):
         """``(∂L/∂x or None, [∂L/∂Wₗ], [∂L/∂bₗ or None])`` from ``g = ∂L/∂a_L`` (K, N, out)
@@ -619,18 +634,18 @@ class Ensemble:
         g = _exactly("g", g, dtype, (members, batch, self.widths[-1]))
         grad_weights = [np.empty(w.shape, dtype) for w in self.weights]
         grad_biases = [np.empty(b.shape, dtype) for b in self.biases]
-        grad_x = np.empty((x.shape[0] if needs_input_grad else 0, batch, self.widths[0]), dtype)
-        one_member = (batch if shared and needs_input_grad and members > 1 else 0, self.widths[0])
-        spaces = [np.empty(batch * self._widest, dtype) for _ in "du"]
-        _ensemble_backward(_prepare_launch(dtype), g, x, self.weights, self.activations,
-                           (*saved, *slots), tuple(grad_weights), tuple(grad_biases), grad_x,
-                           np.empty(one_member, dtype), *spaces)  # fmt: skip
+        # each member's ∂L/∂x; a shared x's is their sum, taken below in member order
+        grad_x = np.empty((members, batch if needs_input_grad else 0, self.widths[0]), dtype)
+        backward = _ensemble_backward_parallel if self.in_parallel else _ensemble_backward
+        backward(_prepare_launch(dtype), g, x, self.weights, self.activations, (*saved, *slots),
+                 tuple(grad_weights), tuple(grad_biases), grad_x, self.workspace(batch),
+                 self.workspace(batch))  # fmt: skip
         grad_biases = [
             g if has else None for g, has in zip(grad_biases, self.has_bias, strict=True)
         ]
         if not needs_input_grad:
             return None, grad_weights, grad_biases
-        return grad_x[0] if shared else grad_x, grad_weights, grad_biases
+        return grad_x.sum(axis=0) if shared else grad_x, grad_weights, grad_biases
 
 
 class EnsembleStep(TrainStep):
@@ -644,9 +659,10 @@ class EnsembleStep(TrainStep):
 
     def __init__(self, network: Ensemble, loss="mse", reduction="mean", optimizer="sgd") -> None:
         super().__init__(network, loss, reduction, optimizer)
-        # one member's gradients at a time: each is applied before the next member's
-        self._grad_weights = tuple(np.empty_like(w[0]) for w in network.weights)
-        self._grad_biases = tuple(np.empty_like(b[0]) for b in network.biases)
+        # each member's gradients are applied before it goes on: one set per member
+        # that runs at once
+        self._grad_weights = tuple(network.workspace(0, w.shape[1:]) for w in network.weights)
+        self._grad_biases = tuple(network.workspace(0, b.shape[1:]) for b in network.biases)
 
     def _prepare(self, x) -> np.ndarray:
         network = self.network
@@ -656,8 +672,7 @@ class EnsembleStep(TrainStep):
             raise ValueError("x must hold at least one sample, got a batch of 0")
         if not self._workspaces or self._workspaces[0][0].shape[1] != batch:
             outputs = tuple(item for part in network.new_outputs(batch) for item in part)
-            spaces = [np.empty(batch * network._widest, x.dtype) for _ in "dg"]
-            self._workspaces = (outputs, *spaces)
+            self._workspaces = (outputs, network.workspace(batch), network.workspace(batch))
         return x
 
     def forward(self, x) -> np.ndarray:
@@ -665,8 +680,9 @@ class EnsembleStep(TrainStep):
         network = self.network
         x = self._prepare(x)
         outputs, delta_space, _ = self._workspaces
-        _ensemble_forward(_prepare_launch(x.dtype), x, network.weights, network.biases,
-                          network.activations, outputs, delta_space)  # fmt: skip
+        forward = _ensemble_forward_parallel if network.in_parallel else _ensemble_forward
+        forward(_prepare_launch(x.dtype), x, network.weights, network.biases,
+                network.activations, outputs, delta_space)  # fmt: skip
         self._forwarded = x
         return outputs[len(network.weights) - 1]
 
@@ -716,6 +732,7 @@ class EnsembleStep(TrainStep):
             self.loss,
             scale,
             self.rule,
+            network.in_parallel,
         )
 
 

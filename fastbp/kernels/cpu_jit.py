@@ -1472,11 +1472,19 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
 # ---------------------------------------------------------------------------
 # Member m of an ensemble is the network of every stacked array's slice [m]: Wₗ[m]
 # (out, in) of a (K, out, in) stack, bₗ[m], its outputs aₗ[m] (N, out) of (K, N, out).
-# Each member's math is the network's above, unchanged; one call loops over the
-# members, so that K networks cost one dispatch instead of K (or K per layer). An
-# input shared by every member (a (1, N, in) stack) gets ∂L/∂x = Σₘ δₘ Wₘ, summed
-# member by member into its one slice; an optimizer state, stacked as its parameter
-# is, is a flat array whose K equal parts are the members'.
+# Each member's math is the network's above, unchanged; one call runs every member,
+# so that K networks cost one dispatch instead of K (or K per layer). The members
+# are independent, so ``*_parallel`` runs them on numba's threads, each member's GEMMs
+# and passes on one (BLAS runs one thread inside a parallel region, as torch's bmm
+# runs its batch); the serial kernels are for a threading layer that cannot nest
+# parallel regions (workqueue aborts). Workspaces are stacked per member for the
+# parallel kernels and a single slice, reused member after member, for the serial
+# ones: ``_own_or_shared`` takes either. Every member's result lands in its own slice
+# (an input shared by every member gets its ∂L/∂x per member, summed by the
+# launcher in member order), so results do not depend on the thread count.
+NESTING_LAYERS = ("tbb", "omp")  # numba's threading layers that nest parallel regions
+
+
 def _member(arrays, m):
     raise NotImplementedError("_member runs inside numba kernels only")
 
@@ -1496,8 +1504,10 @@ def _part(arrays, m, members):
 @overload(_part, inline="always")
 def _(arrays, m, members):
     """Member m's part of each flat array of ``arrays`` (an empty one stays empty)."""
-    slices = [f"arrays[{i}][m * (arrays[{i}].size // members):"
-              f"(m + 1) * (arrays[{i}].size // members)]" for i in range(len(arrays))]  # fmt: skip
+    slices = [
+        f"arrays[{i}][m * (arrays[{i}].size // members):(m + 1) * (arrays[{i}].size // members)]"
+        for i in range(len(arrays))
+    ]
     return _compiled_lambda(f"lambda arrays, m, members: ({', '.join(slices)},)")
 
 
@@ -1508,18 +1518,56 @@ def _compiled_lambda(source: str):
 
 
 @njit(inline="always")
-def _shared_or_own(stack, m):
-    """Member m's slice of ``stack``, or its one slice where every member shares it."""
-    return stack[m if stack.shape[0] > 1 else 0]
+def _own_or_shared(stack, m):
+    """Member m's slice of ``stack``, or its one slice where it holds one (an input
+    every member shares, or a workspace the members use one after another)."""
+    return stack[min(m, stack.shape[0] - 1)]
+
+
+@njit(inline="always")
+def _forward_member(gemm, x, weights, biases, activations, outputs, scratch, m):
+    _mlp_forward(
+        gemm,
+        _own_or_shared(x, m),
+        _member(weights, m),
+        _member(biases, m),
+        activations,
+        _member(outputs, m),
+        _own_or_shared(scratch, m),
+    )
 
 
 @kernel
 def _ensemble_forward(gemm, x, weights, biases, activations, outputs, scratch):
-    """``_mlp_forward`` of every member: x (K or 1, N, in), weights (K, out, in),
-    biases (K, out) or (K, 0), outputs every layer's (K, N, out), then its z slot."""
+    """``_mlp_forward`` of every member: x (K or 1, N, in), weights (K, out, in), biases
+    (K, out) or (K, 0), outputs every layer's (K, N, out), then its z slot; scratch
+    (K or 1, N·widest)."""
     for m in range(weights[0].shape[0]):
-        _mlp_forward(gemm, _shared_or_own(x, m), _member(weights, m), _member(biases, m),
-                     activations, _member(outputs, m), scratch)  # fmt: skip
+        _forward_member(gemm, x, weights, biases, activations, outputs, scratch, m)
+
+
+@kernel(parallel=True)
+def _ensemble_forward_parallel(gemm, x, weights, biases, activations, outputs, scratch):
+    for c in prange(weights[0].shape[0]):
+        _forward_member(gemm, x, weights, biases, activations, outputs, scratch, np.int64(c))
+
+
+@njit(inline="always")
+def _backward_member(gemm, g, x, weights, activations, outputs, grad_weights, grad_biases,
+                     grad_x, delta_space, upstream_space, m):  # fmt: skip
+    _mlp_backward(
+        gemm,
+        g[m],
+        _own_or_shared(x, m),
+        _member(weights, m),
+        activations,
+        _member(outputs, m),
+        _member(grad_weights, m),
+        _member(grad_biases, m),
+        grad_x[m],
+        _own_or_shared(delta_space, m),
+        _own_or_shared(upstream_space, m),
+    )
 
 
 @kernel
@@ -1532,23 +1580,75 @@ def _ensemble_backward(
     outputs,         # every layer's (K, N, out) output, then its z slot, as forward saved
     grad_weights,    # out: ∂L/∂W per layer, (K, out, in)
     grad_biases,     # out: ∂L/∂b per layer, (K, out); (K, 0) for a layer without bias
-    grad_x,          # out: ∂L/∂x, (K, N, in) per member, (1, N, in) summed over them, or
-                     #   (0, N, in): not needed
-    member_grad_x,   # workspace, (N, in): a member's ∂L/∂x before the sum; (0, in) if unused
-    delta_space,     # workspaces of N·(widest layer) elements, as _mlp_backward's
+    grad_x,          # out: each member's ∂L/∂x, (K, N, in); (K, 0, in): not needed
+    delta_space,     # workspaces, (K or 1, N·widest): δ, and ∂L/∂a of the layer below
     upstream_space,
 ):  # fmt: skip
-    members = weights[0].shape[0]
-    summed = grad_x.shape[0] == 1 and members > 1
-    for m in range(members):
-        into = member_grad_x if summed or grad_x.shape[0] == 0 else grad_x[m]
-        _mlp_backward(gemm, g[m], _shared_or_own(x, m), _member(weights, m), activations,
-                      _member(outputs, m), _member(grad_weights, m), _member(grad_biases, m),
-                      into, delta_space, upstream_space)  # fmt: skip
-        if summed and m == 0:
-            grad_x[0][:] = into
-        elif summed:
-            grad_x[0] += into
+    for m in range(weights[0].shape[0]):
+        _backward_member(
+            gemm,
+            g,
+            x,
+            weights,
+            activations,
+            outputs,
+            grad_weights,
+            grad_biases,
+            grad_x,
+            delta_space,
+            upstream_space,
+            m,
+        )
+
+
+@kernel(parallel=True)
+def _ensemble_backward_parallel(gemm, g, x, weights, activations, outputs, grad_weights,
+                                grad_biases, grad_x, delta_space, upstream_space):  # fmt: skip
+    for c in prange(weights[0].shape[0]):
+        _backward_member(
+            gemm,
+            g,
+            x,
+            weights,
+            activations,
+            outputs,
+            grad_weights,
+            grad_biases,
+            grad_x,
+            delta_space,
+            upstream_space,
+            np.int64(c),
+        )
+
+
+@njit(inline="always")
+def _step_member(gemm, x, targets, labels, weights, biases, activations, outputs, delta_space,
+                 upstream_space, grad_weights, grad_biases, first_param, states, steps, hyper,
+                 fresh, loss, scale, rule, losses, m):  # fmt: skip
+    spaces = min(m, delta_space.shape[0] - 1)  # the member's workspaces, or the one set
+    losses[m] = _network_step(
+        gemm,
+        _own_or_shared(x, m),
+        _own_or_shared(targets, m),
+        _own_or_shared(labels, m),
+        _member(weights, m),
+        _member(biases, m),
+        activations,
+        _member(outputs, m),
+        delta_space[spaces],
+        upstream_space[spaces],
+        _member(grad_weights, spaces),
+        _member(grad_biases, spaces),
+        first_param,
+        _part(states, m, weights[0].shape[0]),
+        steps,
+        hyper,
+        fresh,
+        loss,
+        scale,
+        rule,
+        0.0,
+    )
 
 
 @kernel
@@ -1561,10 +1661,10 @@ def _ensemble_train_step(
     biases,          # one (K, out) stack per layer ((K, 0): no bias), updated in place
     activations,     # (L, 3): each layer's activation row (code, p₀, p₁)
     outputs,         # workspace: every layer's (K, N, out) output, then its z slot
-    delta_space,     # workspaces of one member: N·(widest layer) elements each
+    delta_space,     # workspaces, (K or 1, N·widest) each
     upstream_space,
-    grad_weights,    # workspaces of one member: ∂W per layer, (out, in)
-    grad_biases,     # workspaces of one member: ∂b per layer, (out,) (empty: no bias)
+    grad_weights,    # workspaces: ∂W per layer, (K or 1, out, in)
+    grad_biases,     # workspaces: ∂b per layer, (K or 1, out) ((·, 0): no bias)
     first_param,     # (L,) index of layer l's weight among the parameters (its bias: +1)
     states,          # two flat arrays per stacked parameter, each of K equal parts
     steps,           # one 1-element array per parameter: Adam's count, shared by members
@@ -1573,6 +1673,7 @@ def _ensemble_train_step(
     loss,            # MSE, CROSS_ENTROPY, BCE_WITH_LOGITS or GIVEN_GRADIENT
     scale,           # 1/terms of one member's mean, else 1
     rule,            # SGD, ADAM or ADAMW
+    parallel,        # the members on numba's threads (workspaces stacked per member)
 ):  # fmt: skip
     """``_train_step`` of every member, whose losses add: returns ``(Σₘ Lₘ, -1)``, or,
     touching nothing, the codes ``_train_step`` returns."""
@@ -1581,29 +1682,86 @@ def _ensemble_train_step(
     if bad != -1:
         return np.nan, bad
     _count_steps(biases, first_param, steps, rule)
-    value = 0.0
-    for m in range(members):
-        value += _network_step(
+    losses = np.zeros(members)
+    if parallel:
+        _members_step_parallel(
             gemm,
-            _shared_or_own(x, m),
-            _shared_or_own(targets, m),
-            _shared_or_own(labels, m),
-            _member(weights, m),
-            _member(biases, m),
+            x,
+            targets,
+            labels,
+            weights,
+            biases,
             activations,
-            _member(outputs, m),
+            outputs,
             delta_space,
             upstream_space,
             grad_weights,
             grad_biases,
             first_param,
-            _part(states, m, members),
+            states,
             steps,
             hyper,
             fresh,
             loss,
             scale,
             rule,
-            0.0,
+            losses,
         )
-    return value, -1
+    else:
+        for m in range(members):
+            _step_member(
+                gemm,
+                x,
+                targets,
+                labels,
+                weights,
+                biases,
+                activations,
+                outputs,
+                delta_space,
+                upstream_space,
+                grad_weights,
+                grad_biases,
+                first_param,
+                states,
+                steps,
+                hyper,
+                fresh,
+                loss,
+                scale,
+                rule,
+                losses,
+                m,
+            )
+    return losses.sum(), -1
+
+
+@kernel(parallel=True)
+def _members_step_parallel(gemm, x, targets, labels, weights, biases, activations, outputs,
+                           delta_space, upstream_space, grad_weights, grad_biases, first_param,
+                           states, steps, hyper, fresh, loss, scale, rule, losses):  # fmt: skip
+    for c in prange(weights[0].shape[0]):
+        _step_member(
+            gemm,
+            x,
+            targets,
+            labels,
+            weights,
+            biases,
+            activations,
+            outputs,
+            delta_space,
+            upstream_space,
+            grad_weights,
+            grad_biases,
+            first_param,
+            states,
+            steps,
+            hyper,
+            fresh,
+            loss,
+            scale,
+            rule,
+            losses,
+            np.int64(c),
+        )
