@@ -333,3 +333,20 @@ def test_members_in_parallel_compute_what_they_compute_one_after_another(shared)
 def _flat(gradients) -> list:
     grad_x, grad_weights, grad_biases = gradients
     return [grad_x, *grad_weights, *grad_biases]
+
+
+def test_compile_and_torch_func_run_the_ensemble_in_torch_ops():
+    torch.manual_seed(0)
+    ensemble = MLPEnsemble(3, SIZES, "gelu", dtype=torch.float64)
+    x = _inputs(3, shared=True)
+    compiled = torch.compile(ensemble)
+    torch.testing.assert_close(compiled(x), ensemble(x), rtol=0, atol=1e-12)
+    parameters = dict(ensemble.named_parameters())
+
+    def total(parameters, x):
+        return functional_call(ensemble, parameters, (x,)).sum()
+
+    grads = torch.func.grad(total)(parameters, x)
+    ensemble(x).sum().backward()
+    for name, parameter in parameters.items():
+        torch.testing.assert_close(grads[name], parameter.grad, rtol=0, atol=1e-12)
