@@ -248,9 +248,12 @@ class NumbaKernels:
     @staticmethod
     def infer(plan: Plan, x: torch.Tensor) -> torch.Tensor:
         """The last layer's output alone (forward's lines, not a call of it: a small
-        network's call costs what its Python does)."""
+        network's call costs what its Python does), with no z kept for a backward that
+        will not come (keep=False)."""
         x, network = (x.detach() if x.requires_grad else x).numpy(), plan.prepared
-        outputs = threads.call(network.forward, x, parallel=x.shape[-2] >= network.parallel_rows)
+        outputs = threads.call(
+            network.forward, x, False, parallel=x.shape[-2] >= network.parallel_rows
+        )
         return torch.from_numpy(outputs[len(plan.weights) - 1])
 
     @staticmethod

@@ -159,30 +159,34 @@ class Network:
             kept[1] = np.empty_like(kept[0])
         return kept
 
-    def forward(self, x: np.ndarray) -> list[np.ndarray]:
+    def forward(self, x: np.ndarray, keep: bool = True) -> list[np.ndarray]:
         """Outputs ``[a₁, …, a_L]`` of every layer in one kernel call, followed by the
-        pre-activation z of each layer that ``keeps`` it (what backward reads)."""
+        pre-activation z of each layer that ``keeps`` it (what backward reads); without
+        ``keep`` (inference), the outputs alone."""
         if not (x.dtype == self.dtype and x.ndim == 2 and x.shape[1] == self.widths[0]
                 and x.flags.c_contiguous):  # fmt: skip
             x = self._input(x)  # the common case inline: a small network's call is its Python
         batch, dtype = x.shape[0], self.dtype
-        outputs, slots = self.new_outputs(batch)
+        outputs, slots = self.new_outputs(batch, keep)
         gemm = _prepare_launch(dtype)
         scratch = self._spaces(batch)[0]
         _mlp_forward(
             gemm, x, self.weights, self.biases, self.activations, (*outputs, *slots), scratch
         )
-        if self._no_slots:
+        if self._no_slots or not keep:
             return outputs
         return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
 
-    def new_outputs(self, batch: int) -> tuple[list, list | tuple]:
+    def new_outputs(self, batch: int, keep: bool = True) -> tuple[list, list | tuple]:
         """``(every layer's output, every layer's z slot)`` for ``batch`` rows, new: what
-        ``_mlp_forward`` writes."""
+        ``_mlp_forward`` writes (without ``keep``, every slot empty: z passes through the
+        scratch workspace)."""
         outputs = []
         for width in self.widths[1:]:  # a loop, not a comprehension: one frame fewer
             outputs.append(np.empty((batch, width), self.dtype))
-        return outputs, self._no_slots or self._z_slots(batch, [None] * len(outputs))
+        if self._no_slots or not keep:
+            return outputs, self._no_slots or (self._no_z,) * len(outputs)
+        return outputs, self._z_slots(batch, [None] * len(outputs))
 
     def _saved(self, saved, batch: int) -> tuple:
         """What forward returned, checked, as the kernels take it: every layer's output,
@@ -594,23 +598,27 @@ class Ensemble:
             )
         return np.ascontiguousarray(x)
 
-    def new_outputs(self, batch: int) -> tuple[list, list]:
-        """``(every layer's (K, N, out) output, every layer's z slot)``, new."""
+    def new_outputs(self, batch: int, keep: bool = True) -> tuple[list, list]:
+        """``(every layer's (K, N, out) output, every layer's z slot)``, new (as
+        ``Network.new_outputs``)."""
         shapes = [(self.members, batch, width) for width in self.widths[1:]]
         outputs = [np.empty(shape, self.dtype) for shape in shapes]
         slots = [
-            np.empty(s, self.dtype) if k else self._no_z
+            np.empty(s, self.dtype) if k and keep else self._no_z
             for s, k in zip(shapes, self.keeps, strict=True)
         ]
         return outputs, slots
 
-    def forward(self, x: np.ndarray) -> list[np.ndarray]:
-        """Every layer's ``(K, N, out)`` output, then the z of each layer that keeps it."""
+    def forward(self, x: np.ndarray, keep: bool = True) -> list[np.ndarray]:
+        """Every layer's ``(K, N, out)`` output, then the z of each layer that keeps it
+        (without ``keep``, the outputs alone)."""
         x = self._input(x)
-        outputs, slots = self.new_outputs(x.shape[1])
+        outputs, slots = self.new_outputs(x.shape[1], keep)
         forward = _ensemble_forward_parallel if self.in_parallel else _ensemble_forward
         forward(_prepare_launch(self.dtype), x, self.weights, self.biases, self.activations,
                 (*outputs, *slots), self.workspace(x.shape[1]))  # fmt: skip
+        if not keep:
+            return outputs
         return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
 
     def workspace(self, batch: int, shape: tuple | None = None) -> np.ndarray:
