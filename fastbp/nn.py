@@ -129,6 +129,20 @@ def _per_layer(name: str, value, count: int) -> list:
     return values
 
 
+def _network_spec(sizes, activation, output_activation, bias) -> tuple[list, list, list]:
+    """``(sizes, activation names, bias flags)``, one name and flag per layer, after
+    checking ``MLP``'s arguments (``MLPEnsemble`` takes the same)."""
+    sizes = [_positive_int(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must list at least [in, out], got {sizes}")
+    layers = len(sizes) - 1
+    if isinstance(activation, (str, nn.Module)):  # checked even with no hidden layer
+        activation = _activations.get(activation).name
+    hidden = _per_layer("activation", activation, layers - 1)
+    names = [_activations.get(a).name for a in [*hidden, output_activation]]
+    return sizes, names, _per_layer("bias", bias, layers)
+
+
 def _hooked(children) -> bool:
     """Whether calling the children would run hooks (``nn.Module.__call__``'s own test)."""
     if (
@@ -190,15 +204,7 @@ class MLP(_Planned, nn.Sequential):
             for name, child in sizes.items():
                 self.add_module(name, child)
             return
-        sizes = [_positive_int(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
-        if len(sizes) < 2:
-            raise ValueError(f"sizes must list at least [in, out], got {sizes}")
-        num_layers = len(sizes) - 1
-        if isinstance(activation, (str, nn.Module)):  # checked even with no hidden layer
-            activation = _activations.get(activation).name
-        hidden = _per_layer("activation", activation, num_layers - 1)
-        names = [_activations.get(a).name for a in [*hidden, output_activation]]
-        biases = _per_layer("bias", bias, num_layers)
+        sizes, names, biases = _network_spec(sizes, activation, output_activation, bias)
         for layer, name in enumerate(names):
             linear = Linear(
                 sizes[layer],
@@ -521,14 +527,8 @@ class MLPEnsemble(nn.Module):
         super().__init__()
         self.backend = backend
         members = _positive_int("k", k)
-        sizes = [_positive_int(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
-        if len(sizes) < 2:
-            raise ValueError(f"sizes must list at least [in, out], got {sizes}")
-        if isinstance(activation, (str, nn.Module)):
-            activation = _activations.get(activation).name
-        hidden = _per_layer("activation", activation, len(sizes) - 2)
-        self._names = tuple(_activations.get(a).name for a in [*hidden, output_activation])
-        biases = _per_layer("bias", bias, len(sizes) - 1)
+        sizes, names, biases = _network_spec(sizes, activation, output_activation, bias)
+        self._names = tuple(names)
         self.layers = nn.ModuleList(
             StackedLinear(members, i, o, b, device=device, dtype=dtype)
             for i, o, b in zip(sizes[:-1], sizes[1:], biases, strict=True)

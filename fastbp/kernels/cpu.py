@@ -440,14 +440,17 @@ class TrainStep:
         """``x`` checked, with workspaces for its batch."""
         network = self.network
         x = network._input(x)
-        batch = x.shape[0]
+        batch = x.shape[-2]
         if batch == 0:
             raise ValueError("x must hold at least one sample, got a batch of 0")
-        if not self._workspaces or self._workspaces[0][0].shape[0] != batch:
+        if not self._workspaces or self._workspaces[0][0].shape[-2] != batch:
             outputs = tuple(item for part in network.new_outputs(batch) for item in part)
-            spaces = [np.empty(batch * network._widest, x.dtype) for _ in "dg"]
-            self._workspaces = (outputs, *spaces)
+            self._workspaces = (outputs, *self._spaces(batch))
         return x
+
+    def _spaces(self, batch: int) -> list[np.ndarray]:
+        """The δ and upstream workspaces for ``batch`` rows."""
+        return [np.empty(batch * self.network._widest, self.network.dtype) for _ in "du"]
 
     def forward(self, x) -> np.ndarray:
         """The network's output at ``x``, kept in the workspaces for the next step of a
@@ -516,27 +519,15 @@ class TrainStep:
 
     def _launch(self, x, targets, labels, bound, hyper, fresh, scale, max_norm) -> tuple:
         """``(loss, code)`` of the step's kernel (``_train_step``'s)."""
+        arguments = self._arguments(x, targets, labels, bound, hyper, fresh, scale)
+        return _train_step(*arguments, float(max_norm))
+
+    def _arguments(self, x, targets, labels, bound, hyper, fresh, scale) -> tuple:
+        """What the step's kernel takes before its last argument."""
         network = self.network
-        return _train_step(
-            _prepare_launch(x.dtype),
-            x,
-            targets,
-            labels,
-            network.weights,
-            network.biases,
-            network.activations,
-            *self._workspaces,
-            self._grad_weights,
-            self._grad_biases,
-            self._first_param,
-            *bound,
-            hyper,
-            fresh,
-            self.loss,
-            scale,
-            self.rule,
-            float(max_norm),
-        )
+        return (_prepare_launch(x.dtype), x, targets, labels, network.weights, network.biases,
+                network.activations, *self._workspaces, self._grad_weights, self._grad_biases,
+                self._first_param, *bound, hyper, fresh, self.loss, scale, self.rule)  # fmt: skip
 
 
 class Ensemble:
@@ -672,16 +663,8 @@ class EnsembleStep(TrainStep):
         self._grad_weights = tuple(network.workspace(0, w.shape[1:]) for w in network.weights)
         self._grad_biases = tuple(network.workspace(0, b.shape[1:]) for b in network.biases)
 
-    def _prepare(self, x) -> np.ndarray:
-        network = self.network
-        x = network._input(x)
-        batch = x.shape[1]
-        if batch == 0:
-            raise ValueError("x must hold at least one sample, got a batch of 0")
-        if not self._workspaces or self._workspaces[0][0].shape[1] != batch:
-            outputs = tuple(item for part in network.new_outputs(batch) for item in part)
-            self._workspaces = (outputs, network.workspace(batch), network.workspace(batch))
-        return x
+    def _spaces(self, batch: int) -> list[np.ndarray]:
+        return [self.network.workspace(batch) for _ in "du"]
 
     def forward(self, x) -> np.ndarray:
         """Every member's output, ``(K, N, out)``, kept for a ``loss=None`` step."""
@@ -721,27 +704,8 @@ class EnsembleStep(TrainStep):
     def _launch(self, x, targets, labels, bound, hyper, fresh, scale, max_norm) -> tuple:
         if max_norm:
             raise ValueError("an EnsembleStep does not clip: max_norm must be 0")
-        network = self.network
-        return _ensemble_train_step(
-            _prepare_launch(x.dtype),
-            x,
-            targets,
-            labels,
-            network.weights,
-            network.biases,
-            network.activations,
-            *self._workspaces,
-            self._grad_weights,
-            self._grad_biases,
-            self._first_param,
-            *bound,
-            hyper,
-            fresh,
-            self.loss,
-            scale,
-            self.rule,
-            network.in_parallel,
-        )
+        arguments = self._arguments(x, targets, labels, bound, hyper, fresh, scale)
+        return _ensemble_train_step(*arguments, self.network.in_parallel)
 
 
 _NO_TARGETS = {dtype: np.empty((0, 0), dtype) for dtype in DTYPES}
