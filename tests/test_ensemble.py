@@ -304,30 +304,42 @@ def test_the_trainer_refuses_what_it_would_ignore():
 @pytest.mark.parametrize("shared", [True, False], ids=["broadcast", "per-member"])
 def test_members_in_parallel_compute_what_they_compute_one_after_another(shared):
     """The member-parallel kernels against the serial ones (a threading layer that
-    cannot nest runs those), bit for bit: each member's result is its own."""
+    cannot nest runs those), bit for bit: each member's result is its own. BLAS runs
+    one thread in both (a member's GEMMs inside the parallel region do anyway): MKL's
+    own sums may depend on its thread count (with AVX2 code they do)."""
     torch.manual_seed(0)
     model = MLPEnsemble(4, [9, 300, 7], "gelu", dtype=torch.float64)
     weights, biases = ([t.detach().numpy() for t in ts] for ts in model.stacked())
     x = np.random.default_rng(0).standard_normal((67, 9) if shared else (4, 67, 9))
     originals, results = [a.copy() for a in (*weights, *biases)], []
-    for in_parallel in (True, False):
-        ensemble = cpu.Ensemble(weights, biases, model.activations)
-        ensemble.in_parallel = in_parallel
-        outputs = ensemble.forward(x)
-        g = np.ones_like(outputs[1])
-        results.append([*outputs, *_flat(ensemble.backward(g, x, outputs))])
-        step = cpu.EnsembleStep(ensemble, "mse", "mean", "adam")
-        states = [np.zeros(w.size) for w in (weights[0], biases[0], weights[1], biases[1])
-                  for _ in "mv"]  # fmt: skip
-        bound = step.bind(states, [np.zeros(1) for _ in range(4)])
-        y = np.zeros((67, 7)) if shared else np.zeros((4, 67, 7))
-        hyper = np.tile(cpu.hyperparameters(0.01), (4, 1))
-        values = [step(x, y, bound, hyper, np.zeros(4, bool)) for _ in range(2)]
-        results[-1] += [np.array(values), *[w.copy() for w in ensemble.weights], *states]
-        for array, original in zip((*weights, *biases), originals, strict=True):
-            array[...] = original  # the next variant starts from the same parameters
+    blas_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for in_parallel in (True, False):
+            results.append(_both_directions_and_steps(weights, biases, model.activations, x,
+                                                      in_parallel, shared))  # fmt: skip
+            for array, original in zip((*weights, *biases), originals, strict=True):
+                array[...] = original  # the next variant starts from the same parameters
+    finally:
+        torch.set_num_threads(blas_threads)
     for index, (a, b) in enumerate(zip(*results, strict=True)):
         assert np.array_equal(a, b), (index, np.abs(a - b).max())
+
+
+def _both_directions_and_steps(weights, biases, activations, x, in_parallel, shared) -> list:
+    """Forward, backward and two Adam steps of a ``cpu.Ensemble``: every array made."""
+    ensemble = cpu.Ensemble(weights, biases, activations)
+    ensemble.in_parallel = in_parallel
+    outputs = ensemble.forward(x)
+    made = [*outputs, *_flat(ensemble.backward(np.ones_like(outputs[1]), x, outputs))]
+    step = cpu.EnsembleStep(ensemble, "mse", "mean", "adam")
+    states = [np.zeros(w.size) for w in (weights[0], biases[0], weights[1], biases[1])
+              for _ in "mv"]  # fmt: skip
+    bound = step.bind(states, [np.zeros(1) for _ in range(4)])
+    y = np.zeros((67, 7)) if shared else np.zeros((4, 67, 7))
+    hyper = np.tile(cpu.hyperparameters(0.01), (4, 1))
+    values = [step(x, y, bound, hyper, np.zeros(4, bool)) for _ in range(2)]
+    return [*made, np.array(values), *[w.copy() for w in ensemble.weights], *states]
 
 
 def _flat(gradients) -> list:

@@ -1481,7 +1481,10 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
 # parallel kernels and a single slice, reused member after member, for the serial
 # ones: ``_own_or_shared`` takes either. Every member's result lands in its own slice
 # (an input shared by every member gets its ∂L/∂x per member, summed by the
-# launcher in member order), so results do not depend on the thread count.
+# launcher in member order), so fastbp's own sums do not depend on the thread count
+# (BLAS's may: fastbp.threads.use_reproducible_blas() fixes MKL's). A prange index is
+# cast to int64 before use: it is unsigned, and min() of it and a signed integer types
+# as a float, which cannot index.
 NESTING_LAYERS = ("tbb", "omp")  # numba's threading layers that nest parallel regions
 
 
