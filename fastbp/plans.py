@@ -508,25 +508,22 @@ def resolve_ensemble_backend(backend: str, x: torch.Tensor) -> str:
     return "torch" if resolved == "triton" else resolved
 
 
-def torch_ensemble_forward(x, weights, biases, activations, keep=False) -> list[torch.Tensor]:
+def torch_ensemble_forward(x, weights, biases, activations) -> list[torch.Tensor]:
     """Every layer's ``(K, N, out)`` output in torch ops, as a user writes an ensemble by
-    hand: ``baddbmm`` on the stacked weights (``torch_forward``'s, per member)."""
-    outputs, kept = [], []
+    hand: ``baddbmm`` on the stacked weights (x ``(N, in)`` is every member's)."""
+    outputs = []
     if x.dim() == 2:
         x = x.expand(weights[0].shape[0], *x.shape)
     for weight, bias, name in zip(weights, biases, activations, strict=True):
-        activation = _activations.get(name)
         transposed = weight.transpose(1, 2)
         z = (
             torch.bmm(x, transposed)
             if bias is None
             else torch.baddbmm(bias[:, None], x, transposed)
         )
-        x = activation.function(z)
+        x = _activations.get(name).function(z)
         outputs.append(x)
-        if keep and activation.reads_input:
-            kept.append(z)
-    return outputs + kept
+    return outputs
 
 
 class EnsemblePlan(Plan):
