@@ -362,3 +362,16 @@ def test_compile_and_torch_func_run_the_ensemble_in_torch_ops():
     ensemble(x).sum().backward()
     for name, parameter in parameters.items():
         torch.testing.assert_close(grads[name], parameter.grad, rtol=0, atol=1e-12)
+
+
+def test_a_global_hook_fires_on_the_ensembles_call():
+    ensemble = MLPEnsemble(2, SIZES)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: seen.append(type(module).__name__)
+    )
+    try:
+        ensemble(torch.randn(BATCH, 4))
+    finally:
+        handle.remove()
+    assert seen == ["MLPEnsemble"]
