@@ -295,7 +295,7 @@ class FusedTrainer:
             if x.shape[0] == 0:
                 raise ValueError("x must hold at least one sample, got a batch of 0")
         else:
-            self._check_target(x, targets[0], weights[-1].shape[0])
+            _check_target(self.loss, x, targets[0], weights[-1].shape[0])
         backend = plans.resolve_backend(self.backend, x)
         if backend == "numba":
             self._check_step_hooks()
@@ -319,27 +319,6 @@ class FusedTrainer:
             _check_class_range(targets[0], weights[-1].shape[0])
         kernels = plans.KERNELS.get(backend)
         return self._torch_step(x, targets, weights, biases, activations, kernels)
-
-    def _check_target(self, x: torch.Tensor, y, classes: int) -> None:
-        """Reject a bad ``y`` before any parameter changes."""
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-        if y.device != x.device:
-            raise ValueError(f"y is on {y.device} but x is on {x.device}; both must be on one")
-        batch = x.shape[0]
-        if batch == 0:
-            raise ValueError("x must hold at least one sample, got a batch of 0")
-        if self.loss == "cross_entropy":
-            if y.dtype != torch.int64 or y.shape != (batch,):
-                raise TypeError(
-                    f"y must be int64 class indices of shape ({batch},) for cross_entropy, "
-                    f"got {plans.describe(y)}"
-                )
-        elif y.shape != (batch, classes) or y.dtype != x.dtype:
-            raise ValueError(
-                f"y must have shape ({batch}, {classes}) and dtype {x.dtype} for {self.loss}, "
-                f"got {plans.describe(y)}"
-            )
 
     def _bound(self, weights, biases) -> tuple[_Binding, np.ndarray]:
         """The binding of the optimizer's state to these parameters (made anew where the
@@ -420,7 +399,7 @@ class FusedTrainer:
             if x.shape[-2] == 0:
                 raise ValueError("x must hold at least one sample, got a batch of 0")
         else:
-            _check_ensemble_target(self.loss, x, targets[0], weights)
+            _check_target(self.loss, x, targets[0], weights[-1].shape[1], len(weights[-1]))
         backend = plans.resolve_ensemble_backend(self.backend, x)
         if backend == "numba":
             self._check_step_hooks()
@@ -793,25 +772,28 @@ def _check_input(x, in_features: int) -> torch.Tensor:
     return x
 
 
-def _check_ensemble_target(loss: str, x: torch.Tensor, y, weights) -> None:
-    """Reject a bad ``y`` of an ensemble's step before any parameter changes."""
+def _check_target(loss: str, x: torch.Tensor, y, classes: int, members: int = 0) -> None:
+    """Reject a bad ``y`` before any parameter changes: one row per sample of x, or, for
+    an ensemble of ``members``, one per member and sample (or one shared by them)."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}; both must be on one")
-    batch, (members, classes, _) = x.shape[-2], weights[-1].shape
+    batch = x.shape[-2]
     if batch == 0:
         raise ValueError("x must hold at least one sample, got a batch of 0")
+    per_sample = (batch,) if loss == "cross_entropy" else (batch, classes)
+    shapes = [(members, *per_sample), per_sample] if members else [per_sample]
+    wanted = " or ".join(map(str, shapes))
     if loss == "cross_entropy":
-        if y.dtype != torch.int64 or y.shape not in ((members, batch), (batch,)):
+        if y.dtype != torch.int64 or y.shape not in shapes:
             raise TypeError(
-                f"y must be int64 class indices of shape ({members}, {batch}) or ({batch},) "
-                f"for cross_entropy, got {plans.describe(y)}"
+                f"y must be int64 class indices of shape {wanted} for cross_entropy, "
+                f"got {plans.describe(y)}"
             )
-    elif y.shape not in ((members, batch, classes), (batch, classes)) or y.dtype != x.dtype:
+    elif y.shape not in shapes or y.dtype != x.dtype:
         raise ValueError(
-            f"y must have shape ({members}, {batch}, {classes}) or ({batch}, {classes}) and "
-            f"dtype {x.dtype} for {loss}, got {plans.describe(y)}"
+            f"y must have shape {wanted} and dtype {x.dtype} for {loss}, got {plans.describe(y)}"
         )
 
 

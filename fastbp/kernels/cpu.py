@@ -605,12 +605,17 @@ class Ensemble:
         (without ``keep``, the outputs alone)."""
         x = self._input(x)
         outputs, slots = self.new_outputs(x.shape[1], keep)
-        forward = _ensemble_forward_parallel if self.in_parallel else _ensemble_forward
-        forward(_prepare_launch(self.dtype), x, self.weights, self.biases, self.activations,
-                (*outputs, *slots), self.workspace(x.shape[1]))  # fmt: skip
+        self.run_forward(x, (*outputs, *slots), self.workspace(x.shape[1]))
         if not keep:
             return outputs
         return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
+
+    def run_forward(self, x: np.ndarray, outputs: tuple, scratch: np.ndarray) -> None:
+        """The forward kernel, the members in parallel or one after another, on an x
+        ``_input`` made, into ``outputs`` (every layer's output, then its z slot)."""
+        forward = _ensemble_forward_parallel if self.in_parallel else _ensemble_forward
+        forward(_prepare_launch(self.dtype), x, self.weights, self.biases, self.activations,
+                outputs, scratch)  # fmt: skip
 
     def workspace(self, batch: int, shape: tuple | None = None) -> np.ndarray:
         """A workspace of ``shape`` (default: ``batch`` rows of the widest layer) for
@@ -671,18 +676,15 @@ class EnsembleStep(TrainStep):
         network = self.network
         x = self._prepare(x)
         outputs, delta_space, _ = self._workspaces
-        forward = _ensemble_forward_parallel if network.in_parallel else _ensemble_forward
-        forward(_prepare_launch(x.dtype), x, network.weights, network.biases,
-                network.activations, outputs, delta_space)  # fmt: skip
+        network.run_forward(x, outputs, delta_space)
         self._forwarded = x
         return outputs[len(network.weights) - 1]
 
     def _targets(self, y, batch: int, width: int):
         members, dtype = self.network.members, self.network.dtype
         if self.loss == GIVEN_GRADIENT:
-            return _exactly("the loss gradient", y, dtype, (members, batch, width)), _NO_LABELS[
-                None
-            ]
+            gradient = _exactly("the loss gradient", y, dtype, (members, batch, width))
+            return gradient, _NO_LABELS[None]
         if self.loss == CROSS_ENTROPY:
             if y.dtype.kind not in "iu":
                 raise TypeError(
