@@ -228,11 +228,14 @@ def _targets(loss, k, shared, width=SIZES[-1]):
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("shared", [True, False], ids=["broadcast", "per-member"])
-@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("backend", ["numba", "numba-blocks", "torch"])
 def test_fused_trainer_steps_equal_k_sequentials_trained_apart(
-    loss, optimizer, reduction, shared, backend
+    monkeypatch, loss, optimizer, reduction, shared, backend
 ):
     k = 3
+    if backend == "numba-blocks":  # each member's rows in two blocks, whatever the threads
+        _run_members_in_blocks(monkeypatch, 2)
+        backend = "numba"
     torch.manual_seed(0)
     ensemble = MLPEnsemble(k, SIZES, "silu", bias=[True, False], dtype=torch.float64)
     members = _members(ensemble)
@@ -258,7 +261,14 @@ def test_fused_trainer_steps_equal_k_sequentials_trained_apart(
         assert all(t.shape[0] == k for key, t in state.items() if key != "step")
 
 
-def test_a_callable_loss_trains_an_ensemble():
+def _run_members_in_blocks(monkeypatch, blocks: int) -> None:
+    monkeypatch.setattr(cpu.EnsembleStep, "row_blocks", lambda self, batch: min(blocks, batch))
+
+
+@pytest.mark.parametrize("blocks", [None, 2], ids=["chosen", "two-blocks"])
+def test_a_callable_loss_trains_an_ensemble(monkeypatch, blocks):
+    if blocks is not None:
+        _run_members_in_blocks(monkeypatch, blocks)
     torch.manual_seed(0)
     ensemble = MLPEnsemble(3, SIZES, "tanh", dtype=torch.float64)
     members = _members(ensemble)
@@ -302,11 +312,13 @@ def test_the_trainer_refuses_what_it_would_ignore():
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["broadcast", "per-member"])
-def test_members_in_parallel_compute_what_they_compute_one_after_another(shared):
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_members_in_parallel_compute_what_they_compute_one_after_another(shared, blocks):
     """The member-parallel kernels against the serial ones (a threading layer that
-    cannot nest runs those), bit for bit: each member's result is its own. BLAS runs
-    one thread in both (a member's GEMMs inside the parallel region do anyway): MKL's
-    own sums may depend on its thread count (with AVX2 code they do)."""
+    cannot nest runs those), bit for bit: each member's result is its own, and a step
+    in blocks of rows sums them in block order. BLAS runs one thread in both (a
+    member's GEMMs inside the parallel region do anyway): MKL's own sums may depend on
+    its thread count (with AVX2 code they do)."""
     torch.manual_seed(0)
     model = MLPEnsemble(4, [9, 300, 7], "gelu", dtype=torch.float64)
     weights, biases = ([t.detach().numpy() for t in ts] for ts in model.stacked())
@@ -317,7 +329,7 @@ def test_members_in_parallel_compute_what_they_compute_one_after_another(shared)
     try:
         for in_parallel in (True, False):
             results.append(_both_directions_and_steps(weights, biases, model.activations, x,
-                                                      in_parallel, shared))  # fmt: skip
+                                                      in_parallel, shared, blocks))  # fmt: skip
             for array, original in zip((*weights, *biases), originals, strict=True):
                 array[...] = original  # the next variant starts from the same parameters
     finally:
@@ -326,13 +338,14 @@ def test_members_in_parallel_compute_what_they_compute_one_after_another(shared)
         assert np.array_equal(a, b), (index, np.abs(a - b).max())
 
 
-def _both_directions_and_steps(weights, biases, activations, x, in_parallel, shared) -> list:
+def _both_directions_and_steps(weights, biases, activations, x, in_parallel, shared,
+                               blocks) -> list:  # fmt: skip
     """Forward, backward and two Adam steps of a ``cpu.Ensemble``: every array made."""
     ensemble = cpu.Ensemble(weights, biases, activations)
     ensemble.in_parallel = in_parallel
     outputs = ensemble.forward(x)
     made = [*outputs, *_flat(ensemble.backward(np.ones_like(outputs[1]), x, outputs))]
-    step = cpu.EnsembleStep(ensemble, "mse", "mean", "adam")
+    step = cpu.EnsembleStep(ensemble, "mse", "mean", "adam", blocks)
     states = [np.zeros(w.size) for w in (weights[0], biases[0], weights[1], biases[1])
               for _ in "mv"]  # fmt: skip
     bound = step.bind(states, [np.zeros(1) for _ in range(4)])
@@ -340,6 +353,25 @@ def _both_directions_and_steps(weights, biases, activations, x, in_parallel, sha
     hyper = np.tile(cpu.hyperparameters(0.01), (4, 1))
     values = [step(x, y, bound, hyper, np.zeros(4, bool)) for _ in range(2)]
     return [*made, np.array(values), *[w.copy() for w in ensemble.weights], *states]
+
+
+@pytest.mark.parametrize(
+    ("members", "threads", "batch", "expected"),
+    [(5, 2, 256, 2), (4, 2, 256, 1), (10, 2, 64, 1), (5, 4, 256, 4), (6, 4, 256, 2),
+     (5, 4, 64, 2), (5, 2, 63, 1), (1, 2, 256, 1)],
+)  # fmt: skip
+def test_members_run_in_blocks_of_rows_only_where_they_do_not_divide_among_the_threads(
+    monkeypatch, members, threads, batch, expected
+):
+    model = MLPEnsemble(members, SIZES)
+    ensemble = cpu.Ensemble(*([t.detach().numpy() for t in ts] for ts in model.stacked()),
+                            model.activations)  # fmt: skip
+    monkeypatch.setattr(cpu.numba, "get_num_threads", lambda: threads)
+    step = cpu.EnsembleStep(ensemble, "mse", "mean", "adam")
+    assert step.row_blocks(batch) == (expected if ensemble.in_parallel else 1)
+    assert cpu.EnsembleStep(ensemble, blocks=3).row_blocks(2) == 2  # at most one a row
+    with pytest.raises(ValueError, match="blocks must be None or an integer >= 1, got 0"):
+        cpu.EnsembleStep(ensemble, blocks=0)
 
 
 def _flat(gradients) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import subprocess
@@ -13,6 +14,8 @@ import torch
 
 import fastbp
 from fastbp import threads
+from fastbp.kernels import cpu_jit
+from fastbp.train import FusedTrainer
 
 from .helpers import run_python
 
@@ -206,3 +209,23 @@ def test_starting_numbas_pool_leaves_torchs_thread_count_alone():
         "print(json.dumps([before, torch.get_num_threads()]))\n"
     )
     assert _run(program) == [1, 1]
+
+
+def test_ensemble_tasks_give_the_calling_thread_its_mkl_count_back():
+    """MKL cannot see numba's parallel region (its OpenMP runtime is another), so each
+    member-parallel task holds its thread's MKL count at one and gives it back after: the
+    calling thread runs tasks too, and keeps the thread-local count it had."""
+    threads.ensure_policy()
+    address = cpu_jit.blas_threads_address()
+    if address == 0:
+        pytest.skip("torch's BLAS exports no MKL_Set_Num_Threads_Local: it is not MKL here")
+    set_local = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(address)
+    model = fastbp.nn.MLPEnsemble(5, [8, 16, 2])
+    x, y = torch.randn(64, 8), torch.randn(64, 2)
+    before = set_local(3)
+    try:
+        model(x).sum().backward()
+        FusedTrainer(model, "mse", lr=0.1).step(x, y)
+    finally:
+        held = set_local(before)
+    assert held == 3

@@ -18,8 +18,10 @@ launchers check shapes, because numba does not check bounds.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 
+import numba
 import numpy as np
 
 from .activation_table import MAX_PARAMETERS, parse, split_saved
@@ -39,12 +41,14 @@ from .cpu_jit import (  # the kernels and the codes they switch on
     _ensemble_backward_parallel,
     _ensemble_forward,
     _ensemble_forward_parallel,
+    _ensemble_step_in_blocks,
     _ensemble_train_step,
     _mlp_backward,
     _mlp_forward,
     _prepare_launch,
     _train_step,
     _update,
+    blas_threads_address,
     start_thread_pool,
 )
 from .reference import LOSSES, OPTIMIZERS, REDUCTIONS
@@ -414,6 +418,7 @@ class TrainStep:
         self._grad_weights = tuple(np.empty_like(w) for w in network.weights)
         self._grad_biases = tuple(np.empty_like(b) for b in network.biases)
         self._workspaces: tuple = ()
+        self._laid_out = None  # what the workspaces were made for (_layout)
         self._forwarded: np.ndarray | None = None  # the x of forward(), for loss=None
 
     def bind(self, states, steps) -> tuple:
@@ -443,10 +448,16 @@ class TrainStep:
         batch = x.shape[-2]
         if batch == 0:
             raise ValueError("x must hold at least one sample, got a batch of 0")
-        if not self._workspaces or self._workspaces[0][0].shape[-2] != batch:
+        layout = self._layout(batch)
+        if layout != self._laid_out:
             outputs = tuple(item for part in network.new_outputs(batch) for item in part)
-            self._workspaces = (outputs, *self._spaces(batch))
+            self._workspaces = (outputs, *self._spaces(layout))
+            self._laid_out = layout
         return x
+
+    def _layout(self, batch: int):
+        """What the workspaces depend on: the batch."""
+        return batch
 
     def _spaces(self, batch: int) -> list[np.ndarray]:
         """The δ and upstream workspaces for ``batch`` rows."""
@@ -613,9 +624,12 @@ class Ensemble:
     def run_forward(self, x: np.ndarray, outputs: tuple, scratch: np.ndarray) -> None:
         """The forward kernel, the members in parallel or one after another, on an x
         ``_input`` made, into ``outputs`` (every layer's output, then its z slot)."""
-        forward = _ensemble_forward_parallel if self.in_parallel else _ensemble_forward
-        forward(_prepare_launch(self.dtype), x, self.weights, self.biases, self.activations,
-                outputs, scratch)  # fmt: skip
+        arguments = (_prepare_launch(self.dtype), x, self.weights, self.biases, self.activations,
+                     outputs, scratch)  # fmt: skip
+        if self.in_parallel:
+            _ensemble_forward_parallel(*arguments, blas_threads_address())
+        else:
+            _ensemble_forward(*arguments)
 
     def workspace(self, batch: int, shape: tuple | None = None) -> np.ndarray:
         """A workspace of ``shape`` (default: ``batch`` rows of the widest layer) for
@@ -640,16 +654,24 @@ class Ensemble:
         grad_biases = [np.empty(b.shape, dtype) for b in self.biases]
         # each member's ∂L/∂x; a shared x's is their sum, taken below in member order
         grad_x = np.empty((members, batch if needs_input_grad else 0, self.widths[0]), dtype)
-        backward = _ensemble_backward_parallel if self.in_parallel else _ensemble_backward
-        backward(_prepare_launch(dtype), g, x, self.weights, self.activations, (*saved, *slots),
-                 tuple(grad_weights), tuple(grad_biases), grad_x, self.workspace(batch),
-                 self.workspace(batch))  # fmt: skip
+        arguments = (_prepare_launch(dtype), g, x, self.weights, self.activations,
+                     (*saved, *slots), tuple(grad_weights), tuple(grad_biases), grad_x,
+                     self.workspace(batch), self.workspace(batch))  # fmt: skip
+        if self.in_parallel:
+            _ensemble_backward_parallel(*arguments, blas_threads_address())
+        else:
+            _ensemble_backward(*arguments)
         grad_biases = [
             g if has else None for g, has in zip(grad_biases, self.has_bias, strict=True)
         ]
         if not needs_input_grad:
             return None, grad_weights, grad_biases
         return grad_x.sum(axis=0) if shared else grad_x, grad_weights, grad_biases
+
+
+# An ensemble step's blocks of rows (EnsembleStep.row_blocks) hold at least this many:
+# a GEMM of fewer rows runs far below the rate of a whole member's.
+MIN_BLOCK_ROWS = 32
 
 
 class EnsembleStep(TrainStep):
@@ -659,23 +681,64 @@ class EnsembleStep(TrainStep):
     parameter. ``x`` is ``(K, N, in)`` or ``(N, in)`` shared; ``y`` is ``(K, N, out)``
     or ``(N, out)`` shared (class labels ``(K, N)`` or ``(N,)``); with ``loss=None``,
     ∂L/∂ŷ is ``(K, N, out)``. No clipping: its global norm would couple the members.
+
+    ``blocks`` is how many blocks of rows each member's step runs in (at most one a
+    row): None chooses, at each step, 1 where the members run one after another or
+    divide evenly among numba's threads, else the fewest that make members × blocks
+    do (``row_blocks``). Blocks change how ∂W and ∂b are summed over the rows, so
+    results then depend on the thread count, as torch's own CPU sums do; a fixed
+    ``blocks`` (1: whole members) does not.
     """
 
-    def __init__(self, network: Ensemble, loss="mse", reduction="mean", optimizer="sgd") -> None:
+    def __init__(self, network: Ensemble, loss="mse", reduction="mean", optimizer="sgd",
+                 blocks: int | None = None) -> None:  # fmt: skip
         super().__init__(network, loss, reduction, optimizer)
-        # each member's gradients are applied before it goes on: one set per member
-        # that runs at once
-        self._grad_weights = tuple(network.workspace(0, w.shape[1:]) for w in network.weights)
-        self._grad_biases = tuple(network.workspace(0, b.shape[1:]) for b in network.biases)
+        if blocks is not None and (type(blocks) is not int or blocks < 1):
+            raise ValueError(f"blocks must be None or an integer >= 1, got {blocks!r}")
+        self.blocks = blocks
 
-    def _spaces(self, batch: int) -> list[np.ndarray]:
-        return [self.network.workspace(batch) for _ in "du"]
+    def row_blocks(self, batch: int) -> int:
+        """The blocks of rows a step on ``batch`` rows runs each member in (see the class)."""
+        if self.blocks is not None:
+            return min(self.blocks, batch)
+        network = self.network
+        if not network.in_parallel:
+            return 1
+        threads = numba.get_num_threads()
+        blocks = threads // math.gcd(network.members, threads)
+        return max(1, min(blocks, batch // MIN_BLOCK_ROWS))
+
+    def _layout(self, batch: int) -> tuple[int, int]:
+        return batch, self.row_blocks(batch)
+
+    def _spaces(self, layout: tuple[int, int]) -> list[np.ndarray]:
+        """The δ and upstream workspaces and the gradients: one set per member that runs
+        at once, or per block of rows."""
+        batch, blocks = layout
+        network = self.network
+        if blocks == 1:
+            # each member's gradients are applied before it goes on
+            shapes = [w.shape[1:] for w in network.weights] + [b.shape[1:] for b in network.biases]
+            grads = [network.workspace(0, shape) for shape in shapes]
+            spaces = [network.workspace(batch) for _ in "du"]
+        else:
+            tasks, rows = network.members * blocks, -(-batch // blocks)
+            grads = [np.empty((tasks, *a.shape[1:]), network.dtype)
+                     for a in (*network.weights, *network.biases)]  # fmt: skip
+            spaces = [np.empty((tasks, rows * network._widest), network.dtype) for _ in "du"]
+        layers = len(network.weights)
+        self._grad_weights, self._grad_biases = tuple(grads[:layers]), tuple(grads[layers:])
+        return spaces
 
     def forward(self, x) -> np.ndarray:
         """Every member's output, ``(K, N, out)``, kept for a ``loss=None`` step."""
         network = self.network
         x = self._prepare(x)
         outputs, delta_space, _ = self._workspaces
+        members, batch, blocks = network.members, *self._laid_out
+        if blocks > 1:  # the forward's scratch is N rows a member, not a block's
+            delta_space = delta_space.reshape(-1)[: members * batch * network._widest]
+            delta_space = delta_space.reshape(members, -1)
         network.run_forward(x, outputs, delta_space)
         self._forwarded = x
         return outputs[len(network.weights) - 1]
@@ -707,7 +770,11 @@ class EnsembleStep(TrainStep):
         if max_norm:
             raise ValueError("an EnsembleStep does not clip: max_norm must be 0")
         arguments = self._arguments(x, targets, labels, bound, hyper, fresh, scale)
-        return _ensemble_train_step(*arguments, self.network.in_parallel)
+        parallel, blas_threads = self.network.in_parallel, blas_threads_address()
+        _, blocks = self._laid_out
+        if blocks > 1:
+            return _ensemble_step_in_blocks(*arguments, parallel, blas_threads, blocks)
+        return _ensemble_train_step(*arguments, parallel, blas_threads)
 
 
 _NO_TARGETS = {dtype: np.empty((0, 0), dtype) for dtype in DTYPES}

@@ -734,18 +734,22 @@ def _gelu_tanh_slope(z, p0, p1):
 # ---------------------------------------------------------------------------
 # GEMM: a Fortran BLAS ?gemm, called through an address passed at run time.
 # ---------------------------------------------------------------------------
-_gemm_binding: tuple[str, int, int] | None = None  # (provider, sgemm address, dgemm address)
+# (provider, sgemm address, dgemm address, its thread-local thread count setter or 0)
+_gemm_binding: tuple[str, int, int, int] | None = None
 _pool_started = False  # numba's thread pool, once started, stays for the process
 
 
-def bind_gemm(provider: str, sgemm_address: int, dgemm_address: int) -> None:
-    """Route every kernel GEMM to the Fortran ``sgemm``/``dgemm`` at these addresses.
+def bind_gemm(provider: str, sgemm_address: int, dgemm_address: int, threads_address=0) -> None:
+    """Route every kernel GEMM to the Fortran ``sgemm``/``dgemm`` at these addresses;
+    ``threads_address``, where nonzero, is the BLAS's ``int f(int)`` that sets the
+    calling thread's own thread count and returns the one before (MKL's
+    ``MKL_Set_Num_Threads_Local``; 0 stands for the global count).
 
     The address travels into each kernel call as an argument, so rebinding takes
     effect on the next call and cached kernels never depend on the provider.
     """
     global _gemm_binding
-    _gemm_binding = (provider, sgemm_address, dgemm_address)
+    _gemm_binding = (provider, sgemm_address, dgemm_address, threads_address)
 
 
 def gemm_provider() -> str:
@@ -781,20 +785,45 @@ def _prepare_launch(dtype: np.dtype) -> int:
         start_thread_pool()
     if _gemm_binding is None:
         gemm_provider()
-    _, sgemm_address, dgemm_address = _gemm_binding  # type: ignore[misc]
+    _, sgemm_address, dgemm_address, _ = _gemm_binding  # type: ignore[misc]
     return sgemm_address if dtype == np.float32 else dgemm_address
 
 
-def gemm_address_from_library(path: str) -> tuple[int, int] | None:
-    """Addresses of ``sgemm_``/``dgemm_`` exported by a shared library, or None."""
+def blas_threads_address() -> int:
+    """The ``blas_threads`` argument of the member-parallel kernels: the bound BLAS's
+    thread-local thread count setter, or 0 where it has none (see the Ensembles section)."""
+    if _gemm_binding is None:
+        gemm_provider()
+    return _gemm_binding[3]  # type: ignore[index]
+
+
+def gemm_address_from_library(path: str) -> tuple[int, int, int] | None:
+    """Addresses of ``sgemm_``/``dgemm_`` exported by a shared library, and of its
+    ``MKL_Set_Num_Threads_Local`` (0 where it exports none); None without the two."""
     try:
         library = ctypes.CDLL(path)
-        return (
+        addresses = (
             ctypes.cast(library.sgemm_, ctypes.c_void_p).value,
             ctypes.cast(library.dgemm_, ctypes.c_void_p).value,
         )
     except (OSError, AttributeError):
         return None
+    setter = getattr(library, "MKL_Set_Num_Threads_Local", None)
+    return (*addresses, 0 if setter is None else ctypes.cast(setter, ctypes.c_void_p).value)
+
+
+@intrinsic
+def _call_int_function(typingctx, address, value):
+    """``f(value)`` for the C function ``int f(int)`` at ``address``."""
+    if not (isinstance(address, types.Integer) and isinstance(value, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        function_type = ir.FunctionType(ir.IntType(32), [ir.IntType(32)])
+        argument = context.cast(builder, args[1], signature.args[1], types.int32)
+        return builder.call(builder.inttoptr(args[0], function_type.as_pointer()), [argument])
+
+    return types.int32(address, value), codegen
 
 
 @intrinsic
@@ -1475,9 +1504,12 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
 # Each member's math is the network's above, unchanged; one call runs every member,
 # so that K networks cost one dispatch instead of K (or K per layer). The members
 # are independent, so ``*_parallel`` runs them on numba's threads, each member's GEMMs
-# and passes on one (BLAS runs one thread inside a parallel region, as torch's bmm
-# runs its batch); the serial kernels are for a threading layer that cannot nest
-# parallel regions (workqueue aborts). Workspaces are stacked per member for the
+# and passes on one, as torch's bmm runs its batch; the serial kernels are for a
+# threading layer that cannot nest parallel regions (workqueue aborts). MKL does not
+# see numba's parallel region (its OpenMP runtime is torch's, numba's omp layer loads
+# another), so each task holds its thread's MKL count at one while it runs
+# (``_one_blas_thread``): else a member's GEMM could start threads of torch's pool
+# beside numba's (the REDQ step ran 8% slower). Workspaces are stacked per member for the
 # parallel kernels and a single slice, reused member after member, for the serial
 # ones: ``_own_or_shared`` takes either. Every member's result lands in its own slice
 # (an input shared by every member gets its ∂L/∂x per member, summed by the
@@ -1486,6 +1518,21 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
 # cast to int64 before use: it is unsigned, and min() of it and a signed integer types
 # as a float, which cannot index.
 NESTING_LAYERS = ("tbb", "omp")  # numba's threading layers that nest parallel regions
+
+
+@njit(inline="always")
+def _one_blas_thread(blas_threads):
+    """Hold the calling thread's BLAS at one thread: the count it had (0: the global
+    one), for ``_blas_threads_back``. ``blas_threads``: the setter's address, 0: none."""
+    if blas_threads == 0:
+        return np.int32(0)
+    return _call_int_function(blas_threads, 1)
+
+
+@njit(inline="always")
+def _blas_threads_back(blas_threads, held):
+    if blas_threads != 0:
+        _call_int_function(blas_threads, held)
 
 
 def _member(arrays, m):
@@ -1550,9 +1597,12 @@ def _ensemble_forward(gemm, x, weights, biases, activations, outputs, scratch):
 
 
 @kernel(parallel=True)
-def _ensemble_forward_parallel(gemm, x, weights, biases, activations, outputs, scratch):
+def _ensemble_forward_parallel(gemm, x, weights, biases, activations, outputs, scratch,
+                               blas_threads):  # fmt: skip
     for c in prange(weights[0].shape[0]):
+        held = _one_blas_thread(blas_threads)
         _forward_member(gemm, x, weights, biases, activations, outputs, scratch, np.int64(c))
+        _blas_threads_back(blas_threads, held)
 
 
 @njit(inline="always")
@@ -1606,8 +1656,10 @@ def _ensemble_backward(
 
 @kernel(parallel=True)
 def _ensemble_backward_parallel(gemm, g, x, weights, activations, outputs, grad_weights,
-                                grad_biases, grad_x, delta_space, upstream_space):  # fmt: skip
+                                grad_biases, grad_x, delta_space, upstream_space,
+                                blas_threads):  # fmt: skip
     for c in prange(weights[0].shape[0]):
+        held = _one_blas_thread(blas_threads)
         _backward_member(
             gemm,
             g,
@@ -1622,6 +1674,7 @@ def _ensemble_backward_parallel(gemm, g, x, weights, activations, outputs, grad_
             upstream_space,
             np.int64(c),
         )
+        _blas_threads_back(blas_threads, held)
 
 
 @njit(inline="always")
@@ -1677,6 +1730,7 @@ def _ensemble_train_step(
     scale,           # 1/terms of one member's mean, else 1
     rule,            # SGD, ADAM or ADAMW
     parallel,        # the members on numba's threads (workspaces stacked per member)
+    blas_threads,    # with parallel: the BLAS's thread-local count setter, or 0
 ):  # fmt: skip
     """``_train_step`` of every member, whose losses add: returns ``(Σₘ Lₘ, -1)``, or,
     touching nothing, the codes ``_train_step`` returns."""
@@ -1709,6 +1763,7 @@ def _ensemble_train_step(
             scale,
             rule,
             losses,
+            blas_threads,
         )
     else:
         for m in range(members):
@@ -1742,8 +1797,10 @@ def _ensemble_train_step(
 @kernel(parallel=True)
 def _members_step_parallel(gemm, x, targets, labels, weights, biases, activations, outputs,
                            delta_space, upstream_space, grad_weights, grad_biases, first_param,
-                           states, steps, hyper, fresh, loss, scale, rule, losses):  # fmt: skip
+                           states, steps, hyper, fresh, loss, scale, rule, losses,
+                           blas_threads):  # fmt: skip
     for c in prange(weights[0].shape[0]):
+        held = _one_blas_thread(blas_threads)
         _step_member(
             gemm,
             x,
@@ -1768,3 +1825,143 @@ def _members_step_parallel(gemm, x, targets, labels, weights, biases, activation
             losses,
             np.int64(c),
         )
+        _blas_threads_back(blas_threads, held)
+
+
+# Blocks of rows. Where the members do not divide evenly among the threads (5 on 2
+# leave one thread idle for a third of the step), each member's step runs in blocks of
+# its rows, as many that members × blocks does. Task t = m·blocks + c runs member m's
+# forward, loss gradient and backward on block c of its rows, into gradients of its
+# own: rows are independent through all three, and only ∂W and ∂b sum over them. A
+# second loop then sums each member's gradients over its blocks, in block order, and
+# updates it, task t taking block c of every parameter's elements.
+@njit(inline="always")
+def _block(size, blocks, c):
+    """The bounds of block c of range(size) cut into ``blocks`` near-equal blocks."""
+    return c * size // blocks, (c + 1) * size // blocks
+
+
+def _member_rows(arrays, m, lo, hi):
+    raise NotImplementedError("_member_rows runs inside numba kernels only")
+
+
+@overload(_member_rows, inline="always")
+def _(arrays, m, lo, hi):
+    """``(arrays[0][m, lo:hi], …)``: rows lo:hi of member m's slice of each stack (an
+    empty z slot stays empty)."""
+    items = ", ".join(f"arrays[{i}][m, lo:hi]" for i in range(len(arrays)))
+    return _compiled_lambda(f"lambda arrays, m, lo, hi: ({items},)")
+
+
+@njit(inline="always")
+def _block_gradients(gemm, x, targets, labels, weights, biases, activations, outputs,
+                     delta_space, upstream_space, grad_weights, grad_biases, loss, scale,
+                     blocks, losses, t):  # fmt: skip
+    """Task t's forward, loss gradient and backward: member t // blocks on block
+    t % blocks of its rows; its loss term in ``losses[t]``, its gradients in slice t of
+    the gradient stacks."""
+    m, top = t // blocks, len(weights) - 1
+    lo, hi = _block(outputs[0].shape[1], blocks, t % blocks)
+    source, own_weights = _own_or_shared(x, m)[lo:hi], _member(weights, m)
+    own_outputs = _member_rows(outputs, m, lo, hi)
+    if loss == GIVEN_GRADIENT:
+        upstream, value = _own_or_shared(targets, m)[lo:hi], 0.0
+    else:
+        _mlp_forward(gemm, source, own_weights, _member(biases, m), activations, own_outputs,
+                     delta_space[t])  # fmt: skip
+        upstream = _rows(upstream_space[t], hi - lo, weights[top].shape[1])
+        value = _loss_and_grad(own_outputs[top], _own_or_shared(targets, m)[lo:hi],
+                               _own_or_shared(labels, m)[lo:hi], loss, scale, upstream)  # fmt: skip
+    _gradients(gemm, source, own_weights, activations, own_outputs, delta_space[t],
+               upstream_space[t], upstream, _member(grad_weights, t),
+               _member(grad_biases, t))  # fmt: skip
+    losses[t] = value
+
+
+@njit(inline="always")
+def _sum_and_update(param, partials, first, blocks, c, state_a, state_b, rule, hyper, step,
+                    fresh):  # fmt: skip
+    """Block c of ``param``'s elements moved by the sum of ``partials[first + b]``, its
+    gradient from each block b of rows, summed in block order into the first."""
+    flat = param.reshape(param.size)
+    lo, hi = _block(flat.shape[0], blocks, c)
+    total = partials[first].reshape(flat.shape[0])[lo:hi]
+    for b in range(1, blocks):
+        part = partials[first + b].reshape(flat.shape[0])[lo:hi]
+        for k in range(total.shape[0]):
+            total[k] += part[k]
+    _update_serial(flat[lo:hi], total, state_a[lo:hi], state_b[lo:hi], rule, hyper, step, fresh,
+                   1.0)  # fmt: skip
+
+
+@njit(inline="always")
+def _block_update(weights, biases, grad_weights, grad_biases, first_param, states, steps, hyper,
+                  fresh, rule, blocks, t):  # fmt: skip
+    """Task t's update: block t % blocks of every parameter of member t // blocks."""
+    m, c = t // blocks, t % blocks
+    own = _part(states, m, weights[0].shape[0])
+    for layer in range(len(weights)):
+        p = first_param[layer]
+        _sum_and_update(weights[layer][m], grad_weights[layer], m * blocks, blocks, c, own[2 * p],
+                        own[2 * p + 1], rule, hyper[p], steps[p][0], fresh[p])  # fmt: skip
+        if biases[layer].shape[1] > 0:
+            q = p + 1
+            _sum_and_update(biases[layer][m], grad_biases[layer], m * blocks, blocks, c,
+                            own[2 * q], own[2 * q + 1], rule, hyper[q], steps[q][0],
+                            fresh[q])  # fmt: skip
+
+
+@kernel
+def _ensemble_step_in_blocks(gemm, x, targets, labels, weights, biases, activations, outputs,
+                             delta_space, upstream_space, grad_weights, grad_biases, first_param,
+                             states, steps, hyper, fresh, loss, scale, rule, parallel,
+                             blas_threads, blocks):  # fmt: skip
+    """``_ensemble_train_step`` with each member's rows in ``blocks`` blocks: its arguments,
+    but for the workspaces and gradients, stacked per task (K·blocks); its returns."""
+    members, top = weights[0].shape[0], len(weights) - 1
+    bad = _refusal(weights, biases, first_param, states, hyper, rule, labels, weights[top].shape[1])
+    if bad != -1:
+        return np.nan, bad
+    _count_steps(biases, first_param, steps, rule)
+    losses = np.zeros(members * blocks)
+    if parallel:
+        _blocks_step_parallel(gemm, x, targets, labels, weights, biases, activations, outputs,
+                              delta_space, upstream_space, grad_weights, grad_biases, first_param,
+                              states, steps, hyper, fresh, loss, scale, rule, blocks,
+                              losses, blas_threads)  # fmt: skip
+    else:
+        _blocks_step(gemm, x, targets, labels, weights, biases, activations, outputs, delta_space,
+                     upstream_space, grad_weights, grad_biases, first_param, states, steps, hyper,
+                     fresh, loss, scale, rule, blocks, losses)  # fmt: skip
+    return losses.sum(), -1
+
+
+@kernel
+def _blocks_step(gemm, x, targets, labels, weights, biases, activations, outputs, delta_space,
+                 upstream_space, grad_weights, grad_biases, first_param, states, steps, hyper,
+                 fresh, loss, scale, rule, blocks, losses):  # fmt: skip
+    """Every member's step in blocks of rows, one task after another."""
+    for t in range(losses.shape[0]):
+        _block_gradients(gemm, x, targets, labels, weights, biases, activations, outputs,
+                         delta_space, upstream_space, grad_weights, grad_biases, loss, scale,
+                         blocks, losses, t)  # fmt: skip
+    for t in range(losses.shape[0]):
+        _block_update(weights, biases, grad_weights, grad_biases, first_param, states, steps,
+                      hyper, fresh, rule, blocks, t)  # fmt: skip
+
+
+@kernel(parallel=True)
+def _blocks_step_parallel(gemm, x, targets, labels, weights, biases, activations, outputs,
+                          delta_space, upstream_space, grad_weights, grad_biases, first_param,
+                          states, steps, hyper, fresh, loss, scale, rule, blocks, losses,
+                          blas_threads):  # fmt: skip
+    """``_blocks_step`` with the tasks of each loop on numba's threads."""
+    for c in prange(losses.shape[0]):
+        held = _one_blas_thread(blas_threads)
+        _block_gradients(gemm, x, targets, labels, weights, biases, activations, outputs,
+                         delta_space, upstream_space, grad_weights, grad_biases, loss, scale,
+                         blocks, losses, np.int64(c))  # fmt: skip
+        _blas_threads_back(blas_threads, held)
+    for c in prange(losses.shape[0]):
+        _block_update(weights, biases, grad_weights, grad_biases, first_param, states, steps,
+                      hyper, fresh, rule, blocks, np.int64(c))  # fmt: skip
