@@ -349,7 +349,8 @@ class EnsembleKernels(NumbaKernels):
     def prepare(plan: Plan) -> cpu.Ensemble:
         threads.ensure_policy()
         arrays = [_array(w) for w in plan.weights], [_array(b) for b in plan.biases]
-        return cpu.Ensemble(*arrays, plan.activations)
+        # whole members where results must not follow the thread count
+        return cpu.Ensemble(*arrays, plan.activations, split_rows=not threads.reproducible())
 
 
 KERNELS: dict[str, type[Kernels]] = {"numba": NumbaKernels, "triton": TritonKernels}

@@ -34,9 +34,10 @@ process, so the user's numpy, scipy and torch code runs as it would without fast
    numerical reproducibility, in which a GEMM never splits its sum across
    threads. fastbp's own kernels split work by output column, so they are
    thread-count independent anyway, but for one choice made only outside this
-   mode: an ensemble step whose members do not divide evenly among the threads
-   runs each member in blocks of rows, as many as the thread count asks, and sums
-   its ∂W over them (``cpu.EnsembleStep``); in this mode it runs whole members.
+   mode: an ensemble whose members do not divide evenly among the threads runs
+   each member in blocks of rows, as many as the thread count asks, and sums a
+   step's ∂W over them (``cpu.Ensemble.row_blocks``); in this mode it runs whole
+   members.
 
 ``changes()`` lists every process-wide setting fastbp changed (only those the
 user asked for); ``describe()`` what is in force (``fastbp info`` prints both).
@@ -242,7 +243,7 @@ def _cbwr_mode() -> str:
 def reproducible() -> bool:
     """Whether torch's MKL is in strict conditional numerical reproducibility
     (``use_reproducible_blas`` or ``MKL_CBWR=...,STRICT``): then fastbp also keeps its
-    own sums out of the thread count's reach (an ensemble step's blocks of rows)."""
+    own results out of the thread count's reach (an ensemble's blocks of rows)."""
     get_mode = _mkl_service("mkl_serv_cbwr_get")
     return get_mode is not None and bool(get_mode(MKL_CBWR_ALL) & MKL_CBWR_STRICT)
 

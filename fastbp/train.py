@@ -345,11 +345,8 @@ class FusedTrainer:
             make_plan = plans.ensemble_plan if ensemble else plans.plan
             plan = make_plan(x, weights, biases, activations, "numba")
             loss = None if custom else self.loss  # None: the gradient is given
-            if ensemble:  # whole members where the sums must not follow the thread count
-                blocks = 1 if threads.reproducible() else None
-                kernel = cpu.EnsembleStep(plan.prepared, loss, self.reduction, self._rule, blocks)
-            else:
-                kernel = cpu.TrainStep(plan.prepared, loss, self.reduction, self._rule)
+            step = cpu.EnsembleStep if ensemble else cpu.TrainStep
+            kernel = step(plan.prepared, loss, self.reduction, self._rule)
             self._kernel, self._binding = (plan, kernel), None
         plan, kernel = self._kernel
         binding, hyper = self._bound(weights, biases)

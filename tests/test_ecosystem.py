@@ -313,8 +313,13 @@ for _ in range(3):
 for p in model.parameters():
     digest.update(p.detach().numpy().tobytes())
 # 5 members divide among no thread count above 1: outside the reproducible mode they
-# would run in blocks of rows, as many as the threads
+# would run in blocks of rows, as many as the threads ask
 ensemble = fastbp.nn.MLPEnsemble(5, [1000, 64, 10])
+output = ensemble(x)
+output.sum().backward()
+digest.update(output.detach().numpy().tobytes())
+for p in ensemble.parameters():
+    digest.update(p.grad.numpy().tobytes())
 trainer = FusedTrainer(ensemble, "cross_entropy", lr=0.1)
 for _ in range(2):
     trainer.step(x, y)

@@ -44,7 +44,12 @@ def _inputs(k, shared, dtype=torch.float64, batch=BATCH, seed=1):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("k", [1, 3, 10])
 @pytest.mark.parametrize("shared", [True, False], ids=["broadcast", "per-member"])
-def test_float64_forward_and_gradients_equal_k_sequentials(activation, bias, k, shared):
+@pytest.mark.parametrize("blocks", [None, 3], ids=["chosen", "three-blocks"])
+def test_float64_forward_and_gradients_equal_k_sequentials(
+    monkeypatch, activation, bias, k, shared, blocks
+):
+    if blocks is not None:  # the forward runs each member's rows in blocks (2, 2, 1)
+        monkeypatch.setattr(cpu.Ensemble, "row_blocks", lambda self, batch: min(blocks, batch))
     torch.manual_seed(0)
     ensemble = MLPEnsemble(k, SIZES, activation, bias=bias, dtype=torch.float64)
     members = _members(ensemble)
@@ -262,7 +267,7 @@ def test_fused_trainer_steps_equal_k_sequentials_trained_apart(
 
 
 def _run_members_in_blocks(monkeypatch, blocks: int) -> None:
-    monkeypatch.setattr(cpu.EnsembleStep, "row_blocks", lambda self, batch: min(blocks, batch))
+    monkeypatch.setattr(cpu.Ensemble, "row_blocks", lambda self, batch: min(blocks, batch))
 
 
 @pytest.mark.parametrize("blocks", [None, 2], ids=["chosen", "two-blocks"])
@@ -367,9 +372,12 @@ def test_members_run_in_blocks_of_rows_only_where_they_do_not_divide_among_the_t
     ensemble = cpu.Ensemble(*([t.detach().numpy() for t in ts] for ts in model.stacked()),
                             model.activations)  # fmt: skip
     monkeypatch.setattr(cpu.numba, "get_num_threads", lambda: threads)
-    step = cpu.EnsembleStep(ensemble, "mse", "mean", "adam")
-    assert step.row_blocks(batch) == (expected if ensemble.in_parallel else 1)
+    expected = expected if ensemble.in_parallel else 1
+    assert ensemble.row_blocks(batch) == expected
+    assert cpu.EnsembleStep(ensemble, "mse", "mean", "adam").row_blocks(batch) == expected
     assert cpu.EnsembleStep(ensemble, blocks=3).row_blocks(2) == 2  # at most one a row
+    ensemble.split_rows = False  # as under fastbp.threads.use_reproducible_blas()
+    assert ensemble.row_blocks(batch) == 1
     with pytest.raises(ValueError, match="blocks must be None or an integer >= 1, got 0"):
         cpu.EnsembleStep(ensemble, blocks=0)
 

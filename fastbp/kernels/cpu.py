@@ -541,6 +541,11 @@ class TrainStep:
                 self._first_param, *bound, hyper, fresh, self.loss, scale, self.rule)  # fmt: skip
 
 
+# An ensemble's blocks of rows (Ensemble.row_blocks) hold at least this many: a GEMM
+# of fewer rows runs far below the rate of a whole member's.
+MIN_BLOCK_ROWS = 32
+
+
 class Ensemble:
     """K networks of one shape, each layer's parameters stacked: weights (K, out, in),
     biases (K, out) or None, one activation per layer for every member; held, checked
@@ -550,10 +555,15 @@ class Ensemble:
     for all, and returns every layer's ``(K, N, out)`` output (then the kept z's);
     ``backward`` gives ∂L/∂x of x's shape (summed over the members for a shared x) and
     the stacked ∂W, ∂b. Each is one kernel call for every member, the members on
-    numba's threads where its threading layer nests parallel regions (``in_parallel``).
+    numba's threads where its threading layer nests parallel regions (``in_parallel``);
+    a forward runs each member in blocks of rows where whole members would not divide
+    evenly among the threads (``row_blocks``), unless ``split_rows`` is false: BLAS
+    need not round a row alike in GEMMs of different row counts, so blocks that follow
+    the thread count make results follow it too.
     """
 
-    def __init__(self, weights, biases, activations, in_features: int | None = None) -> None:
+    def __init__(self, weights, biases, activations, in_features: int | None = None,
+                 split_rows: bool = True) -> None:  # fmt: skip
         check_one_per_layer(weights, biases, activations)
         self.dtype = dtype = _dtype_of(weights[0], "weights[0]")
         self.members = _matrix("weights", weights[0], dtype, (None, None, None), 0).shape[0]
@@ -579,6 +589,7 @@ class Ensemble:
         # Members on numba's threads, each member's passes serial in its thread: needs a
         # layer that nests parallel regions (workqueue aborts the process on a nested one)
         self.in_parallel = self.members > 1 and start_thread_pool() in NESTING_LAYERS
+        self.split_rows = split_rows
         # as Network's: the batch from which a call reaches numba's pool (every call,
         # with the members in parallel)
         self.parallel_rows = 0 if self.in_parallel else -(-PARALLEL_MIN_ELEMENTS // self._widest)
@@ -615,27 +626,42 @@ class Ensemble:
         """Every layer's ``(K, N, out)`` output, then the z of each layer that keeps it
         (without ``keep``, the outputs alone)."""
         x = self._input(x)
-        outputs, slots = self.new_outputs(x.shape[1], keep)
-        self.run_forward(x, (*outputs, *slots), self.workspace(x.shape[1]))
+        batch = x.shape[1]
+        outputs, slots = self.new_outputs(batch, keep)
+        blocks = self.row_blocks(batch)
+        self.run_forward(x, (*outputs, *slots), self.workspace(batch, blocks), blocks)
         if not keep:
             return outputs
         return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
 
-    def run_forward(self, x: np.ndarray, outputs: tuple, scratch: np.ndarray) -> None:
-        """The forward kernel, the members in parallel or one after another, on an x
-        ``_input`` made, into ``outputs`` (every layer's output, then its z slot)."""
+    def row_blocks(self, batch: int) -> int:
+        """How many blocks of rows each member runs in: 1 where the members run one after
+        another or divide evenly among numba's threads, else the fewest that make members
+        × blocks divide, each of at least ``MIN_BLOCK_ROWS`` rows (5 members on 2 threads:
+        10 half members, 5 a thread, where whole members would idle a thread for a third
+        of the call); 1 without ``split_rows``."""
+        if not (self.in_parallel and self.split_rows):
+            return 1
+        threads = numba.get_num_threads()
+        blocks = threads // math.gcd(self.members, threads)
+        return max(1, min(blocks, batch // MIN_BLOCK_ROWS))
+
+    def run_forward(self, x: np.ndarray, outputs: tuple, scratch: np.ndarray, blocks: int) -> None:
+        """The forward kernel, the members in parallel or one after another, each in
+        ``blocks`` blocks of rows, on an x ``_input`` made, into ``outputs`` (every
+        layer's output, then its z slot), with the ``workspace(batch, blocks)`` scratch."""
         arguments = (_prepare_launch(self.dtype), x, self.weights, self.biases, self.activations,
-                     outputs, scratch)  # fmt: skip
+                     outputs, scratch, blocks)  # fmt: skip
         if self.in_parallel:
             _ensemble_forward_parallel(*arguments, blas_threads_address())
         else:
             _ensemble_forward(*arguments)
 
-    def workspace(self, batch: int, shape: tuple | None = None) -> np.ndarray:
-        """A workspace of ``shape`` (default: ``batch`` rows of the widest layer) for
-        each member that runs at once: every member, or one."""
-        shape = (batch * self._widest,) if shape is None else shape
-        return np.empty((self.members if self.in_parallel else 1, *shape), self.dtype)
+    def workspace(self, batch: int, blocks: int = 1, shape: tuple | None = None) -> np.ndarray:
+        """A workspace of ``shape`` (default: a block's rows of the widest layer) for each
+        task that runs at once: every member's every block of rows, or one."""
+        shape = (-(-batch // blocks) * self._widest,) if shape is None else shape
+        return np.empty((self.members * blocks if self.in_parallel else 1, *shape), self.dtype)
 
     def backward(self, g, x, outputs, needs_input_grad: bool = True):
         """``(∂L/∂x or None, [∂L/∂Wₗ], [∂L/∂bₗ or None])`` from ``g = ∂L/∂a_L`` (K, N, out)
@@ -669,11 +695,6 @@ class Ensemble:
         return grad_x.sum(axis=0) if shared else grad_x, grad_weights, grad_biases
 
 
-# An ensemble step's blocks of rows (EnsembleStep.row_blocks) hold at least this many:
-# a GEMM of fewer rows runs far below the rate of a whole member's.
-MIN_BLOCK_ROWS = 32
-
-
 class EnsembleStep(TrainStep):
     """``TrainStep`` of an ``Ensemble``: one kernel call steps every member, whose losses
     add (a mean is each member's own). Parameters and optimizer states are stacked, as
@@ -683,11 +704,10 @@ class EnsembleStep(TrainStep):
     ∂L/∂ŷ is ``(K, N, out)``. No clipping: its global norm would couple the members.
 
     ``blocks`` is how many blocks of rows each member's step runs in (at most one a
-    row): None chooses, at each step, 1 where the members run one after another or
-    divide evenly among numba's threads, else the fewest that make members × blocks
-    do (``row_blocks``). Blocks change how ∂W and ∂b are summed over the rows, so
-    results then depend on the thread count, as torch's own CPU sums do; a fixed
-    ``blocks`` (1: whole members) does not.
+    row): None takes the ensemble's choice at each step (``Ensemble.row_blocks``).
+    Blocks also change how ∂W and ∂b are summed over the rows, so results chosen by
+    the thread count depend on it, as torch's own CPU sums do; a fixed ``blocks``
+    (1: whole members) does not.
     """
 
     def __init__(self, network: Ensemble, loss="mse", reduction="mean", optimizer="sgd",
@@ -699,14 +719,9 @@ class EnsembleStep(TrainStep):
 
     def row_blocks(self, batch: int) -> int:
         """The blocks of rows a step on ``batch`` rows runs each member in (see the class)."""
-        if self.blocks is not None:
-            return min(self.blocks, batch)
-        network = self.network
-        if not network.in_parallel:
-            return 1
-        threads = numba.get_num_threads()
-        blocks = threads // math.gcd(network.members, threads)
-        return max(1, min(blocks, batch // MIN_BLOCK_ROWS))
+        if self.blocks is None:
+            return self.network.row_blocks(batch)
+        return min(self.blocks, batch)
 
     def _layout(self, batch: int) -> tuple[int, int]:
         return batch, self.row_blocks(batch)
@@ -716,30 +731,22 @@ class EnsembleStep(TrainStep):
         at once, or per block of rows."""
         batch, blocks = layout
         network = self.network
-        if blocks == 1:
-            # each member's gradients are applied before it goes on
-            shapes = [w.shape[1:] for w in network.weights] + [b.shape[1:] for b in network.biases]
-            grads = [network.workspace(0, shape) for shape in shapes]
-            spaces = [network.workspace(batch) for _ in "du"]
-        else:
-            tasks, rows = network.members * blocks, -(-batch // blocks)
-            grads = [np.empty((tasks, *a.shape[1:]), network.dtype)
-                     for a in (*network.weights, *network.biases)]  # fmt: skip
-            spaces = [np.empty((tasks, rows * network._widest), network.dtype) for _ in "du"]
+        shapes = [a.shape[1:] for a in (*network.weights, *network.biases)]
+        if blocks == 1:  # each member's gradients are applied before it goes on
+            grads = [network.workspace(0, shape=shape) for shape in shapes]
+        else:  # each block's, summed once every block has run
+            tasks = network.members * blocks
+            grads = [np.empty((tasks, *shape), network.dtype) for shape in shapes]
         layers = len(network.weights)
         self._grad_weights, self._grad_biases = tuple(grads[:layers]), tuple(grads[layers:])
-        return spaces
+        return [network.workspace(batch, blocks) for _ in "du"]
 
     def forward(self, x) -> np.ndarray:
         """Every member's output, ``(K, N, out)``, kept for a ``loss=None`` step."""
         network = self.network
         x = self._prepare(x)
         outputs, delta_space, _ = self._workspaces
-        members, batch, blocks = network.members, *self._laid_out
-        if blocks > 1:  # the forward's scratch is N rows a member, not a block's
-            delta_space = delta_space.reshape(-1)[: members * batch * network._widest]
-            delta_space = delta_space.reshape(members, -1)
-        network.run_forward(x, outputs, delta_space)
+        network.run_forward(x, outputs, delta_space, self._laid_out[1])
         self._forwarded = x
         return outputs[len(network.weights) - 1]
 

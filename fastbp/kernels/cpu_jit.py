@@ -1574,34 +1574,64 @@ def _own_or_shared(stack, m):
     return stack[min(m, stack.shape[0] - 1)]
 
 
+# Blocks of rows. Where the members do not divide evenly among the threads (5 on 2
+# leave one thread idle for a third of the call), the parallel forward and training
+# step run each member in blocks of its rows, as many as make members × blocks divide:
+# task t runs member t // blocks on block t % blocks. With one block, a task is a
+# member.
 @njit(inline="always")
-def _forward_member(gemm, x, weights, biases, activations, outputs, scratch, m):
+def _block(size, blocks, c):
+    """The bounds of block c of range(size) cut into ``blocks`` near-equal blocks."""
+    return c * size // blocks, (c + 1) * size // blocks
+
+
+def _member_rows(arrays, m, lo, hi):
+    raise NotImplementedError("_member_rows runs inside numba kernels only")
+
+
+@overload(_member_rows, inline="always")
+def _(arrays, m, lo, hi):
+    """``(arrays[0][m, lo:hi], …)``: rows lo:hi of member m's slice of each stack (an
+    empty z slot stays empty)."""
+    items = ", ".join(f"arrays[{i}][m, lo:hi]" for i in range(len(arrays)))
+    return _compiled_lambda(f"lambda arrays, m, lo, hi: ({items},)")
+
+
+@njit(inline="always")
+def _forward_block(gemm, x, weights, biases, activations, outputs, scratch, blocks, t):
+    """Task t's forward: member t // blocks on block t % blocks of its rows."""
+    m = t // blocks
+    lo, hi = _block(outputs[0].shape[1], blocks, t % blocks)
     _mlp_forward(
         gemm,
-        _own_or_shared(x, m),
+        _own_or_shared(x, m)[lo:hi],
         _member(weights, m),
         _member(biases, m),
         activations,
-        _member(outputs, m),
-        _own_or_shared(scratch, m),
+        _member_rows(outputs, m, lo, hi),
+        _own_or_shared(scratch, t),
     )
 
 
 @kernel
-def _ensemble_forward(gemm, x, weights, biases, activations, outputs, scratch):
-    """``_mlp_forward`` of every member: x (K or 1, N, in), weights (K, out, in), biases
+def _ensemble_forward(gemm, x, weights, biases, activations, outputs, scratch, blocks):
+    """``_mlp_forward`` of every member, its rows in ``blocks`` blocks (rows are
+    independent through a forward): x (K or 1, N, in), weights (K, out, in), biases
     (K, out) or (K, 0), outputs every layer's (K, N, out), then its z slot; scratch
-    (K or 1, N·widest)."""
-    for m in range(weights[0].shape[0]):
-        _forward_member(gemm, x, weights, biases, activations, outputs, scratch, m)
+    (1, ⌈N/blocks⌉·widest)."""
+    for t in range(weights[0].shape[0] * blocks):
+        _forward_block(gemm, x, weights, biases, activations, outputs, scratch, blocks, t)
 
 
 @kernel(parallel=True)
 def _ensemble_forward_parallel(gemm, x, weights, biases, activations, outputs, scratch,
-                               blas_threads):  # fmt: skip
-    for c in prange(weights[0].shape[0]):
+                               blocks, blas_threads):  # fmt: skip
+    """``_ensemble_forward`` with its tasks on numba's threads; scratch (K·blocks,
+    ⌈N/blocks⌉·widest)."""
+    for c in prange(weights[0].shape[0] * blocks):
         held = _one_blas_thread(blas_threads)
-        _forward_member(gemm, x, weights, biases, activations, outputs, scratch, np.int64(c))
+        _forward_block(gemm, x, weights, biases, activations, outputs, scratch, blocks,
+                       np.int64(c))  # fmt: skip
         _blas_threads_back(blas_threads, held)
 
 
@@ -1828,31 +1858,11 @@ def _members_step_parallel(gemm, x, targets, labels, weights, biases, activation
         _blas_threads_back(blas_threads, held)
 
 
-# Blocks of rows. Where the members do not divide evenly among the threads (5 on 2
-# leave one thread idle for a third of the step), each member's step runs in blocks of
-# its rows, as many that members × blocks does. Task t = m·blocks + c runs member m's
-# forward, loss gradient and backward on block c of its rows, into gradients of its
-# own: rows are independent through all three, and only ∂W and ∂b sum over them. A
-# second loop then sums each member's gradients over its blocks, in block order, and
-# updates it, task t taking block c of every parameter's elements.
-@njit(inline="always")
-def _block(size, blocks, c):
-    """The bounds of block c of range(size) cut into ``blocks`` near-equal blocks."""
-    return c * size // blocks, (c + 1) * size // blocks
-
-
-def _member_rows(arrays, m, lo, hi):
-    raise NotImplementedError("_member_rows runs inside numba kernels only")
-
-
-@overload(_member_rows, inline="always")
-def _(arrays, m, lo, hi):
-    """``(arrays[0][m, lo:hi], …)``: rows lo:hi of member m's slice of each stack (an
-    empty z slot stays empty)."""
-    items = ", ".join(f"arrays[{i}][m, lo:hi]" for i in range(len(arrays)))
-    return _compiled_lambda(f"lambda arrays, m, lo, hi: ({items},)")
-
-
+# A step in blocks of rows: task t = m·blocks + c runs member m's forward, loss
+# gradient and backward on block c of its rows, into gradients of its own (rows are
+# independent through all three; only ∂W and ∂b sum over them). A second loop then
+# sums each member's gradients over its blocks, in block order, and updates it, task t
+# taking block c of every parameter's elements.
 @njit(inline="always")
 def _block_gradients(gemm, x, targets, labels, weights, biases, activations, outputs,
                      delta_space, upstream_space, grad_weights, grad_biases, loss, scale,
@@ -1862,18 +1872,17 @@ def _block_gradients(gemm, x, targets, labels, weights, biases, activations, out
     the gradient stacks."""
     m, top = t // blocks, len(weights) - 1
     lo, hi = _block(outputs[0].shape[1], blocks, t % blocks)
-    source, own_weights = _own_or_shared(x, m)[lo:hi], _member(weights, m)
     own_outputs = _member_rows(outputs, m, lo, hi)
+    delta, upstream_space_ = _own_or_shared(delta_space, t), _own_or_shared(upstream_space, t)
     if loss == GIVEN_GRADIENT:
         upstream, value = _own_or_shared(targets, m)[lo:hi], 0.0
     else:
-        _mlp_forward(gemm, source, own_weights, _member(biases, m), activations, own_outputs,
-                     delta_space[t])  # fmt: skip
-        upstream = _rows(upstream_space[t], hi - lo, weights[top].shape[1])
+        _forward_block(gemm, x, weights, biases, activations, outputs, delta_space, blocks, t)
+        upstream = _rows(upstream_space_, hi - lo, weights[top].shape[1])
         value = _loss_and_grad(own_outputs[top], _own_or_shared(targets, m)[lo:hi],
                                _own_or_shared(labels, m)[lo:hi], loss, scale, upstream)  # fmt: skip
-    _gradients(gemm, source, own_weights, activations, own_outputs, delta_space[t],
-               upstream_space[t], upstream, _member(grad_weights, t),
+    _gradients(gemm, _own_or_shared(x, m)[lo:hi], _member(weights, m), activations, own_outputs,
+               delta, upstream_space_, upstream, _member(grad_weights, t),
                _member(grad_biases, t))  # fmt: skip
     losses[t] = value
 
