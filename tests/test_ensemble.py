@@ -348,6 +348,7 @@ def _both_directions_and_steps(weights, biases, activations, x, in_parallel, sha
     """Forward, backward and two Adam steps of a ``cpu.Ensemble``: every array made."""
     ensemble = cpu.Ensemble(weights, biases, activations)
     ensemble.in_parallel = in_parallel
+    ensemble.row_blocks = lambda batch: min(blocks, batch)  # forward and backward's too
     outputs = ensemble.forward(x)
     made = [*outputs, *_flat(ensemble.backward(np.ones_like(outputs[1]), x, outputs))]
     step = cpu.EnsembleStep(ensemble, "mse", "mean", "adam", blocks)

@@ -556,8 +556,8 @@ class Ensemble:
     ``backward`` gives ∂L/∂x of x's shape (summed over the members for a shared x) and
     the stacked ∂W, ∂b. Each is one kernel call for every member, the members on
     numba's threads where its threading layer nests parallel regions (``in_parallel``);
-    a forward runs each member in blocks of rows where whole members would not divide
-    evenly among the threads (``row_blocks``), unless ``split_rows`` is false: BLAS
+    forward and backward run each member in blocks of rows where whole members would
+    not divide evenly among the threads (``row_blocks``), unless ``split_rows`` is false: BLAS
     need not round a row alike in GEMMs of different row counts, so blocks that follow
     the thread count make results follow it too.
     """
@@ -676,17 +676,24 @@ class Ensemble:
             slots.append(self._no_z if z is None else
                          _exactly("z", z, dtype, (members, batch, width), layer))  # fmt: skip
         g = _exactly("g", g, dtype, (members, batch, self.widths[-1]))
-        grad_weights = [np.empty(w.shape, dtype) for w in self.weights]
-        grad_biases = [np.empty(b.shape, dtype) for b in self.biases]
+        grad_weights = tuple(np.empty(w.shape, dtype) for w in self.weights)
+        grad_biases = tuple(np.empty(b.shape, dtype) for b in self.biases)
         # each member's ∂L/∂x; a shared x's is their sum, taken below in member order
         grad_x = np.empty((members, batch if needs_input_grad else 0, self.widths[0]), dtype)
+        blocks = self.row_blocks(batch)
+        partials = (grad_weights, grad_biases)  # one block: each task writes its member's
+        if blocks > 1:
+            partials = tuple(tuple(np.empty((members * blocks, *a.shape[1:]), dtype) for a in grads)
+                             for grads in partials)  # fmt: skip
         arguments = (_prepare_launch(dtype), g, x, self.weights, self.activations,
-                     (*saved, *slots), tuple(grad_weights), tuple(grad_biases), grad_x,
-                     self.workspace(batch), self.workspace(batch))  # fmt: skip
+                     (*saved, *slots), grad_weights, grad_biases, grad_x,
+                     self.workspace(batch, blocks), self.workspace(batch, blocks), *partials,
+                     blocks)  # fmt: skip
         if self.in_parallel:
             _ensemble_backward_parallel(*arguments, blas_threads_address())
         else:
             _ensemble_backward(*arguments)
+        grad_weights, grad_biases = list(grad_weights), list(grad_biases)
         grad_biases = [
             g if has else None for g, has in zip(grad_biases, self.has_bias, strict=True)
         ]

@@ -1636,75 +1636,102 @@ def _ensemble_forward_parallel(gemm, x, weights, biases, activations, outputs, s
 
 
 @njit(inline="always")
-def _backward_member(gemm, g, x, weights, activations, outputs, grad_weights, grad_biases,
-                     grad_x, delta_space, upstream_space, m):  # fmt: skip
+def _backward_block(gemm, g, x, weights, activations, outputs, partial_weights, partial_biases,
+                    grad_x, delta_space, upstream_space, blocks, t):  # fmt: skip
+    """Task t's backward: member t // blocks on block t % blocks of its rows, its ∂W and
+    ∂b into slice t of the partial stacks, its rows of ∂L/∂x into grad_x."""
+    m = t // blocks
+    lo, hi = _block(outputs[0].shape[1], blocks, t % blocks)
     _mlp_backward(
         gemm,
-        g[m],
-        _own_or_shared(x, m),
+        g[m, lo:hi],
+        _own_or_shared(x, m)[lo:hi],
         _member(weights, m),
         activations,
-        _member(outputs, m),
-        _member(grad_weights, m),
-        _member(grad_biases, m),
-        grad_x[m],
-        _own_or_shared(delta_space, m),
-        _own_or_shared(upstream_space, m),
+        _member_rows(outputs, m, lo, hi),
+        _member(partial_weights, t),
+        _member(partial_biases, t),
+        grad_x[m, lo:hi],
+        _own_or_shared(delta_space, t),
+        _own_or_shared(upstream_space, t),
     )
+
+
+@njit(inline="always")
+def _add_blocks(total, partials, first, blocks, lo, hi, start):
+    """``total += Σ partials[first + b]``'s elements lo:hi, for b from ``start``, in
+    block order."""
+    for b in range(start, blocks):
+        part = partials[first + b].reshape(partials[first + b].size)[lo:hi]
+        for k in range(total.shape[0]):
+            total[k] += part[k]
+
+
+@njit(inline="always")
+def _sum_into(target, partials, first, blocks, c):
+    """Block c of ``target``'s elements: the sum of ``partials[first + b]``'s."""
+    flat = target.reshape(target.size)
+    lo, hi = _block(flat.shape[0], blocks, c)
+    total = flat[lo:hi]
+    total[:] = partials[first].reshape(flat.shape[0])[lo:hi]
+    _add_blocks(total, partials, first, blocks, lo, hi, 1)
+
+
+@njit(inline="always")
+def _sum_blocks(grad_weights, grad_biases, partial_weights, partial_biases, blocks, t):
+    """Task t's sum: block t % blocks of every ∂W and ∂b element of member t // blocks,
+    from its blocks' partials, in block order."""
+    m, c = t // blocks, t % blocks
+    for layer in range(len(grad_weights)):
+        _sum_into(grad_weights[layer][m], partial_weights[layer], m * blocks, blocks, c)
+        _sum_into(grad_biases[layer][m], partial_biases[layer], m * blocks, blocks, c)
 
 
 @kernel
 def _ensemble_backward(
-    gemm,            # address of the BLAS ?gemm (bind_gemm)
-    g,               # ∂L/∂a of the last layer, (K, N, out)
-    x,               # the input, (K, N, in), or (1, N, in) shared by every member
-    weights,         # one (K, out, in) stack per layer
-    activations,     # (L, 3): each layer's activation row (code, p₀, p₁)
-    outputs,         # every layer's (K, N, out) output, then its z slot, as forward saved
-    grad_weights,    # out: ∂L/∂W per layer, (K, out, in)
-    grad_biases,     # out: ∂L/∂b per layer, (K, out); (K, 0) for a layer without bias
-    grad_x,          # out: each member's ∂L/∂x, (K, N, in); (K, 0, in): not needed
-    delta_space,     # workspaces, (K or 1, N·widest): δ, and ∂L/∂a of the layer below
-    upstream_space,
+    gemm,             # address of the BLAS ?gemm (bind_gemm)
+    g,                # ∂L/∂a of the last layer, (K, N, out)
+    x,                # the input, (K, N, in), or (1, N, in) shared by every member
+    weights,          # one (K, out, in) stack per layer
+    activations,      # (L, 3): each layer's activation row (code, p₀, p₁)
+    outputs,          # every layer's (K, N, out) output, then its z slot, as forward saved
+    grad_weights,     # out: ∂L/∂W per layer, (K, out, in)
+    grad_biases,      # out: ∂L/∂b per layer, (K, out); (K, 0) for a layer without bias
+    grad_x,           # out: each member's ∂L/∂x, (K, N, in); (K, 0, in): not needed
+    delta_space,      # workspaces, (K·blocks or 1, ⌈N/blocks⌉·widest): δ, and ∂L/∂a of
+    upstream_space,   # the layer below
+    partial_weights,  # with blocks > 1: each task's ∂W and ∂b, (K·blocks, …) stacks;
+    partial_biases,   # with 1 block, grad_weights and grad_biases themselves
+    blocks,           # the blocks of rows each member runs in
 ):  # fmt: skip
-    for m in range(weights[0].shape[0]):
-        _backward_member(
-            gemm,
-            g,
-            x,
-            weights,
-            activations,
-            outputs,
-            grad_weights,
-            grad_biases,
-            grad_x,
-            delta_space,
-            upstream_space,
-            m,
-        )
+    """Every member's backward, its rows in ``blocks`` blocks whose ∂W and ∂b are summed
+    after, in block order."""
+    tasks = weights[0].shape[0] * blocks
+    for t in range(tasks):
+        _backward_block(gemm, g, x, weights, activations, outputs, partial_weights,
+                        partial_biases, grad_x, delta_space, upstream_space, blocks, t)  # fmt: skip
+    if blocks > 1:
+        for t in range(tasks):
+            _sum_blocks(grad_weights, grad_biases, partial_weights, partial_biases, blocks, t)
 
 
 @kernel(parallel=True)
 def _ensemble_backward_parallel(gemm, g, x, weights, activations, outputs, grad_weights,
                                 grad_biases, grad_x, delta_space, upstream_space,
+                                partial_weights, partial_biases, blocks,
                                 blas_threads):  # fmt: skip
-    for c in prange(weights[0].shape[0]):
+    """``_ensemble_backward`` with the tasks of each loop on numba's threads."""
+    tasks = weights[0].shape[0] * blocks
+    for c in prange(tasks):
         held = _one_blas_thread(blas_threads)
-        _backward_member(
-            gemm,
-            g,
-            x,
-            weights,
-            activations,
-            outputs,
-            grad_weights,
-            grad_biases,
-            grad_x,
-            delta_space,
-            upstream_space,
-            np.int64(c),
-        )
+        _backward_block(gemm, g, x, weights, activations, outputs, partial_weights,
+                        partial_biases, grad_x, delta_space, upstream_space, blocks,
+                        np.int64(c))  # fmt: skip
         _blas_threads_back(blas_threads, held)
+    if blocks > 1:
+        for c in prange(tasks):
+            _sum_blocks(grad_weights, grad_biases, partial_weights, partial_biases, blocks,
+                        np.int64(c))  # fmt: skip
 
 
 @njit(inline="always")
@@ -1895,10 +1922,7 @@ def _sum_and_update(param, partials, first, blocks, c, state_a, state_b, rule, h
     flat = param.reshape(param.size)
     lo, hi = _block(flat.shape[0], blocks, c)
     total = partials[first].reshape(flat.shape[0])[lo:hi]
-    for b in range(1, blocks):
-        part = partials[first + b].reshape(flat.shape[0])[lo:hi]
-        for k in range(total.shape[0]):
-            total[k] += part[k]
+    _add_blocks(total, partials, first, blocks, lo, hi, 1)
     _update_serial(flat[lo:hi], total, state_a[lo:hi], state_b[lo:hi], rule, hyper, step, fresh,
                    1.0)  # fmt: skip
 
