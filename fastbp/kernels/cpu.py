@@ -557,9 +557,9 @@ class Ensemble:
     the stacked ∂W, ∂b. Each is one kernel call for every member, the members on
     numba's threads where its threading layer nests parallel regions (``in_parallel``);
     forward and backward run each member in blocks of rows where whole members would
-    not divide evenly among the threads (``row_blocks``), unless ``split_rows`` is false: BLAS
-    need not round a row alike in GEMMs of different row counts, so blocks that follow
-    the thread count make results follow it too.
+    not divide evenly among the threads (``row_blocks``), unless ``split_rows`` is
+    false: BLAS need not round a row alike in GEMMs of different row counts, so blocks
+    that follow the thread count make results follow it too.
     """
 
     def __init__(self, weights, biases, activations, in_features: int | None = None,

@@ -1495,12 +1495,13 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
 # see numba's parallel region (its OpenMP runtime is torch's, numba's omp layer loads
 # another), so each task holds its thread's MKL count at one while it runs
 # (``_one_blas_thread``): else a member's GEMM could start threads of torch's pool
-# beside numba's (the REDQ step ran 8% slower). Workspaces are stacked per member for the
-# parallel kernels and a single slice, reused member after member, for the serial
-# ones: ``_own_or_shared`` takes either. Every member's result lands in its own slice
-# (an input shared by every member gets its ∂L/∂x per member, summed by the
-# launcher in member order), so fastbp's own sums do not depend on the thread count
-# (BLAS's may: fastbp.threads.use_reproducible_blas() fixes MKL's). A prange index is
+# beside numba's (the REDQ step ran 7% slower in one A/B run). Workspaces are stacked
+# per task for the parallel kernels and a single slice, reused task after task, for
+# the serial ones: ``_own_or_shared`` takes either. Every member's result lands in its
+# own slice (an input shared by every member gets its ∂L/∂x per member, summed by the
+# launcher in member order), so with whole members fastbp's own sums do not depend on
+# the thread count (BLAS's may: fastbp.threads.use_reproducible_blas() fixes MKL's);
+# blocks of rows (below), which the launchers choose by it, do. A prange index is
 # cast to int64 before use: it is unsigned, and min() of it and a signed integer types
 # as a float, which cannot index.
 NESTING_LAYERS = ("tbb", "omp")  # numba's threading layers that nest parallel regions
@@ -1561,10 +1562,10 @@ def _own_or_shared(stack, m):
 
 
 # Blocks of rows. Where the members do not divide evenly among the threads (5 on 2
-# leave one thread idle for a third of the call), the parallel forward and training
-# step run each member in blocks of its rows, as many as make members × blocks divide:
-# task t runs member t // blocks on block t % blocks. With one block, a task is a
-# member.
+# leave one thread idle for a third of the call), the forward, the backward and the
+# training step run each member in blocks of its rows, as many as make members ×
+# blocks divide: task t runs member t // blocks on block t % blocks. With one block,
+# a task is a member.
 @njit(inline="always")
 def _block(size, blocks, c):
     """The bounds of block c of range(size) cut into ``blocks`` near-equal blocks."""
