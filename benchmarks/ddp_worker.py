@@ -125,6 +125,10 @@ def main() -> None:
             },
             arguments.output,
         )
+    # Both ranks past their last collective before either tears the group down: a rank
+    # that destroyed it while its peer was still on its way out made gloo's threads
+    # abort that peer's exit now and then ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
