@@ -320,6 +320,10 @@ def test_fastbp_mnist_user_errors_are_one_line(tmp_path, arguments, words):
     assert words in result.stderr and "Traceback" not in result.stderr
 
 
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_cleanly_and_leaves_the_previous_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 200)
@@ -328,7 +332,11 @@ def test_ctrl_c_exits_cleanly_and_leaves_the_previous_checkpoint(tmp_path):
     checkpoint.write_bytes(b"previous checkpoint")
     command = [sys.executable, "-m", "fastbp.cli", "mnist", "--data-dir", str(tmp_path),
                "--epochs", "100000", "--no-download", "--save", str(checkpoint)]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it: a shell that starts the tests in the background
+    # (`pytest &`) leaves SIGINT ignored, the child inherits that, and Python then
+    # installs no KeyboardInterrupt handler at all
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
     assert process.stderr.readline().startswith("MNIST:")  # the data is loaded
     # Interrupt training, not numba's compile or cache load of the first step
     # (in a fresh checkout that takes seconds, and numba may wrap the interrupt).
