@@ -663,6 +663,11 @@ class Ensemble:
         shape = (-(-batch // blocks) * self._widest,) if shape is None else shape
         return np.empty((self.members * blocks if self.in_parallel else 1, *shape), self.dtype)
 
+    def per_task(self, stacks, blocks: int) -> tuple[np.ndarray, ...]:
+        """A new ``(K·blocks, …)`` stack for each ``(K, …)`` one of ``stacks``: a slice for
+        every member's every block of rows (its partial gradients)."""
+        return tuple(np.empty((self.members * blocks, *a.shape[1:]), self.dtype) for a in stacks)
+
     def backward(self, g, x, outputs, needs_input_grad: bool = True):
         """``(∂L/∂x or None, [∂L/∂Wₗ], [∂L/∂bₗ or None])`` from ``g = ∂L/∂a_L`` (K, N, out)
         and the ``outputs`` forward returned for ``x``, in one kernel call."""
@@ -683,8 +688,7 @@ class Ensemble:
         blocks = self.row_blocks(batch)
         partials = (grad_weights, grad_biases)  # one block: each task writes its member's
         if blocks > 1:
-            partials = tuple(tuple(np.empty((members * blocks, *a.shape[1:]), dtype) for a in grads)
-                             for grads in partials)  # fmt: skip
+            partials = (self.per_task(self.weights, blocks), self.per_task(self.biases, blocks))
         arguments = (_prepare_launch(dtype), g, x, self.weights, self.activations,
                      (*saved, *slots), grad_weights, grad_biases, grad_x,
                      self.workspace(batch, blocks), self.workspace(batch, blocks), *partials,
@@ -693,7 +697,7 @@ class Ensemble:
             _ensemble_backward_parallel(*arguments, blas_threads_address())
         else:
             _ensemble_backward(*arguments)
-        grad_weights, grad_biases = list(grad_weights), list(grad_biases)
+        grad_weights = list(grad_weights)
         grad_biases = [
             g if has else None for g, has in zip(grad_biases, self.has_bias, strict=True)
         ]
@@ -738,14 +742,13 @@ class EnsembleStep(TrainStep):
         at once, or per block of rows."""
         batch, blocks = layout
         network = self.network
-        shapes = [a.shape[1:] for a in (*network.weights, *network.biases)]
+        stacks = network.weights, network.biases
         if blocks == 1:  # each member's gradients are applied before it goes on
-            grads = [network.workspace(0, shape=shape) for shape in shapes]
+            grads = [tuple(network.workspace(0, shape=a.shape[1:]) for a in stack)
+                     for stack in stacks]  # fmt: skip
         else:  # each block's, summed once every block has run
-            tasks = network.members * blocks
-            grads = [np.empty((tasks, *shape), network.dtype) for shape in shapes]
-        layers = len(network.weights)
-        self._grad_weights, self._grad_biases = tuple(grads[:layers]), tuple(grads[layers:])
+            grads = [network.per_task(stack, blocks) for stack in stacks]
+        self._grad_weights, self._grad_biases = grads
         return [network.workspace(batch, blocks) for _ in "du"]
 
     def forward(self, x) -> np.ndarray:
