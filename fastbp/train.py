@@ -784,16 +784,16 @@ def _check_target(loss: str, x: torch.Tensor, y, classes: int, members: int = 0)
         raise ValueError("x must hold at least one sample, got a batch of 0")
     per_sample = (batch,) if loss == "cross_entropy" else (batch, classes)
     shapes = [(members, *per_sample), per_sample] if members else [per_sample]
-    wanted = " or ".join(map(str, shapes))
     if loss == "cross_entropy":
         if y.dtype != torch.int64 or y.shape not in shapes:
             raise TypeError(
-                f"y must be int64 class indices of shape {wanted} for cross_entropy, "
-                f"got {plans.describe(y)}"
+                f"y must be int64 class indices of shape {' or '.join(map(str, shapes))} "
+                f"for cross_entropy, got {plans.describe(y)}"
             )
     elif y.shape not in shapes or y.dtype != x.dtype:
         raise ValueError(
-            f"y must have shape {wanted} and dtype {x.dtype} for {loss}, got {plans.describe(y)}"
+            f"y must have shape {' or '.join(map(str, shapes))} and dtype {x.dtype} for {loss}, "
+            f"got {plans.describe(y)}"
         )
 
 
