@@ -259,7 +259,7 @@ class MLP(_Planned, nn.Sequential):
         plan = self.__dict__.get("_plan")  # from an eager call: tracing makes none
         bindable = plan is not None and plan.kernels is not None and plan.reusable
         if bindable and not traced.tracing():
-            self.__dict__["_bound"] = _Bound(self, plan)
+            self.__dict__["_bound"] = BoundModel(self, plan)
         return output
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -364,12 +364,13 @@ class MLP(_Planned, nn.Sequential):
         return sequential
 
 
-class _Bound:
+class BoundModel:
     """What an ``MLP``'s forward checked on its full path (``fused``, ``_run``): its
     children, their hooks and settings, its parameters and their memory, with the plan
     they made. ``bound(module, x)`` re-checks all of it in one frame and runs the plan's
     kernels, or returns None where anything changed (the full path then runs and binds
     anew) or ``x`` is not the common case (a 2-D tensor of the plan's dtype and device).
+    ``unchanged(module)`` is the check alone (``FusedTrainer`` binds its step so too).
     """
 
     def __init__(self, module: MLP, plan: plans.Plan) -> None:
@@ -377,14 +378,19 @@ class _Bound:
         self.children = tuple(module._modules.values())
         self.edit = _last_edit[0]
         self.settings = tuple(map(_activations.settings, self.children))
+        # by identity: == on tensors compares elements. Held, so no new object takes an id.
         self.parameters = tuple(tuple(child._parameters.values()) for child in self.children)
+        self.parameter_ids = tuple(tuple(map(id, held)) for held in self.parameters)
+        # the memory the plan's views read, as the plan checked it just now
+        self.pointers = list(map(torch.Tensor.data_ptr, plan.params))
+        self.strides = list(map(torch.Tensor.stride, plan.params))
 
     def holds_parameters(self, module: MLP) -> bool:
         """Whether the module's parameters are still exactly ``plan.params``."""
         if module._parameters or tuple(module._modules.values()) != self.children:
             return False
-        for child, held in zip(self.children, self.parameters, strict=True):
-            if tuple(child._parameters.values()) != held or child._modules:
+        for child, ids in zip(self.children, self.parameter_ids, strict=True):
+            if tuple(map(id, child._parameters.values())) != ids or child._modules:
                 return False
         return True
 
@@ -398,30 +404,9 @@ class _Bound:
             and x.device == plan.device
             and x.dim() == 2
             and x.shape[1] == plan.in_features
-            and module.backend == self.backend
-            and _last_edit[0] == self.edit
-            and not _module._global_forward_hooks
-            and not _module._global_forward_pre_hooks
-            and not _module._global_backward_hooks
-            and not _module._global_backward_pre_hooks
-            and not module._parameters
-            and tuple(module._modules.values()) == self.children
-            and plan.same_memory(plan.params)
+            and self.unchanged(module)
         ):
             return None
-        # holds_parameters's loop, inline: a frame is much of a small network's call
-        for child, held in zip(self.children, self.parameters, strict=True):
-            if tuple(child._parameters.values()) != held or child._modules:
-                return None
-        for child, settings in zip(self.children, self.settings, strict=True):
-            if (
-                child._forward_hooks
-                or child._forward_pre_hooks
-                or child._backward_hooks
-                or child._backward_pre_hooks
-                or (settings and _activations.settings(child) != settings)
-            ):
-                return None
         if torch.is_grad_enabled():
             if x.requires_grad:
                 return plans.kernel_node(x, plan, *plan.params)
@@ -431,6 +416,36 @@ class _Bound:
         if plan.backend == "triton" and torch.is_autocast_enabled(x.device.type):
             return None  # the full path casts
         return plan.kernels.infer(plan, x)
+
+    def unchanged(self, module: MLP) -> bool:
+        """Whether everything bound still holds (see the class), in one frame: a frame is
+        much of a small network's call."""
+        if not (
+            module.backend == self.backend
+            and _last_edit[0] == self.edit
+            and not _module._global_forward_hooks
+            and not _module._global_forward_pre_hooks
+            and not _module._global_backward_hooks
+            and not _module._global_backward_pre_hooks
+            and not module._parameters
+            and tuple(module._modules.values()) == self.children
+            and list(map(torch.Tensor.data_ptr, self.plan.params)) == self.pointers
+            and list(map(torch.Tensor.stride, self.plan.params)) == self.strides
+        ):
+            return False
+        for child, ids in zip(self.children, self.parameter_ids, strict=True):  # holds_parameters'
+            if tuple(map(id, child._parameters.values())) != ids or child._modules:
+                return False
+        for child, settings in zip(self.children, self.settings, strict=True):
+            if (
+                child._forward_hooks
+                or child._forward_pre_hooks
+                or child._backward_hooks
+                or child._backward_pre_hooks
+                or (settings and _activations.settings(child) != settings)
+            ):
+                return False
+        return True
 
 
 def _layout(children, name: str = "MLP") -> tuple[list[nn.Module], tuple[str, ...]]:

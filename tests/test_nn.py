@@ -182,3 +182,26 @@ def test_zero_grad_does_what_torchs_does(set_to_none):
         assert (ours.grad is None) == (theirs.grad is None) == set_to_none
         if not set_to_none:
             assert torch.equal(ours.grad, theirs.grad)
+
+
+# edit(model) after two forwards, the second through the bound path (nn.BoundModel)
+FORWARD_EDITS = {
+    "weight .data": lambda m: setattr(m[0].weight, "data", m[0].weight.data * 2),
+    "weight replaced": lambda m: setattr(m[0], "weight", nn.Parameter(m[0].weight.data * 2)),
+    "bias removed": lambda m: setattr(m[2], "bias", None),
+    "child replaced": lambda m: m.__setitem__(1, nn.Tanh()),
+    "activation setting": lambda m: setattr(m[1], "negative_slope", 0.3),
+    "forward hook": lambda m: m[2].register_forward_hook(lambda module, args, out: out * 3),
+}
+
+
+@pytest.mark.parametrize("edit", list(FORWARD_EDITS))
+def test_a_forward_after_an_edit_runs_the_edited_network(edit):
+    torch.manual_seed(0)
+    model = fastbp.nn.MLP([5, 4, 3], nn.LeakyReLU(0.1), dtype=torch.float64)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    for _ in range(2):
+        model(x)
+    FORWARD_EDITS[edit](model)
+    expected = nn.Sequential(*model.children())(x)  # the same children, called one by one
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
