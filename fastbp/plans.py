@@ -235,7 +235,8 @@ class NumbaKernels:
     def prepare(plan: Plan) -> cpu.Network:
         threads.ensure_policy()  # binds the GEMM before the first kernel of the process
         arrays = [_array(w) for w in plan.weights], [_array(b) for b in plan.biases]
-        return cpu.Network(*arrays, plan.activations)
+        # GEMMs whole where results must not follow the thread count
+        return cpu.Network(*arrays, plan.activations, split_gemms=not threads.reproducible())
 
     @staticmethod
     def forward(plan: Plan, x: torch.Tensor):

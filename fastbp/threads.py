@@ -112,21 +112,6 @@ def _start_numba_pool() -> str:
     return layer
 
 
-def _numba_thread_functions():
-    """``(get, set)`` of numba's thread count for the calling thread, once its pool
-    has started: the threading layer's own C functions where numba exposes them
-    (0.3 µs a call), else its public API (2 µs, with checks)."""
-    from numba.np.ufunc import parallel
-
-    get, set_ = (
-        getattr(parallel, "_get_num_threads", None),
-        getattr(parallel, "_set_num_threads", None),
-    )
-    if callable(get) and callable(set_):
-        return get, set_
-    return numba.get_num_threads, numba.set_num_threads
-
-
 def _ranks_on_this_machine() -> int:
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
     if local.isdigit() and int(local) > 0:
@@ -157,7 +142,7 @@ class _Policy:
         self.on = _policy_on()
         self.gemm = _bind_gemm(_requested_gemm()) if self.on else cpu_jit.gemm_provider()
         self.layer = _start_numba_pool()
-        self.get_threads, self.set_threads = _numba_thread_functions()
+        self.get_threads, self.set_threads = cpu_jit.thread_count_functions()
         self.most_threads = numba.config.NUMBA_NUM_THREADS
         # workqueue aborts the process on two concurrent parallel launches
         self.lock = None if self.layer in THREAD_SAFE_LAYERS else threading.Lock()

@@ -167,6 +167,39 @@ def test_fused_steps_through_the_parallel_paths_equal_torch_in_float64(configura
         torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
 
 
+# Shapes whose steps split GEMMs among tasks (cpu.Network.splits): the first splits its
+# forward GEMM by columns of z and layer 1's ∂W (with its update) by rows of W; the
+# second its forward by rows, with 300 rows of x; the third also a middle layer's ∂x.
+SPLIT_SHAPES = [([301, 257, 3], 17), ([129, 64, 5], 300), ([200, 160, 120, 3], 64)]
+
+
+@pytest.mark.parametrize("tasks", [2, 3, 7])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+@pytest.mark.parametrize("configuration", ["sgd", "sgd-momentum-decay", "adam"])
+@pytest.mark.parametrize("sizes, batch", SPLIT_SHAPES, ids=str)
+def test_a_step_split_among_tasks_equals_one_task_in_float64(
+    sizes, batch, configuration, max_grad_norm, tasks, monkeypatch
+):
+    """GEMMs split among more tasks than numba has threads, and among fewer rows than
+    tasks, move nothing but the rounding of the sums; clipping takes the path that
+    writes every gradient first."""
+    hyper = {"lr": 0.01, **OPTIMIZERS[configuration]}
+    optimizer = "adam" if configuration == "adam" else "sgd"
+    results = []
+    for count in (tasks, 1):
+        monkeypatch.setattr(cpu.TrainStep, "_tasks", lambda self, batch, count=count: count)
+        model, x, y = _problem(sizes, batch, "mse", torch.float64)
+        trainer = FusedTrainer(model, "mse", "mean", optimizer, max_grad_norm=max_grad_norm,
+                               **hyper)  # fmt: skip
+        losses = torch.stack([trainer.step(x, y) for _ in range(3)])
+        assert trainer._kernel[1].network.splits(batch)
+        results.append((losses, [p.detach() for p in model.parameters()]))
+    (losses, parameters), (one_task_losses, one_task_parameters) = results
+    torch.testing.assert_close(losses, one_task_losses, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(parameters, one_task_parameters, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
 def test_workspaces_follow_a_changing_batch_size():
     model, x, y = _problem([6, 4, 2], 9, "mse", torch.float64)
     batches = [(x[:4], y[:4]), (x, y), (x[:1], y[:1]), (x[:4], y[:4])]

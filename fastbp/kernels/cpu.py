@@ -35,6 +35,7 @@ from .cpu_jit import (  # the kernels and the codes they switch on
     NESTING_LAYERS,
     PARALLEL_MIN_ELEMENTS,
     SGD,
+    SPLIT_MIN_PRODUCT,
     _activate,
     _delta_and_bias_grad,
     _ensemble_backward,
@@ -50,6 +51,7 @@ from .cpu_jit import (  # the kernels and the codes they switch on
     _update,
     blas_threads_address,
     start_thread_pool,
+    thread_count_functions,
 )
 from .reference import LOSSES, OPTIMIZERS, REDUCTIONS
 from .utils import check_choice, check_one_per_layer
@@ -103,9 +105,14 @@ class Network:
     of them show in the next call; others are held as contiguous copies, named in
     ``copies`` (``holds_originals`` when there are none). ``forward`` and ``backward`` check only
     what a call brings (x, g, the saved outputs): numba does not check bounds.
+
+    ``split_gemms``: a ``TrainStep`` of it splits its large GEMMs among numba's threads
+    (``cpu_jit._gemm_split``), as many as the thread count; False keeps them whole, on the
+    BLAS's own threads, where results must not follow the thread count.
     """
 
-    def __init__(self, weights, biases, activations, in_features: int | None = None) -> None:
+    def __init__(self, weights, biases, activations, in_features: int | None = None,
+                 split_gemms: bool = True) -> None:  # fmt: skip
         check_one_per_layer(weights, biases, activations)
         self.dtype = dtype = _dtype_of(weights[0], "weights[0]")
         width = in_features
@@ -134,6 +141,7 @@ class Network:
         # the batch from which forward and backward reach numba's pool (see parallel)
         self.parallel_rows = -(-PARALLEL_MIN_ELEMENTS // self._widest)
         self._largest = max(w.size for w in self.weights)
+        self.split_gemms = split_gemms
         self._workspaces = threading.local()
         self._no_grad_x = np.empty((0, self.widths[0]), dtype)  # "∂L/∂x not needed"
         self._no_z = np.empty((0, 0), dtype)  # the z slot of a layer that keeps none
@@ -144,8 +152,16 @@ class Network:
     def parallel(self, batch: int, updates: bool = False) -> bool:
         """Whether a call on ``batch`` rows reaches numba's thread pool: an element-wise
         pass of ``PARALLEL_MIN_ELEMENTS`` or more, or (``updates``, a ``TrainStep``) an
-        update of a parameter that large. Below, numba's thread count does not matter."""
-        return batch >= self.parallel_rows or (updates and self._largest >= PARALLEL_MIN_ELEMENTS)
+        update of a parameter that large or a GEMM it splits (``splits``). Below, numba's
+        thread count does not matter."""
+        if batch >= self.parallel_rows:
+            return True
+        return updates and (self._largest >= PARALLEL_MIN_ELEMENTS or self.splits(batch))
+
+    def splits(self, batch: int) -> bool:
+        """Whether a training step on ``batch`` rows splits a GEMM among numba's threads:
+        the largest layer's, of batch × its weight's size multiply-adds, is large enough."""
+        return self.split_gemms and batch * self._largest >= SPLIT_MIN_PRODUCT
 
     def _input(self, x: np.ndarray) -> np.ndarray:
         if x.dtype != self.dtype:
@@ -174,9 +190,10 @@ class Network:
         outputs, slots = self.new_outputs(batch, keep)
         gemm = _prepare_launch(dtype)
         scratch = self._spaces(batch)[0]
-        _mlp_forward(
-            gemm, x, self.weights, self.biases, self.activations, (*outputs, *slots), scratch
-        )
+        slots_after = (*outputs, *slots)
+        # one task: the drop-in's GEMMs run on the BLAS's threads, as torch's around it do
+        _mlp_forward(gemm, x, self.weights, self.biases, self.activations, slots_after, scratch,
+                     1, 0)  # fmt: skip
         if self._no_slots or not keep:
             return outputs
         return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
@@ -477,6 +494,8 @@ class TrainStep:
             network.activations,
             outputs,
             delta_space,
+            self._tasks(x.shape[0]),
+            blas_threads_address(),
         )
         self._forwarded = x
         return outputs[len(network.weights) - 1]
@@ -518,20 +537,34 @@ class TrainStep:
         terms = batch if self.loss == CROSS_ENTROPY else batch * width
         scale = 1.0 / terms if self.scale_by_mean else 1.0
         value, bad = self._launch(x, targets, labels, bound, hyper, fresh, scale, max_norm)
-        if bad >= 0:
-            raise ValueError(f"y holds class index {y.flat[bad]}, outside [0, {width})")
-        if bad < -1:
-            used = "2 state arrays" if self.rule != SGD else "a momentum buffer"
-            raise ValueError(
-                f"parameter {-2 - bad}'s update reads {used} of {self.sizes[-2 - bad]} elements"
-                ", which the states passed to bind() do not hold"
-            )
+        if bad != -1:
+            self._refuse(bad, y)
         return value
+
+    def _refuse(self, bad: int, y) -> None:
+        """Raise what the kernel's code ``bad`` (not -1) says: a label outside the classes,
+        or a parameter's state arrays of the wrong size."""
+        if bad >= 0:
+            classes = self.network.widths[-1]
+            raise ValueError(f"y holds class index {y.flat[bad]}, outside [0, {classes})")
+        used = "2 state arrays" if self.rule != SGD else "a momentum buffer"
+        raise ValueError(
+            f"parameter {-2 - bad}'s update reads {used} of {self.sizes[-2 - bad]} elements"
+            ", which the states passed to bind() do not hold"
+        )
 
     def _launch(self, x, targets, labels, bound, hyper, fresh, scale, max_norm) -> tuple:
         """``(loss, code)`` of the step's kernel (``_train_step``'s)."""
         arguments = self._arguments(x, targets, labels, bound, hyper, fresh, scale)
-        return _train_step(*arguments, float(max_norm))
+        tasks = self._tasks(x.shape[0])
+        return _train_step(*arguments, float(max_norm), tasks, blas_threads_address())
+
+    def _tasks(self, batch: int) -> int:
+        """How many tasks the step's large GEMMs split among: one per numba thread (the
+        count the thread policy sets for a call that reaches its pool) where the network
+        splits them (``Network.splits``), else 1. numba's pool has started (the launch
+        prepared)."""
+        return thread_count_functions()[0]() if self.network.splits(batch) else 1
 
     def _arguments(self, x, targets, labels, bound, hyper, fresh, scale) -> tuple:
         """What the step's kernel takes before its last argument."""
@@ -594,9 +627,11 @@ class Ensemble:
         # with the members in parallel)
         self.parallel_rows = 0 if self.in_parallel else -(-PARALLEL_MIN_ELEMENTS // self._widest)
         self._largest = max(w[0].size for w in self.weights)  # one member's update at a time
+        self.split_gemms = False  # a member's GEMMs run whole, each member in its own task
         self._no_z = np.empty((self.members, 0, 0), dtype)
 
     parallel = Network.parallel
+    splits = Network.splits
 
     def _input(self, x: np.ndarray) -> np.ndarray:
         """x as the kernels take it: ``(K, N, in)``, or ``(1, N, in)`` for a shared one."""

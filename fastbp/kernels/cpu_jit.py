@@ -79,6 +79,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import get_cython_function_address, intrinsic, overload
+from numba.np.ufunc import parallel as _numba_parallel
 
 from .activation_table import NAMES
 from .reference import LOSSES, OPTIMIZERS, REDUCTIONS
@@ -779,6 +780,19 @@ def start_thread_pool() -> str:
     return numba.threading_layer()
 
 
+def thread_count_functions():
+    """``(get, set)`` of numba's thread count for the calling thread, once its pool
+    has started: the threading layer's own C functions where numba exposes them
+    (0.3 µs a call), else its public API (2 µs, with checks)."""
+    get, set_ = (
+        getattr(_numba_parallel, "_get_num_threads", None),
+        getattr(_numba_parallel, "_set_num_threads", None),
+    )
+    if callable(get) and callable(set_):
+        return get, set_
+    return numba.get_num_threads, numba.set_num_threads
+
+
 def _prepare_launch(dtype: np.dtype) -> int:
     """The ``gemm`` address every kernel takes, after making the kernels safe to run."""
     if not _pool_started:
@@ -864,9 +878,19 @@ def _by_reference(typingctx, value):
     return types.voidptr(value), codegen
 
 
+@njit(inline="always")
+def _leading(matrix):
+    """A row-major matrix's leading dimension: its row stride, in elements, and no less
+    than its width (≥ 1), which BLAS requires. The stride of a matrix of one row or none
+    can be anything (numpy gives an empty one 0, torch a 1-row one any), and is unused."""
+    return max(matrix.strides[0] // matrix.itemsize, matrix.shape[1], 1)
+
+
 @kernel
 def _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c):
-    """Row-major ``c ← alpha·op(a)·op(b) + beta·c`` on C-contiguous arrays, by ``gemm``.
+    """Row-major ``c ← alpha·op(a)·op(b) + beta·c`` on arrays whose rows are contiguous
+    (C-contiguous ones, or column blocks of them: each row's stride is its leading
+    dimension), by ``gemm``.
 
     A row-major matrix is the column-major view of its transpose, so this asks
     column-major BLAS for ``cᵀ = op(b)ᵀ op(a)ᵀ``: the operands swap, the flags don't.
@@ -882,9 +906,9 @@ def _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c):
         _by_reference(np.int32(m)),
         _by_reference(np.int32(k)),
     )
-    lda = _by_reference(np.int32(max(a.shape[1], 1)))
-    ldb = _by_reference(np.int32(max(b.shape[1], 1)))
-    ldc = _by_reference(np.int32(n))
+    lda = _by_reference(np.int32(_leading(a)))
+    ldb = _by_reference(np.int32(_leading(b)))
+    ldc = _by_reference(np.int32(_leading(c)))
     flags = (_by_reference(flag_b), _by_reference(flag_a))
     pa, pb, pc = _data_pointer(a), _data_pointer(b), _data_pointer(c)
     if c.itemsize == 4:  # float32; the launchers admit only float32 and float64
@@ -892,6 +916,78 @@ def _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c):
     else:
         scale, shift = _by_reference(np.float64(alpha)), _by_reference(np.float64(beta))
     _call_fortran_gemm(gemm, *flags, *dims, scale, pb, ldb, pa, lda, shift, pc, ldc)
+
+
+# GEMMs split among numba's threads. MKL runs its threads on torch's OpenMP pool and
+# numba's parallel passes run on numba's, another runtime; a step that alternates the
+# two has each pool's threads spinning against the other's on the same cores (the
+# MNIST b64 step kernel: 410 µs, against 290 with everything on numba's). So a training
+# step holds its BLAS at one thread and splits each GEMM of SPLIT_MIN_PRODUCT or more
+# multiply-adds among ``tasks`` tasks on numba's threads instead: blocks of c's longer
+# side, so that each task reads the smaller operand whole. Blocks that follow the thread
+# count may round differently from one GEMM (BLAS need not round a row alike in GEMMs of
+# different shapes), so the launchers split only where results may follow it.
+SPLIT_MIN_PRODUCT = 1 << 20
+
+
+@njit(inline="always")
+def _one_blas_thread(blas_threads):
+    """Hold the calling thread's BLAS at one thread: the count it had (0: the global
+    one), for ``_blas_threads_back``. ``blas_threads``: the setter's address, 0: none."""
+    if blas_threads == 0:
+        return np.int32(0)
+    return _call_int_function(blas_threads, 1)
+
+
+@njit(inline="always")
+def _blas_threads_back(blas_threads, held):
+    if blas_threads != 0:
+        _call_int_function(blas_threads, held)
+
+
+@njit(inline="always")
+def _block(size, blocks, c):
+    """The bounds of block c of range(size) cut into ``blocks`` near-equal blocks."""
+    return c * size // blocks, (c + 1) * size // blocks
+
+
+@kernel(parallel=True)
+def _gemm_parallel(gemm, transpose_a, transpose_b, alpha, a, b, beta, c, tasks, blas_threads):
+    """``_gemm`` in ``tasks`` blocks of c's longer side, a task each on numba's threads,
+    each task's BLAS held at one thread: a block of c's rows takes op(a)'s rows, one of
+    its columns op(b)'s columns."""
+    m, n = c.shape
+    for t in prange(tasks):
+        held = _one_blas_thread(blas_threads)
+        if m >= n:
+            lo, hi = _block(m, tasks, np.int64(t))
+            if transpose_a:
+                _gemm(gemm, True, transpose_b, alpha, a[:, lo:hi], b, beta, c[lo:hi])
+            else:
+                _gemm(gemm, False, transpose_b, alpha, a[lo:hi], b, beta, c[lo:hi])
+        else:
+            lo, hi = _block(n, tasks, np.int64(t))
+            if transpose_b:
+                _gemm(gemm, transpose_a, True, alpha, a, b[lo:hi], beta, c[:, lo:hi])
+            else:
+                _gemm(gemm, transpose_a, False, alpha, a, b[:, lo:hi], beta, c[:, lo:hi])
+        _blas_threads_back(blas_threads, held)
+
+
+@njit(inline="always")
+def _splits(rows, columns, depth, tasks):
+    """Whether a GEMM of this size runs split among ``tasks`` tasks."""
+    return tasks > 1 and rows * columns * depth >= SPLIT_MIN_PRODUCT
+
+
+@kernel
+def _gemm_split(gemm, transpose_a, transpose_b, alpha, a, b, beta, c, tasks, blas_threads):
+    """``_gemm``, split among ``tasks`` tasks where it is large enough (see above)."""
+    depth = a.shape[0] if transpose_a else a.shape[1]
+    if _splits(c.shape[0], c.shape[1], depth, tasks):
+        _gemm_parallel(gemm, transpose_a, transpose_b, alpha, a, b, beta, c, tasks, blas_threads)
+    else:
+        _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c)
 
 
 # ---------------------------------------------------------------------------
@@ -1059,9 +1155,10 @@ def _rows(space, rows, width):
 
 
 @kernel
-def _layer_forward(gemm, x, weight, bias, activation, out, kept, scratch):
+def _layer_forward(gemm, x, weight, bias, activation, out, kept, scratch, tasks, blas_threads):
     """``out = act(x Wᵀ + b)``; z goes into ``kept`` where it has rows (backward reads
-    it), else through ``scratch`` unless act is the identity."""
+    it), else through ``scratch`` unless act is the identity. The GEMM is
+    ``_gemm_split``'s (``tasks``, ``blas_threads``)."""
     code = int(activation[0])
     if code == IDENTITY:
         z = out
@@ -1075,7 +1172,8 @@ def _layer_forward(gemm, x, weight, bias, activation, out, kept, scratch):
     if has_bias:
         for i in range(z.shape[0]):
             z[i] = bias
-    _gemm(gemm, False, True, 1.0, x, weight, 1.0 if has_bias else 0.0, z)
+    beta = 1.0 if has_bias else 0.0
+    _gemm_split(gemm, False, True, 1.0, x, weight, beta, z, tasks, blas_threads)
     if code != IDENTITY:
         _activate(z, activation, out)
 
@@ -1089,9 +1187,9 @@ def _kept_or(outputs, layer, a):
 
 
 @kernel
-def _mlp_forward(gemm, x, weights, biases, activations, outputs, scratch):
+def _mlp_forward(gemm, x, weights, biases, activations, outputs, scratch, tasks, blas_threads):
     """``outputs`` holds every layer's a, then every layer's z slot (empty where the
-    derivative reads a only)."""
+    derivative reads a only); a training step splits its GEMMs (``_gemm_split``)."""
     top = len(weights)
     for layer in range(top):
         source = x if layer == 0 else outputs[layer - 1]
@@ -1104,6 +1202,8 @@ def _mlp_forward(gemm, x, weights, biases, activations, outputs, scratch):
             outputs[layer],
             outputs[top + layer],
             scratch,
+            tasks,
+            blas_threads,
         )
 
 
@@ -1253,23 +1353,54 @@ def _update(param, grad, state_a, state_b, rule, hyper, step, fresh, scale):
         _update_serial(param, grad, state_a, state_b, rule, hyper, step, fresh, scale)
 
 
+@njit(inline="always")
+def _folds(rule, hyper):
+    """Whether the rule is plain SGD, whose whole update folds into the ∂W GEMM."""
+    return rule == SGD and hyper[MOMENTUM] == 0 and hyper[WEIGHT_DECAY] == 0
+
+
 @kernel
-def _update_weight(gemm, delta, source, weight, grad, state_a, state_b, rule, hyper, step, fresh):
+def _update_weight(gemm, delta, source, weight, grad, state_a, state_b, rule, hyper, step, fresh,
+                   tasks, blas_threads):  # fmt: skip
     """Apply ``∂W = δᵀ x`` to W with as few passes over W as the rule allows.
 
     Plain SGD without weight decay folds the whole update into the GEMM,
     ``W ← W − lr·δᵀx`` (beta 1), so ∂W is never written out. Every other rule writes
     ∂W (beta 0) and moves W in one pass: MKL ran a GEMM that also scales C by any other
     beta at half speed (MNIST's first ∂W: 139 µs with SGD's momentum as beta, 71 with
-    beta 0 or 1), so momentum and decay are the pass's.
+    beta 0 or 1), so momentum and decay are the pass's. Where the GEMM splits among
+    tasks, each task moves its own block of W's rows right after its GEMM wrote their
+    ∂W, while they are in its cache.
     """
-    lr, momentum, decay = hyper[LR], hyper[MOMENTUM], hyper[WEIGHT_DECAY]
-    if rule == SGD and momentum == 0 and decay == 0:
-        _gemm(gemm, True, False, -lr, delta, source, 1.0, weight)
-        return
-    _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad)
+    if _splits(weight.shape[0], weight.shape[1], delta.shape[0], tasks):
+        _update_weight_parallel(gemm, delta, source, weight, grad, state_a, state_b, rule, hyper,
+                                step, fresh, tasks, blas_threads)  # fmt: skip
+    elif _folds(rule, hyper):
+        _gemm(gemm, True, False, -hyper[LR], delta, source, 1.0, weight)
+    else:
+        _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad)
+        flat_weight, flat_grad = weight.reshape(weight.size), grad.reshape(grad.size)
+        _update(flat_weight, flat_grad, state_a, state_b, rule, hyper, step, fresh, 1.0)
+
+
+@kernel(parallel=True)
+def _update_weight_parallel(gemm, delta, source, weight, grad, state_a, state_b, rule, hyper,
+                            step, fresh, tasks, blas_threads):  # fmt: skip
+    # Task t: rows lo:hi of W, whose ∂W = δ[:, lo:hi]ᵀ x, and their flat elements.
+    width = weight.shape[1]
     flat_weight, flat_grad = weight.reshape(weight.size), grad.reshape(grad.size)
-    _update(flat_weight, flat_grad, state_a, state_b, rule, hyper, step, fresh, 1.0)
+    for t in prange(tasks):
+        held = _one_blas_thread(blas_threads)
+        lo, hi = _block(weight.shape[0], tasks, np.int64(t))
+        if _folds(rule, hyper):
+            _gemm(gemm, True, False, -hyper[LR], delta[:, lo:hi], source, 1.0, weight[lo:hi])
+        else:
+            _gemm(gemm, True, False, 1.0, delta[:, lo:hi], source, 0.0, grad[lo:hi])
+            first, last = lo * width, hi * width  # an unused state is empty: its slice too
+            _update_serial(flat_weight[first:last], flat_grad[first:last],
+                           state_a[first:last], state_b[first:last], rule, hyper, step, fresh,
+                           1.0)  # fmt: skip
+        _blas_threads_back(blas_threads, held)
 
 
 @kernel
@@ -1282,8 +1413,9 @@ def _first_bad_label(labels, classes):
 
 @kernel
 def _gradients(gemm, x, weights, activations, outputs, delta_space, upstream_space, upstream,
-               grad_weights, grad_biases):  # fmt: skip
-    """Every layer's ∂W and ∂b from the loss gradient held in ``upstream``."""
+               grad_weights, grad_biases, tasks, blas_threads):  # fmt: skip
+    """Every layer's ∂W and ∂b from the loss gradient held in ``upstream``, the GEMMs
+    ``_gemm_split``'s."""
     batch = x.shape[0]
     for layer in range(len(weights) - 1, -1, -1):
         delta = _rows(delta_space, batch, weights[layer].shape[0])
@@ -1291,10 +1423,12 @@ def _gradients(gemm, x, weights, activations, outputs, delta_space, upstream_spa
         z = _kept_or(outputs, layer, a)
         _delta_and_bias_grad(upstream, a, z, activation, delta, grad_biases[layer])
         source = x if layer == 0 else outputs[layer - 1]
-        _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer])
+        _gemm_split(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer], tasks,
+                    blas_threads)  # fmt: skip
         if layer > 0:
             upstream = _rows(upstream_space, batch, weights[layer].shape[1])
-            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)
+            _gemm_split(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream, tasks,
+                        blas_threads)  # fmt: skip
 
 
 @kernel
@@ -1339,20 +1473,27 @@ def _train_step(
     scale,           # 1/terms for a mean, else 1
     rule,            # SGD, ADAM or ADAMW
     max_norm,        # clip_grad_norm_'s max_norm; 0: no clipping
+    tasks,           # the tasks a large GEMM splits among (1: none, BLAS's own threads)
+    blas_threads,    # the BLAS's thread-local count setter, or 0 (_one_blas_thread)
 ):  # fmt: skip
     """One step on every layer; returns ``(loss before the update, -1)``, or, without
     touching anything, ``(NaN, i)`` when label i is not a class and ``(NaN, -2 - p)``
     when parameter p's state arrays are not the size its rule reads. With
     GIVEN_GRADIENT the forward has run already (``outputs`` holds it) and the loss,
-    computed by the caller, is returned as 0."""
+    computed by the caller, is returned as 0. With more than one task, the BLAS runs on
+    one thread throughout, every thread's its own, and the large GEMMs split among the
+    tasks on numba's threads (see ``_gemm_split``)."""
     top = len(weights) - 1
     bad = _refusal(weights, biases, first_param, states, hyper, rule, labels, weights[top].shape[0])
     if bad != -1:
         return np.nan, bad
     _count_steps(biases, first_param, steps, rule)
+    held = _one_blas_thread(blas_threads if tasks > 1 else 0)
     value = _network_step(gemm, x, targets, labels, weights, biases, activations, outputs,
                           delta_space, upstream_space, grad_weights, grad_biases, first_param,
-                          states, steps, hyper, fresh, loss, scale, rule, max_norm)  # fmt: skip
+                          states, steps, hyper, fresh, loss, scale, rule, max_norm, tasks,
+                          blas_threads)  # fmt: skip
+    _blas_threads_back(blas_threads if tasks > 1 else 0, held)
     return value, -1
 
 
@@ -1390,7 +1531,7 @@ def _count_steps(biases, first_param, steps, rule):
 @kernel
 def _network_step(gemm, x, targets, labels, weights, biases, activations, outputs, delta_space,
                   upstream_space, grad_weights, grad_biases, first_param, states, steps, hyper,
-                  fresh, loss, scale, rule, max_norm):  # fmt: skip
+                  fresh, loss, scale, rule, max_norm, tasks, blas_threads):  # fmt: skip
     """``_train_step`` once its checks have passed and its step counts moved: the
     forward, the loss gradient, the backward and every update; returns the loss."""
     top = len(weights) - 1
@@ -1398,7 +1539,8 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
     if loss == GIVEN_GRADIENT:
         upstream, value = targets, 0.0
     else:
-        _mlp_forward(gemm, x, weights, biases, activations, outputs, delta_space)
+        _mlp_forward(gemm, x, weights, biases, activations, outputs, delta_space, tasks,
+                     blas_threads)  # fmt: skip
         upstream = _rows(upstream_space, batch, weights[top].shape[0])
         value = _loss_and_grad(outputs[top], targets, labels, loss, scale, upstream)
     if max_norm > 0:  # clipping needs every gradient before any update
@@ -1413,6 +1555,8 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
             upstream,
             grad_weights,
             grad_biases,
+            tasks,
+            blas_threads,
         )
         coefficient = _clip_coefficient(grad_weights, grad_biases, max_norm)
         for layer in range(top + 1):
@@ -1451,7 +1595,8 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
         _delta_and_bias_grad(upstream, a, z, activation, delta, grad_biases[layer])
         if layer > 0:  # ∂L/∂aₗ₋₁ = δ Wₗ, taken before Wₗ moves
             upstream = _rows(upstream_space, batch, weights[layer].shape[1])
-            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)
+            _gemm_split(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream, tasks,
+                        blas_threads)  # fmt: skip
         p = first_param[layer]
         _update_weight(
             gemm,
@@ -1465,6 +1610,8 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
             hyper[p],
             steps[p][0],
             fresh[p],
+            tasks,
+            blas_threads,
         )
         if biases[layer].shape[0] > 0:
             q = p + 1
@@ -1505,21 +1652,6 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
 # cast to int64 before use: it is unsigned, and min() of it and a signed integer types
 # as a float, which cannot index.
 NESTING_LAYERS = ("tbb", "omp")  # numba's threading layers that nest parallel regions
-
-
-@njit(inline="always")
-def _one_blas_thread(blas_threads):
-    """Hold the calling thread's BLAS at one thread: the count it had (0: the global
-    one), for ``_blas_threads_back``. ``blas_threads``: the setter's address, 0: none."""
-    if blas_threads == 0:
-        return np.int32(0)
-    return _call_int_function(blas_threads, 1)
-
-
-@njit(inline="always")
-def _blas_threads_back(blas_threads, held):
-    if blas_threads != 0:
-        _call_int_function(blas_threads, held)
 
 
 def _member(arrays, m):
@@ -1566,12 +1698,6 @@ def _own_or_shared(stack, m):
 # training step run each member in blocks of its rows, as many as make members ×
 # blocks divide: task t runs member t // blocks on block t % blocks. With one block,
 # a task is a member.
-@njit(inline="always")
-def _block(size, blocks, c):
-    """The bounds of block c of range(size) cut into ``blocks`` near-equal blocks."""
-    return c * size // blocks, (c + 1) * size // blocks
-
-
 def _member_rows(arrays, m, lo, hi):
     raise NotImplementedError("_member_rows runs inside numba kernels only")
 
@@ -1597,6 +1723,8 @@ def _forward_block(gemm, x, weights, biases, activations, outputs, scratch, bloc
         activations,
         _member_rows(outputs, m, lo, hi),
         _own_or_shared(scratch, t),
+        1,
+        0,
     )
 
 
@@ -1748,6 +1876,8 @@ def _step_member(gemm, x, targets, labels, weights, biases, activations, outputs
         scale,
         rule,
         0.0,
+        1,
+        0,
     )
 
 
@@ -1897,7 +2027,7 @@ def _block_gradients(gemm, x, targets, labels, weights, biases, activations, out
                                _own_or_shared(labels, m)[lo:hi], loss, scale, upstream)  # fmt: skip
     _gradients(gemm, _own_or_shared(x, m)[lo:hi], _member(weights, m), activations, own_outputs,
                delta, upstream_space_, upstream, _member(grad_weights, t),
-               _member(grad_biases, t))  # fmt: skip
+               _member(grad_biases, t), 1, 0)  # fmt: skip
     losses[t] = value
 
 
