@@ -36,7 +36,7 @@ from . import capture, plans, threads
 from .functional import ensemble_loss
 from .kernels import cpu, reference
 from .kernels.utils import check_choice
-from .nn import MLP, MLPEnsemble
+from .nn import MLP, BoundModel, MLPEnsemble
 
 # The torch.optim classes FusedTrainer runs, by the name of their rule.
 TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -165,6 +165,7 @@ class FusedTrainer:
         self._device_plan = None  # the network as the Triton step last checked it
         self._flag = None  # the Triton step's class-range flag
         self._graphs = None  # capture.Graphs of the Triton step's binding
+        self._ready = None  # _Ready: what the last numba step checked, for the next
 
     # -- settings: each takes effect at the next step, or raises ----------------
     def __setattr__(self, name: str, value) -> None:
@@ -195,6 +196,8 @@ class FusedTrainer:
                 f"FusedTrainer has no setting {name!r}: its settings are {_SETTINGS}; "
                 "hyperparameters live in trainer.optimizer.param_groups"
             )
+        if not name.startswith("_"):  # the next step checks everything anew
+            object.__setattr__(self, "_ready", None)
         if name in ("loss", "reduction"):
             object.__setattr__(self, "_kernel", None)  # the next step builds one anew
         if name in ("loss", "compile_loss"):
@@ -222,17 +225,7 @@ class FusedTrainer:
                 f"{tuple(TORCH_OPTIMIZERS)}, got {type(optimizer).__name__}"
             )
         _rule(optimizer)
-        mine = list(self.model.parameters())
-        theirs = [p for group in optimizer.param_groups for p in group["params"]]
-        ids = {id(p) for p in mine}
-        foreign = [p for p in theirs if id(p) not in ids]
-        missing = len(ids - {id(p) for p in theirs})
-        if foreign or missing or len(theirs) != len(mine):
-            raise ValueError(
-                "optimizer must hold exactly the model's parameters, each once: "
-                f"{len(foreign)} foreign, {missing} of the model's missing, "
-                f"{len(theirs)} listed for {len(mine)}"
-            )
+        _check_holds(optimizer, list(self.model.parameters()))
         return optimizer
 
     def _check_step_hooks(self) -> None:
@@ -259,6 +252,11 @@ class FusedTrainer:
         """One training step on the batch ``x`` and its targets; returns the loss before
         the update. A loss name takes one target ``y``; a callable loss is called as
         ``loss(output, *targets)``."""
+        ready = self._ready
+        if ready is not None:  # the common call: what the last step checked still holds
+            value = ready(self, x, targets)
+            if value is not None:
+                return value
         custom = callable(self.loss)
         if self.compile_loss and not custom:
             raise ValueError(
@@ -334,6 +332,7 @@ class FusedTrainer:
 
     def _new_binding(self, weights, biases) -> _Binding:
         ordered = _sequential_order(weights, biases)
+        _check_holds(self.optimizer, ordered, " (a parameter of the model was replaced since?)")
         binding = _Binding(self.optimizer, ordered, self._rule, on_device=ordered[0].is_cuda)
         object.__setattr__(self, "_binding", binding)
         return binding
@@ -373,7 +372,12 @@ class FusedTrainer:
         # What optimizer.step() would mark: an lr scheduler, which wraps step() to set it,
         # warns that it stepped first when it finds this unset.
         self.optimizer._opt_called = True
-        return value if custom else torch.scalar_tensor(result, dtype=x.dtype)
+        if custom:
+            return value
+        if isinstance(self.model, MLP) and self.max_grad_norm is None:
+            ready = _Ready(self.model, plan, kernel, binding, x, targets[0], parallel)
+            object.__setattr__(self, "_ready", ready)
+        return torch.scalar_tensor(result, dtype=x.dtype)
 
     def _ensemble_step(self, x, targets, custom: bool) -> torch.Tensor:
         """``step`` of an ``MLPEnsemble``: every member in one numba call on CPU, torch's
@@ -606,13 +610,19 @@ class _Binding:
 
     def current(self, params) -> bool:
         """Whether ``params`` are the parameters bound, in the same memory, and the
-        optimizer still holds the state tensors bound (a load_state_dict replaces them
-        all, a hand edit some)."""
-        if self.optimizer.state is not self.container or len(params) != len(self.params):
+        optimizer still holds the state tensors bound (``holds_state``)."""
+        if len(params) != len(self.params):
             return False
         for param, bound, pointer in zip(params, self.params, self.pointers, strict=True):
             if param is not bound or param.data_ptr() != pointer:
                 return False
+        return self.holds_state()
+
+    def holds_state(self) -> bool:
+        """Whether the optimizer still holds the state tensors bound (a load_state_dict
+        replaces them all, a hand edit some)."""
+        if self.optimizer.state is not self.container:
+            return False
         for state, held in self.held:
             for key, tensor in held.items():
                 if state.get(key) is not tensor:
@@ -648,6 +658,49 @@ class _Binding:
             self.fresh[:] = False
             self.started = False
             self.version += 1
+
+
+class _Ready:
+    """What ``FusedTrainer.step``'s full path checked before a numba step of an ``MLP``
+    with a loss name and no clipping: the model (``nn.BoundModel``), x's and y's shape,
+    dtype and device, the optimizer's state, with the step's kernel. ``ready(trainer, x,
+    targets)`` re-checks all of it in one frame and steps, reading the hyperparameters
+    and refusing hooks as the full path does; or returns None where anything changed or
+    the call is not the common case (contiguous tensors that do not require grad), and
+    the full path runs (and keeps a new one). A setting set on the trainer drops it.
+    """
+
+    def __init__(self, model: MLP, plan, kernel, binding: _Binding, x, y, parallel: bool):
+        self.model = BoundModel(model, plan)
+        self.kernel, self.binding, self.parallel = kernel, binding, parallel
+        self.x = (x.shape, x.dtype, x.device)
+        self.y = (y.shape, y.dtype, y.device)
+
+    def __call__(self, trainer: FusedTrainer, x, targets) -> torch.Tensor | None:
+        y = targets[0] if len(targets) == 1 else None
+        binding = self.binding
+        if not (
+            x.__class__ is torch.Tensor
+            and (x.shape, x.dtype, x.device) == self.x
+            and y.__class__ is torch.Tensor
+            and (y.shape, y.dtype, y.device) == self.y
+            and x.is_contiguous()
+            and y.is_contiguous()
+            and not x.requires_grad
+            and not y.requires_grad
+            and self.model.unchanged(trainer.model)
+            and binding.holds_state()
+        ):
+            return None
+        trainer._check_step_hooks()
+        hyper = binding.hyper()  # also refuses options the kernels do not implement
+        if binding.container is None:  # SGD's momentum turned on: bind anew
+            return None
+        arrays = x.numpy(), y.numpy(), binding.arrays, hyper, binding.fresh
+        result = threads.call(self.kernel.again, *arrays, parallel=self.parallel)
+        binding.stepped()
+        trainer.optimizer._opt_called = True  # as _numba_step marks it
+        return torch.scalar_tensor(result, dtype=x.dtype)
 
 
 class _DeviceState:
@@ -794,6 +847,20 @@ def _check_target(loss: str, x: torch.Tensor, y, classes: int, members: int = 0)
         raise ValueError(
             f"y must have shape {' or '.join(map(str, shapes))} and dtype {x.dtype} for {loss}, "
             f"got {plans.describe(y)}"
+        )
+
+
+def _check_holds(optimizer, params: list, why: str = "") -> None:
+    """Refuse an optimizer that does not hold exactly ``params``, each once."""
+    theirs = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = {id(p) for p in params}
+    foreign = [p for p in theirs if id(p) not in ids]
+    missing = len(ids - {id(p) for p in theirs})
+    if foreign or missing or len(theirs) != len(params):
+        raise ValueError(
+            "optimizer must hold exactly the model's parameters, each once: "
+            f"{len(foreign)} foreign, {missing} of the model's missing, "
+            f"{len(theirs)} listed for {len(params)}{why}"
         )
 
 

@@ -10,13 +10,16 @@ import pytest
 import torch
 
 import fastbp
-from fastbp import examples
+from fastbp import examples, train
 from fastbp.kernels import cpu, reference
 from fastbp.registry import TORCH_LOSSES, WORKLOADS, check_step, entries
 from fastbp.train import TORCH_OPTIMIZERS, FusedTrainer
 
-from .helpers import assert_matches_published, assert_no_less_accurate
+from .helpers import assert_matches_published, assert_no_less_accurate, python_calls
 
+# A FusedTrainer step whose model, optimizer and batch are those of the step before:
+# the bound step's checks, the thread policy and the kernel's launch.
+BOUND_STEP_CALLS = 20
 OPTIMIZERS = {
     "sgd": {},
     "sgd-momentum-decay": {"momentum": 0.9, "weight_decay": 0.01},
@@ -448,6 +451,117 @@ def test_settings_take_effect_at_the_next_step():
         optimizer.step()
     for mine, theirs in zip(model.parameters(), sequential.parameters(), strict=True):
         torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# The bound step: after a step, the next re-checks what the first checked in one frame
+# ---------------------------------------------------------------------------
+def _replace_momentum_buffer(model, trainer):
+    state = trainer.optimizer.state[model[0].weight]
+    state["momentum_buffer"] = state["momentum_buffer"].clone()
+
+
+def _reload_optimizer_state(model, trainer):
+    trainer.optimizer.load_state_dict(copy.deepcopy(trainer.optimizer.state_dict()))
+
+
+def _replace_weight(model, trainer):
+    model[0].weight = torch.nn.Parameter(model[0].weight.data * 2)
+
+
+# edit(model, trainer) between steps; a hook's handle it returns is removed after
+EDITS = {
+    "nothing": lambda m, t: None,
+    "weight .data": lambda m, t: setattr(m[0].weight, "data", m[0].weight.data * 2),
+    "weight replaced": _replace_weight,
+    "child replaced": lambda m, t: m.__setitem__(1, torch.nn.Tanh()),
+    "activation setting": lambda m, t: setattr(m[1], "negative_slope", 0.3),
+    "forward hook": lambda m, t: m[2].register_forward_hook(lambda *a: None),
+    "global hook": lambda m, t: torch.nn.modules.module.register_module_forward_hook(print),
+    "lr": lambda m, t: t.optimizer.param_groups[0].update(lr=0.5),
+    "nesterov": lambda m, t: t.optimizer.param_groups[0].update(nesterov=True),
+    "optimizer state loaded": _reload_optimizer_state,
+    "momentum buffer replaced": _replace_momentum_buffer,
+    "step hook": lambda m, t: t.optimizer.register_step_pre_hook(lambda *a: None),
+    "max_grad_norm": lambda m, t: setattr(t, "max_grad_norm", 0.01),
+    "reduction": lambda m, t: setattr(t, "reduction", "sum"),
+    "backend": lambda m, t: setattr(t, "backend", "torch"),
+}
+# the next step's arguments, from the (x, y) of the steps before
+CALLS = {
+    "another batch": lambda x, y: (x[:3], y[:3]),
+    "strided x": lambda x, y: (x.t().contiguous().t(), y),
+    "x requires grad": lambda x, y: (x.clone().requires_grad_(), y),
+    "y of another dtype": lambda x, y: (x, y.float()),
+    "x of another dtype": lambda x, y: (x.float(), y),
+    "two targets": lambda x, y: (x, y, y),
+}
+
+
+def _step_after(change, taken=None):
+    """The outcome (loss or exception) of a step after two steps and ``change`` (an edit
+    or another call), and the parameters after it; ``taken`` is emptied before that step."""
+    torch.manual_seed(0)
+    model = fastbp.nn.MLP([5, 4, 3], torch.nn.LeakyReLU(0.1), dtype=torch.float64)
+    trainer = FusedTrainer(model, "mse", optimizer="sgd", lr=0.1, momentum=0.9)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    for _ in range(2):
+        trainer.step(x, y)
+    handle = EDITS[change](model, trainer) if change in EDITS else None
+    arguments = (x, y) if change in EDITS else CALLS[change](x, y)
+    if taken is not None:
+        taken.clear()
+    try:
+        outcome = trainer.step(*arguments)
+    except (TypeError, ValueError) as error:
+        outcome = f"{type(error).__name__}: {error}"
+    finally:
+        if handle is not None:
+            handle.remove()
+    return outcome, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("edit", [*EDITS, *CALLS])
+def test_a_step_after_an_edit_does_what_the_full_checks_do(edit, monkeypatch):
+    """The bound step (``train._Ready``) runs only where nothing the full path checks has
+    changed: after any edit, a step does what it does with the bound step turned off."""
+    taken, bound_step = [], train._Ready.__call__
+
+    def spied(*arguments):
+        taken.append("raised")
+        taken[-1] = bound_step(*arguments)
+        return taken[-1]
+
+    monkeypatch.setattr(train._Ready, "__call__", spied)
+    outcome, parameters = _step_after(edit, taken)
+    monkeypatch.setattr(train._Ready, "__call__", lambda *a: None)
+    full_outcome, full_parameters = _step_after(edit)
+    if isinstance(full_outcome, str):
+        assert outcome == full_outcome
+    else:
+        torch.testing.assert_close(outcome, full_outcome, rtol=0, atol=0)
+    for mine, theirs in zip(parameters, full_parameters, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    # the bound step stepped or raised what the full path raises; else it was dropped or
+    # passed the call on
+    stepped = bool(taken) and taken[-1] is not None
+    assert stepped == (edit in ("nothing", "lr", "nesterov", "step hook")), taken
+
+
+def test_a_bound_step_makes_few_python_calls():
+    model, x, y = _problem([2, 2, 2], 1, "mse", torch.float32, activation="sigmoid")
+    trainer = FusedTrainer(model, "mse", optimizer="sgd", lr=0.1)
+    sequential = model.to_torch()
+    optimizer = torch.optim.SGD(sequential.parameters(), lr=0.1)
+
+    def torch_step():
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(sequential(x), y).backward()
+        optimizer.step()
+
+    ours, torchs = python_calls(lambda: trainer.step(x, y)), python_calls(torch_step)
+    assert len(ours) <= BOUND_STEP_CALLS, ours
+    assert len(torchs) > len(ours), torchs
 
 
 def test_hyperparameters_are_refused_beside_an_optimizer_object():
