@@ -1034,10 +1034,9 @@ def _activate_serial(z, activation, out):
 
 
 @kernel(parallel=True)
-def _activate_parallel(z, activation, out):
-    # Blocks, each a call of the serial kernel on contiguous slices: inlined into the
-    # parallel loop with index bounds instead, the loops are not vectorized.
-    size = PARALLEL_BLOCK_ELEMENTS
+def _activate_parallel(z, activation, out, size):
+    # Blocks of ``size`` elements, each a call of the serial kernel on contiguous slices:
+    # inlined into the parallel loop with index bounds instead, the loops are not vectorized.
     for c in prange((z.shape[0] + size - 1) // size):
         lo, hi = c * size, (c + 1) * size
         _activate_serial(z[lo:hi], activation, out[lo:hi])
@@ -1049,7 +1048,7 @@ def _activate(z, activation, out):
     ``activation`` is a layer's row (code, p₀, p₁)."""
     source, target = z.reshape(z.size), out.reshape(out.size)
     if source.shape[0] >= PARALLEL_MIN_ELEMENTS:
-        _activate_parallel(source, activation, target)
+        _activate_parallel(source, activation, target, PARALLEL_BLOCK_ELEMENTS)
     else:
         _activate_serial(source, activation, target)
 
@@ -1133,16 +1132,63 @@ def _delta_and_bias_grad(g, a, z, activation, delta, grad_bias):
     The sums run in float64, in row blocks fixed by the shape alone, so the
     result does not depend on the thread count.
     """
-    width = grad_bias.shape[0]
+    rows = max(g.shape[0], 1)  # one block, on the calling thread
     if g.size >= PARALLEL_MIN_ELEMENTS:
         rows = max(1, PARALLEL_BLOCK_ELEMENTS // g.shape[1])
-        partials = np.zeros(((g.shape[0] + rows - 1) // rows, width))
+    _delta_in_blocks(g, a, z, activation, delta, grad_bias, rows)
+
+
+@kernel
+def _delta_in_blocks(g, a, z, activation, delta, grad_bias, rows):
+    """``_delta_and_bias_grad`` in blocks of ``rows`` rows, on numba's threads where
+    there are several; ∂b sums the blocks' float64 sums in block order."""
+    width = grad_bias.shape[0]
+    blocks = (g.shape[0] + rows - 1) // rows
+    if blocks > 1:
+        partials = np.zeros((blocks, width))
         _delta_parallel(g, a, z, activation, delta, partials, rows)
     else:
         partials = np.zeros((1, width))
         _delta_rows(g, a, z, activation, delta, partials[0])
     for j in range(width):
         grad_bias[j] = partials[:, j].sum()
+
+
+# In a training step that splits its GEMMs among tasks, every pass is on numba's pool
+# already (see _gemm_split), so a parallel pass costs its threads' wake-up alone: the
+# passes of an activation that costs more than a compare split among the tasks from
+# STEP_PARALLEL_MIN_ELEMENTS (on one thread, GELU's forward and backward passes of
+# MNIST b128's hidden layers took 58 µs, relu's 1). Blocks that follow the task count
+# change how ∂b sums its rows, as the GEMMs' blocks may change their rounding.
+STEP_PARALLEL_MIN_ELEMENTS = 1 << 13
+
+
+@njit(inline="always")
+def _step_parallel(activation, size, tasks):
+    """Whether a step's pass of ``size`` elements splits among its ``tasks`` tasks."""
+    code = int(activation[0])
+    cheap = code in (IDENTITY, RELU, LEAKY_RELU)
+    return tasks > 1 and size >= STEP_PARALLEL_MIN_ELEMENTS and not cheap
+
+
+@kernel
+def _activate_in(z, activation, out, tasks):
+    """``_activate`` in a step of ``tasks`` tasks: a block a task where it is worth it."""
+    if _step_parallel(activation, z.size, tasks):
+        source, target = z.reshape(z.size), out.reshape(out.size)
+        _activate_parallel(source, activation, target, -(-source.shape[0] // tasks))
+    else:
+        _activate(z, activation, out)
+
+
+@kernel
+def _delta_and_bias_grad_in(g, a, z, activation, delta, grad_bias, tasks):
+    """``_delta_and_bias_grad`` in a step of ``tasks`` tasks: a block of rows a task
+    where it is worth it."""
+    if _step_parallel(activation, g.size, tasks):
+        _delta_in_blocks(g, a, z, activation, delta, grad_bias, -(-g.shape[0] // tasks))
+    else:
+        _delta_and_bias_grad(g, a, z, activation, delta, grad_bias)
 
 
 # ---------------------------------------------------------------------------
@@ -1175,7 +1221,7 @@ def _layer_forward(gemm, x, weight, bias, activation, out, kept, scratch, tasks,
     beta = 1.0 if has_bias else 0.0
     _gemm_split(gemm, False, True, 1.0, x, weight, beta, z, tasks, blas_threads)
     if code != IDENTITY:
-        _activate(z, activation, out)
+        _activate_in(z, activation, out, tasks)
 
 
 @njit(inline="always")
@@ -1421,7 +1467,7 @@ def _gradients(gemm, x, weights, activations, outputs, delta_space, upstream_spa
         delta = _rows(delta_space, batch, weights[layer].shape[0])
         activation, a = activations[layer], outputs[layer]
         z = _kept_or(outputs, layer, a)
-        _delta_and_bias_grad(upstream, a, z, activation, delta, grad_biases[layer])
+        _delta_and_bias_grad_in(upstream, a, z, activation, delta, grad_biases[layer], tasks)
         source = x if layer == 0 else outputs[layer - 1]
         _gemm_split(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer], tasks,
                     blas_threads)  # fmt: skip
@@ -1592,7 +1638,7 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
         delta = _rows(delta_space, batch, weights[layer].shape[0])
         activation, a = activations[layer], outputs[layer]
         z = _kept_or(outputs, layer, a)
-        _delta_and_bias_grad(upstream, a, z, activation, delta, grad_biases[layer])
+        _delta_and_bias_grad_in(upstream, a, z, activation, delta, grad_biases[layer], tasks)
         if layer > 0:  # ∂L/∂aₗ₋₁ = δ Wₗ, taken before Wₗ moves
             upstream = _rows(upstream_space, batch, weights[layer].shape[1])
             _gemm_split(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream, tasks,
