@@ -554,6 +554,8 @@ class TrainStep:
         checked = self._checked
         if not (
             checked is not None
+            and x.__class__ is np.ndarray
+            and y.__class__ is np.ndarray
             and x.shape == checked[0]
             and x.dtype == self.network.dtype
             and y.shape == checked[1]
