@@ -921,7 +921,7 @@ def _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c):
 # GEMMs split among numba's threads. MKL runs its threads on torch's OpenMP pool and
 # numba's parallel passes run on numba's, another runtime; a step that alternates the
 # two has each pool's threads spinning against the other's on the same cores (the
-# MNIST b64 step kernel: 410 µs, against 290 with everything on numba's). So a training
+# MNIST b64 step kernel: 410 µs, against 275 with everything on numba's). So a training
 # step holds its BLAS at one thread and splits each GEMM of SPLIT_MIN_PRODUCT or more
 # multiply-adds among ``tasks`` tasks on numba's threads instead: blocks of c's longer
 # side, so that each task reads the smaller operand whole. Blocks that follow the thread
