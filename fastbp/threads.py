@@ -13,7 +13,10 @@ process, so the user's numpy, scipy and torch code runs as it would without fast
 
 1. GEMMs run on torch's own BLAS: the kernels call the ``sgemm_``/``dgemm_``
    that ``libtorch_cpu`` exports (MKL on x86-64 builds), so fastbp's GEMMs and
-   torch's share one pool and one thread count, ``torch.get_num_threads()``.
+   torch's share one pool and one thread count, ``torch.get_num_threads()``. A
+   training step, which runs whole in one call, holds MKL at one thread instead
+   and splits its large GEMMs among numba's threads (``cpu_jit._gemm_split``):
+   one pool, not two spinning against each other.
 2. Where torch exports no BLAS (or ``FASTBP_GEMM=scipy`` asks for it), the
    kernels call scipy's OpenBLAS, whose pools are held at one thread during
    each fastbp call and given back their count after it: a multi-threaded
@@ -32,12 +35,13 @@ process, so the user's numpy, scipy and torch code runs as it would without fast
    ``use_deterministic_algorithms``: ``use_reproducible_blas()`` (or the
    user's ``MKL_CBWR=AUTO,STRICT``) puts torch's MKL in strict conditional
    numerical reproducibility, in which a GEMM never splits its sum across
-   threads. fastbp's own kernels split work by output column, so they are
-   thread-count independent anyway, but for one choice made only outside this
-   mode: an ensemble whose members do not divide evenly among the threads runs
-   each member in blocks of rows, as many as the thread count asks, and sums a
-   step's ∂W over them (``cpu.Ensemble.row_blocks``); in this mode it runs whole
-   members.
+   threads. fastbp's element-wise kernels split work by output column, so they
+   are thread-count independent anyway, but for two choices made only outside
+   this mode: a training step splits its GEMMs among as many tasks as threads
+   (``cpu.Network.splits``), and an ensemble whose members do not divide evenly
+   among the threads runs each member in blocks of rows, as many as the thread
+   count asks, summing a step's ∂W over them (``cpu.Ensemble.row_blocks``); in
+   this mode GEMMs and members run whole.
 
 ``changes()`` lists every process-wide setting fastbp changed (only those the
 user asked for); ``describe()`` what is in force (``fastbp info`` prints both).
@@ -228,7 +232,8 @@ def _cbwr_mode() -> str:
 def reproducible() -> bool:
     """Whether torch's MKL is in strict conditional numerical reproducibility
     (``use_reproducible_blas`` or ``MKL_CBWR=...,STRICT``): then fastbp also keeps its
-    own results out of the thread count's reach (an ensemble's blocks of rows)."""
+    own results out of the thread count's reach (a step's split GEMMs, an ensemble's
+    blocks of rows)."""
     get_mode = _mkl_service("mkl_serv_cbwr_get")
     return get_mode is not None and bool(get_mode(MKL_CBWR_ALL) & MKL_CBWR_STRICT)
 
