@@ -68,6 +68,7 @@ DEFAULT = Preset(
         "roofline-floor",
         "torch-eager",
         "drop-in-ceiling",
+        "drop-in-floor",
         "torch-cudagraph",
         "fastbp",
         "fastbp-fused",

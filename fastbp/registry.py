@@ -537,28 +537,48 @@ def _numpy_manual(workload: Workload, device: str) -> Step:
     return Step(run, parameters)
 
 
-def _gemm_floor(workload: Workload, device: str) -> Step:
-    """The step's GEMMs alone, on preallocated tensors: what no implementation can beat."""
-    x, _ = workload.data(device)
-    model = workload.model(device)
-    weights = [p for p in _parameters_of(model)() if p.dim() == 2 + workload.ensemble]
-    rows = (workload.members,) * workload.ensemble + (workload.batch,)  # stacked: (K, ·, ·)
-    x = x.expand(*rows, x.shape[-1]).contiguous().to(device)
-    weights = [w.to(device) for w in weights]
-    outputs = [torch.empty(*rows, w.shape[-2], device=device) for w in weights]
-    grads = [torch.empty_like(w) for w in weights]
+class _FloorGemms:
+    """A step's GEMMs on preallocated tensors, as the GEMM floor times them: ``forward()``
+    runs the forward's (a = x Wᵀ, layer by layer), ``backward()`` the backward's (∂W = aᵀ
+    a_below and, above the first layer, ∂x = a W). ``weights`` are read where they are:
+    a model's own parameters, which its optimizer writes, or copies."""
 
-    def run():
-        source = x
-        for weight, output in zip(weights, outputs, strict=True):
+    def __init__(self, workload: Workload, device: str, weights: Tensors) -> None:
+        x, _ = workload.data(device)
+        rows = (workload.members,) * workload.ensemble + (workload.batch,)  # stacked: (K, ·, ·)
+        self.x = x.expand(*rows, x.shape[-1]).contiguous().to(device)
+        self.weights = weights
+        self.outputs = [torch.empty(*rows, w.shape[-2], device=device) for w in weights]
+        self.grads = [torch.empty_like(w) for w in weights]
+
+    def forward(self) -> None:
+        source = self.x
+        for weight, output in zip(self.weights, self.outputs, strict=True):
             torch.matmul(source, weight.mT, out=output)
             source = output
+
+    def backward(self) -> None:
+        outputs, weights = self.outputs, self.weights
         for layer in reversed(range(len(weights))):
-            inputs = x if layer == 0 else outputs[layer - 1]
-            torch.matmul(outputs[layer].mT, inputs, out=grads[layer])
+            inputs = self.x if layer == 0 else outputs[layer - 1]
+            torch.matmul(outputs[layer].mT, inputs, out=self.grads[layer])
             if layer > 0:
                 torch.matmul(outputs[layer], weights[layer], out=outputs[layer - 1])
-        return None
+
+
+def _weights(workload: Workload, parameters: Tensors) -> list[torch.Tensor]:
+    """The weight matrices among ``parameters`` (an ensemble's stacked ones, (K, out, in))."""
+    return [p.detach() for p in parameters if p.dim() == 2 + workload.ensemble]
+
+
+def _gemm_floor(workload: Workload, device: str) -> Step:
+    """The step's GEMMs alone, on preallocated tensors: what no implementation can beat."""
+    weights = [w.to(device) for w in _weights(workload, _parameters_of(workload.model(device))())]
+    gemms = _FloorGemms(workload, device, weights)
+
+    def run():
+        gemms.forward()
+        gemms.backward()
 
     return Step(run, lambda: [w.cpu() for w in weights], trains=False)
 
@@ -583,43 +603,68 @@ def _roofline_floor(workload: Workload, device: str) -> Step:
 
 
 class _Precomputed(torch.autograd.Function):
-    """``apply(output, gradients, *parameters)``: a copy of ``output`` and, in backward,
-    copies of ``gradients``, as one autograd node."""
+    """``apply(output, gradients, gemms, *parameters)``: a copy of ``output`` and, in
+    backward, copies of ``gradients``, as one autograd node; with ``gemms`` (a
+    ``_FloorGemms``), its forward and backward also run the floor's GEMMs."""
 
     @staticmethod
-    def forward(ctx, output, gradients, *parameters):
-        ctx.gradients = gradients
+    def forward(ctx, output, gradients, gemms, *parameters):
+        ctx.gradients, ctx.gemms = gradients, gemms
+        if gemms is not None:
+            gemms.forward()
         return output.clone()
 
     @staticmethod
     def backward(ctx, grad_output):
-        return None, None, *[g.clone() for g in ctx.gradients]
+        if ctx.gemms is not None:
+            ctx.gemms.backward()
+        return None, None, None, *[g.clone() for g in ctx.gradients]
 
 
 class _CostsNothing(torch.nn.Module):
     """A model whose forward and backward cost nothing: ``sequential``'s parameters, and
-    its output and gradients at ``x``, ``y`` replayed by ``_Precomputed``."""
+    its output and gradients at ``x``, ``y`` replayed by ``_Precomputed``. With
+    ``floor_gemms``, they cost the GEMM floor's GEMMs on those parameters, and nothing else."""
 
-    def __init__(self, workload: Workload, sequential: torch.nn.Sequential, x, targets) -> None:
+    def __init__(self, workload: Workload, sequential: torch.nn.Module, x, targets,
+                 floor_gemms: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.sequential = sequential
         self.output = sequential(x).detach()
         loss = workload.torch_loss(sequential(x), *targets)
         self.gradients = torch.autograd.grad(loss, list(sequential.parameters()))
+        weights = _weights(workload, sequential.parameters())
+        self.gemms = _FloorGemms(workload, x.device.type, weights) if floor_gemms else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Precomputed.apply(self.output, self.gradients, *self.sequential.parameters())
+        return _Precomputed.apply(
+            self.output, self.gradients, self.gemms, *self.sequential.parameters()
+        )
 
 
-def _drop_in_ceiling(workload: Workload, device: str) -> Step:
-    """torch-eager's loop around ``_CostsNothing``: what the loss, autograd's engine,
-    zero_grad and the optimizer cost alone, the time no drop-in model can beat."""
+def _replayed_loop(workload: Workload, device: str, floor_gemms: bool) -> Step:
+    """torch-eager's loop around ``_CostsNothing`` (an ensemble's: stacked parameters)."""
     sequential = workload.model(device)
     if workload.ensemble:  # stacked parameters, as the fastest torch ensembles hold them
         sequential = BaddbmmEnsemble(sequential, workload.activations)
-    model = _CostsNothing(workload, sequential, *workload.data(device))
+    model = _CostsNothing(workload, sequential, *workload.data(device), floor_gemms)
     step = _torch_loop(workload, device, model)
-    return Step(step.run, step.parameters, trains=False)
+    return Step(step.run, step.parameters, model, step.optimizer, trains=False)
+
+
+def _drop_in_ceiling(workload: Workload, device: str) -> Step:
+    """torch-eager's loop around a model that costs nothing: what the loss, autograd's
+    engine, zero_grad and the optimizer cost alone, the time no drop-in model can beat."""
+    return _replayed_loop(workload, device, floor_gemms=False)
+
+
+def _drop_in_floor(workload: Workload, device: str) -> Step:
+    """torch-eager's loop around a model that costs exactly the GEMM floor: the ceiling's
+    model, running the floor's GEMMs on its own parameters (which the optimizer writes)
+    in its forward and backward. Where a drop-in whose kernels were the GEMMs alone would
+    stand: the ceiling and the floor measured together, in one loop, rather than added
+    (in one loop the optimizer's traffic and the GEMMs' share the caches and the cores)."""
+    return _replayed_loop(workload, device, floor_gemms=True)
 
 
 def check_step(
@@ -753,6 +798,8 @@ def _entries() -> list[Entry]:
               step=_fused("torch")),
         Entry("drop-in-ceiling", "cpu", "torch-eager's loop around a model that costs nothing "
               "(an ensemble's: stacked parameters)", step=_drop_in_ceiling, ensembles=True),
+        Entry("drop-in-floor", "cpu", "torch-eager's loop around a model that costs only the "
+              "GEMM floor's GEMMs", step=_drop_in_floor, ensembles=True),
         Entry("numpy", "cpu", "kernels.reference: the hand derivation in plain numpy",
               _numpy_reference, _numpy_manual, _inference_numpy, callable_losses=False),
         Entry("fastbp", "cpu", "fastbp.nn.MLP (numba) in torch-eager's loop: the drop-in "
@@ -782,6 +829,8 @@ def _entries() -> list[Entry]:
               step=_cuda_graphed(_torch_loop)),
         Entry("drop-in-ceiling", "cuda", "torch-eager's loop around a model that costs nothing",
               step=_drop_in_ceiling, ensembles=True),
+        Entry("drop-in-floor", "cuda", "torch-eager's loop around a model that costs only the "
+              "GEMM floor's GEMMs", step=_drop_in_floor, ensembles=True),
         Entry("fastbp", "cuda", "fastbp.nn.MLP (Triton) in torch-eager's loop",
               _with_autograd(_whole_network("triton")), _fastbp_loop, _inference_fastbp,
               ensembles=True),

@@ -7,12 +7,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 from benchmarks import gpu_report
-from fastbp import bench
+from fastbp import bench, registry
 from fastbp.registry import REGISTRY, WORKLOADS, check_step
 
 from .helpers import run_cli
@@ -98,17 +99,58 @@ def test_check_step_catches_an_update_off_by_15_percent():
     assert "within 1%" in check_step("fastbp", workload, "cpu")
 
 
-@pytest.mark.parametrize("workload", ["seeds-2x2x2-sigmoid-b1", "mnist-adam-b128"])
-def test_the_drop_in_ceiling_runs_torch_eagers_loop_around_a_free_model(workload):
-    """Its first update is torch-eager's: the same loss, backward and optimizer work,
-    with the model's own forward and backward replaced by their results."""
-    ceiling = REGISTRY["drop-in-ceiling", "cpu"].step(WORKLOADS[workload], "cpu")
-    eager = REGISTRY["torch-eager", "cpu"].step(WORKLOADS[workload], "cpu")
-    assert not ceiling.trains
-    for step in (ceiling, eager):
+@pytest.mark.parametrize("entry", ["drop-in-ceiling", "drop-in-floor"])
+@pytest.mark.parametrize(
+    "workload", ["seeds-2x2x2-sigmoid-b1", "mnist-adam-b128", "ensemble-10x(23-64-64-1)-b64"]
+)
+def test_the_drop_in_bounds_run_torch_eagers_loop_around_a_replayed_model(entry, workload):
+    """Their first update is torch's (an ensemble's: the baddbmm ensemble's, whose
+    parameters they hold): the same loss, backward and optimizer work, with the
+    model's own forward and backward replaced by their results."""
+    workload = WORKLOADS[workload]
+    bound = REGISTRY[entry, "cpu"].step(workload, "cpu")
+    torchs = REGISTRY["torch-baddbmm" if workload.ensemble else "torch-eager", "cpu"]
+    reference = torchs.step(workload, "cpu")
+    assert not bound.trains
+    for step in (bound, reference):
         step.run()
-    for ours, torchs in zip(ceiling.parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(ours, torchs, rtol=0, atol=0)
+    for ours, theirs in zip(bound.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("workload", ["mnist-784x256x128x10-b64", "ensemble-10x(23-64-64-1)-b64"])
+def test_the_drop_in_floor_runs_the_gemm_floors_gemms_on_the_models_weights(workload):
+    """Each step runs the floor's forward GEMMs, then its backward GEMMs, once, on the
+    model's own weights as the optimizer left them."""
+    calls, seen = [], []
+    forward, backward = registry._FloorGemms.forward, registry._FloorGemms.backward
+
+    def forward_seen(gemms):
+        calls.append("forward")
+        seen.append([w.clone() for w in gemms.weights])
+        forward(gemms)
+
+    def backward_seen(gemms):
+        calls.append("backward")
+        backward(gemms)
+
+    with (
+        mock.patch.object(registry._FloorGemms, "forward", forward_seen),
+        mock.patch.object(registry._FloorGemms, "backward", backward_seen),
+    ):
+        step = REGISTRY["drop-in-floor", "cpu"].step(WORKLOADS[workload], "cpu")
+        for _ in range(2):
+            step.run()
+    assert calls == ["forward", "backward"] * 2
+    assert not torch.equal(seen[0][0], seen[1][0])  # the optimizer's update, read
+    gemms = step.model.gemms
+    weights = [p for p in step.model.parameters() if p.dim() == gemms.weights[0].dim()]
+    assert [w.data_ptr() for w in gemms.weights] == [w.data_ptr() for w in weights]
+    floor = registry._FloorGemms(WORKLOADS[workload], "cpu", seen[1])
+    floor.forward()
+    floor.backward()
+    for ours, floors in zip(gemms.grads, floor.grads, strict=True):
+        torch.testing.assert_close(ours, floors, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(
