@@ -2,7 +2,11 @@
 
 A process running fastbp holds up to four pools: torch's OpenMP pool (which also
 runs torch's MKL), numba's pool for ``prange`` loops, and the OpenBLAS pools
-that numpy and scipy each bring. Each pool's idle threads spin for a while
+that numpy and scipy each bring. Under numba's omp threading layer its pool is
+torch's: numba's ``omppool`` binds ``GOMP_parallel`` and the ``omp_*`` calls to the
+libgomp that torch loaded into the global scope (``LD_DEBUG=bindings`` shows it; a
+thread listing shows one libgomp worker), though the pool's nesting levels are then
+numba's (it enables nested regions). Each pool's idle threads spin for a while
 before sleeping, so when work alternates between pools they steal the cores
 from each other. Measured on 2 cores, a numba kernel whose GEMMs went through
 scipy's OpenBLAS, alternating with torch ops, ran 48× slower per step than the
@@ -16,7 +20,8 @@ process, so the user's numpy, scipy and torch code runs as it would without fast
    torch's share one pool and one thread count, ``torch.get_num_threads()``. A
    training step, which runs whole in one call, holds MKL at one thread instead
    and splits its large GEMMs among numba's threads (``cpu_jit._gemm_split``):
-   one pool, not two spinning against each other.
+   a step kernel that alternated MKL's threaded GEMMs with numba's parallel
+   passes lost most of what MKL's second thread gains (see ``cpu_jit``).
 2. Where torch exports no BLAS (or ``FASTBP_GEMM=scipy`` asks for it), the
    kernels call scipy's OpenBLAS, whose pools are held at one thread during
    each fastbp call and given back their count after it: a multi-threaded

@@ -918,10 +918,11 @@ def _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c):
     _call_fortran_gemm(gemm, *flags, *dims, scale, pb, ldb, pa, lda, shift, pc, ldc)
 
 
-# GEMMs split among numba's threads. MKL runs its threads on torch's OpenMP pool and
-# numba's parallel passes run on numba's, another runtime; a step that alternates the
-# two has each pool's threads spinning against the other's on the same cores (the
-# MNIST b64 step kernel: 410 µs, against 275 with everything on numba's). So a training
+# GEMMs split among numba's threads. A step kernel that alternated MKL's threaded GEMMs
+# with numba's parallel passes lost most of what MKL's second thread gains (the MNIST
+# b64 step kernel: 410 µs, against 275 with both on numba's parallel regions), though
+# both run on torch's libgomp (numba's omp layer binds its OpenMP calls to it; where the
+# hand-over loses the time was not pinned down). So a training
 # step holds its BLAS at one thread and splits each GEMM of SPLIT_MIN_PRODUCT or more
 # multiply-adds among ``tasks`` tasks on numba's threads instead: blocks of c's longer
 # side, so that each task reads the smaller operand whole. Blocks that follow the thread
@@ -1154,12 +1155,13 @@ def _delta_in_blocks(g, a, z, activation, delta, grad_bias, rows):
         grad_bias[j] = partials[:, j].sum()
 
 
-# In a training step that splits its GEMMs among tasks, every pass is on numba's pool
-# already (see _gemm_split), so a parallel pass costs its threads' wake-up alone: the
-# passes of an activation that costs more than a compare split among the tasks from
-# STEP_PARALLEL_MIN_ELEMENTS (on one thread, GELU's forward and backward passes of
-# MNIST b128's hidden layers took 58 µs, relu's 1). Blocks that follow the task count
-# change how ∂b sums its rows, as the GEMMs' blocks may change their rounding.
+# In a training step that splits its GEMMs among tasks, every GEMM is in numba's
+# parallel regions already (see _gemm_split), so a parallel pass costs its threads'
+# wake-up alone: the passes of an activation that costs more than a compare split among
+# the tasks from STEP_PARALLEL_MIN_ELEMENTS (on one thread, GELU's forward and backward
+# passes of MNIST b128's hidden layers took 58 µs, relu's 1). Blocks that follow the
+# task count change how ∂b sums its rows, as the GEMMs' blocks may change their
+# rounding.
 STEP_PARALLEL_MIN_ELEMENTS = 1 << 13
 
 
@@ -1684,19 +1686,18 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
 # so that K networks cost one dispatch instead of K (or K per layer). The members
 # are independent, so ``*_parallel`` runs them on numba's threads, each member's GEMMs
 # and passes on one, as torch's bmm runs its batch; the serial kernels are for a
-# threading layer that cannot nest parallel regions (workqueue aborts). MKL does not
-# see numba's parallel region (its OpenMP runtime is torch's, numba's omp layer loads
-# another), so each task holds its thread's MKL count at one while it runs
-# (``_one_blas_thread``): else a member's GEMM could start threads of torch's pool
-# beside numba's (the REDQ step ran 7% slower in one A/B run). Workspaces are stacked
-# per task for the parallel kernels and a single slice, reused task after task, for
-# the serial ones: ``_own_or_shared`` takes either. Every member's result lands in its
-# own slice (an input shared by every member gets its ∂L/∂x per member, summed by the
-# launcher in member order), so with whole members fastbp's own sums do not depend on
-# the thread count (BLAS's may: fastbp.threads.use_reproducible_blas() fixes MKL's);
-# blocks of rows (below), which the launchers choose by it, do. A prange index is
-# cast to int64 before use: it is unsigned, and min() of it and a signed integer types
-# as a float, which cannot index.
+# threading layer that cannot nest parallel regions (workqueue aborts). numba enables
+# nested parallel regions, so MKL inside a task may start a team of its own (under
+# tbb, on another pool); each task holds its thread's MKL count at one while it runs
+# (``_one_blas_thread``): without that, the REDQ step ran 7% slower in one A/B run.
+# Workspaces are stacked per task for the parallel kernels and a single slice, reused
+# task after task, for the serial ones: ``_own_or_shared`` takes either. Every member's
+# result lands in its own slice (an input shared by every member gets its ∂L/∂x per
+# member, summed by the launcher in member order), so with whole members fastbp's own
+# sums do not depend on the thread count (BLAS's may:
+# fastbp.threads.use_reproducible_blas() fixes MKL's); blocks of rows (below), which the
+# launchers choose by it, do. A prange index is cast to int64 before use: it is
+# unsigned, and min() of it and a signed integer types as a float, which cannot index.
 NESTING_LAYERS = ("tbb", "omp")  # numba's threading layers that nest parallel regions
 
 
