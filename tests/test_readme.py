@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# What a checkout holds beside the tracked files: caches, builds, bench output.
+# What a checkout holds beside the tracked files (caches, builds, bench output): what
+# .gitignore ignores, for a tree that is not a git checkout (an unpacked sdist).
 IGNORED = {"__pycache__", ".git", ".pytest_cache", ".benchmarks", ".hypothesis", ".ruff_cache",
-           "build", "dist", "bench.json", "bench.png", "bench.md"}  # fmt: skip
+           "build", "dist", "bench.json", "bench.png", "bench.md", ".venv"}  # fmt: skip
 
 
 def _layout() -> list[str]:
@@ -22,6 +24,13 @@ def _layout() -> list[str]:
 
 
 def _tree() -> list[str]:
+    """Every file of the tree but what git ignores: tracked ones and new ones alike."""
+    if (ROOT / ".git").exists():
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.splitlines()  # fmt: skip
+        return [file for file in listed if (ROOT / file).is_file()]  # not deleted ones
     files = []
     for path in ROOT.rglob("*"):
         parts = path.relative_to(ROOT).parts
