@@ -21,7 +21,8 @@ process, so the user's numpy, scipy and torch code runs as it would without fast
    training step, which runs whole in one call, holds MKL at one thread instead
    and splits its large GEMMs among numba's threads (``cpu_jit._gemm_split``):
    a step kernel that alternated MKL's threaded GEMMs with numba's parallel
-   passes lost most of what MKL's second thread gains (see ``cpu_jit``).
+   passes lost most of what MKL's second thread gains (see ``cpu_jit``). In any
+   kernel, small GEMMs run on one MKL thread (``cpu_jit._gemm_small_held``).
 2. Where torch exports no BLAS (or ``FASTBP_GEMM=scipy`` asks for it), the
    kernels call scipy's OpenBLAS, whose pools are held at one thread during
    each fastbp call and given back their count after it: a multi-threaded

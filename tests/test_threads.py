@@ -212,10 +212,10 @@ def test_starting_numbas_pool_leaves_torchs_thread_count_alone():
 
 
 def test_kernel_tasks_give_the_calling_thread_its_mkl_count_back():
-    """MKL cannot see numba's parallel region (its OpenMP runtime is another), so each
-    member-parallel task, and each task of a GEMM a training step splits, holds its
-    thread's MKL count at one and gives it back after (the step holds the calling
-    thread's throughout): the calling thread keeps the thread-local count it had."""
+    """Each member-parallel task, each task of a GEMM a training step splits, and each
+    small GEMM holds its thread's MKL count at one and gives it back after (a step
+    that splits holds the calling thread's throughout): the calling thread keeps the
+    thread-local count it had."""
     threads.ensure_policy()
     address = cpu_jit.blas_threads_address()
     if address == 0:
@@ -227,6 +227,9 @@ def test_kernel_tasks_give_the_calling_thread_its_mkl_count_back():
     try:
         model(x).sum().backward()
         FusedTrainer(model, "mse", lr=0.1).step(x, y)
+        small = fastbp.nn.MLP([8, 64, 64, 2], activation="tanh")  # every GEMM small
+        small(x).sum().backward()
+        FusedTrainer(small, "mse", lr=0.1).step(x, y)
         network = fastbp.nn.MLP([300, 257, 3])
         trainer = FusedTrainer(network, "mse", optimizer="adam")
         trainer.step(torch.randn(64, 300), torch.randn(64, 3))

@@ -143,11 +143,19 @@ class Network:
         self._largest = max(w.size for w in self.weights)
         self.split_gemms = split_gemms
         self._workspaces = threading.local()
+        self._blas_threads = 0  # _bound_blas_threads' once known
         self._no_grad_x = np.empty((0, self.widths[0]), dtype)  # "∂L/∂x not needed"
         self._no_z = np.empty((0, 0), dtype)  # the z slot of a layer that keeps none
         # every slot empty: what most networks pass, built once (a small network's
         # call costs about as much as its Python)
         self._no_slots = None if any(self.keeps) else (self._no_z,) * len(self.keeps)
+
+    def _bound_blas_threads(self) -> int:
+        """The bound BLAS's thread-local count setter (``blas_threads_address``), kept
+        after the first launch: the binding is settled once a process, before its first
+        kernel (``threads.ensure_policy``). 0 where the BLAS has none, asked again."""
+        self._blas_threads = blas_threads_address()
+        return self._blas_threads
 
     def parallel(self, batch: int, updates: bool = False) -> bool:
         """Whether a call on ``batch`` rows reaches numba's thread pool: an element-wise
@@ -191,9 +199,10 @@ class Network:
         gemm = _prepare_launch(dtype)
         scratch = self._spaces(batch)[0]
         slots_after = (*outputs, *slots)
-        # one task: the drop-in's GEMMs run on the BLAS's threads, as torch's around it do
+        # one task: the drop-in's GEMMs run on the BLAS's threads, as torch's around it
+        # do, but for the small ones, on one (cpu_jit._gemm_small_held)
         _mlp_forward(gemm, x, self.weights, self.biases, self.activations, slots_after, scratch,
-                     1, 0)  # fmt: skip
+                     1, self._blas_threads or self._bound_blas_threads())  # fmt: skip
         if self._no_slots or not keep:
             return outputs
         return outputs + [z for z, keeps in zip(slots, self.keeps, strict=True) if keeps]
@@ -264,6 +273,7 @@ class Network:
             tuple(grad_biases),
             grad_x,
             *self._spaces(batch),
+            self._blas_threads or self._bound_blas_threads(),
         )
         for layer, has in enumerate(self.has_bias):
             if not has:

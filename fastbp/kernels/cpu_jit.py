@@ -804,8 +804,10 @@ def _prepare_launch(dtype: np.dtype) -> int:
 
 
 def blas_threads_address() -> int:
-    """The ``blas_threads`` argument of the member-parallel kernels: the bound BLAS's
-    thread-local thread count setter, or 0 where it has none (see the Ensembles section)."""
+    """The ``blas_threads`` argument of the kernels: the bound BLAS's thread-local thread
+    count setter, or 0 where it has none. Member-parallel tasks and split GEMMs hold
+    their thread's BLAS at one thread with it (see the Ensembles section and
+    ``_gemm_split``), and small GEMMs are held there (``_gemm_small_held``)."""
     if _gemm_binding is None:
         gemm_provider()
     return _gemm_binding[3]  # type: ignore[index]
@@ -946,6 +948,31 @@ def _blas_threads_back(blas_threads, held):
         _call_int_function(blas_threads, held)
 
 
+# Small GEMMs on one BLAS thread. Inside a kernel, MKL's second thread costs a small
+# GEMM more than it gives: the 8-64-64-2 tanh net's backward kernel (64·64·64 at most)
+# took 23.9 µs with MKL's two threads and 13.6 with one, its forward 24.7 and 21.9,
+# while MNIST's and the docs net's (2²¹ and more) ran 30-50% slower on one. Below
+# HELD_GEMM_PRODUCTS[0] the hold, two calls into MKL, is left out: on the seeds' 2-2-2
+# net, all of whose GEMMs are that small, a step holding them ran 6.26-6.50× torch-eager
+# where one without ran 6.79-7.00× (one A/B run).
+HELD_GEMM_PRODUCTS = (1 << 15, 1 << 19)
+
+
+@njit(inline="always")
+def _gemm_small_held(gemm, transpose_a, transpose_b, alpha, a, b, beta, c, blas_threads):
+    """``_gemm``, on one BLAS thread where its multiply-adds are in HELD_GEMM_PRODUCTS'
+    range and ``blas_threads`` (the setter's address, 0: none) can hold it there."""
+    depth = a.shape[0] if transpose_a else a.shape[1]
+    product = c.shape[0] * c.shape[1] * depth
+    low, high = HELD_GEMM_PRODUCTS
+    if blas_threads != 0 and low <= product < high:
+        held = _one_blas_thread(blas_threads)
+        _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c)
+        _blas_threads_back(blas_threads, held)
+    else:
+        _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c)
+
+
 @njit(inline="always")
 def _block(size, blocks, c):
     """The bounds of block c of range(size) cut into ``blocks`` near-equal blocks."""
@@ -983,12 +1010,13 @@ def _splits(rows, columns, depth, tasks):
 
 @kernel
 def _gemm_split(gemm, transpose_a, transpose_b, alpha, a, b, beta, c, tasks, blas_threads):
-    """``_gemm``, split among ``tasks`` tasks where it is large enough (see above)."""
+    """``_gemm``, split among ``tasks`` tasks where it is large enough (see above), on
+    one BLAS thread where it is small (``_gemm_small_held``)."""
     depth = a.shape[0] if transpose_a else a.shape[1]
     if _splits(c.shape[0], c.shape[1], depth, tasks):
         _gemm_parallel(gemm, transpose_a, transpose_b, alpha, a, b, beta, c, tasks, blas_threads)
     else:
-        _gemm(gemm, transpose_a, transpose_b, alpha, a, b, beta, c)
+        _gemm_small_held(gemm, transpose_a, transpose_b, alpha, a, b, beta, c, blas_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -1268,6 +1296,7 @@ def _mlp_backward(
     grad_x,        # out: ∂L/∂x; zero rows when x needs no gradient
     delta_space,   # workspace of N·(widest layer) elements: δ of the current layer
     upstream_space,  # the same size: ∂L/∂a of the layer below, written by ∂x = δ W
+    blas_threads,  # the BLAS's thread-local count setter, or 0 (_gemm_small_held)
 ):  # fmt: skip
     top = len(weights) - 1
     batch = x.shape[0]
@@ -1284,12 +1313,15 @@ def _mlp_backward(
             grad_biases[layer],
         )
         source = x if layer == 0 else outputs[layer - 1]
-        _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer])  # ∂W = δᵀ x
+        _gemm_small_held(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer],
+                         blas_threads)  # ∂W = δᵀ x  # fmt: skip
         if layer > 0:
             upstream = _rows(upstream_space, batch, weights[layer].shape[1])
-            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream)  # ∂x = δ W
+            _gemm_small_held(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream,
+                             blas_threads)  # ∂x = δ W  # fmt: skip
         elif grad_x.shape[0] > 0:
-            _gemm(gemm, False, False, 1.0, delta, weights[layer], 0.0, grad_x)
+            _gemm_small_held(gemm, False, False, 1.0, delta, weights[layer], 0.0, grad_x,
+                             blas_threads)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -1424,9 +1456,9 @@ def _update_weight(gemm, delta, source, weight, grad, state_a, state_b, rule, hy
         _update_weight_parallel(gemm, delta, source, weight, grad, state_a, state_b, rule, hyper,
                                 step, fresh, tasks, blas_threads)  # fmt: skip
     elif _folds(rule, hyper):
-        _gemm(gemm, True, False, -hyper[LR], delta, source, 1.0, weight)
+        _gemm_small_held(gemm, True, False, -hyper[LR], delta, source, 1.0, weight, blas_threads)
     else:
-        _gemm(gemm, True, False, 1.0, delta, source, 0.0, grad)
+        _gemm_small_held(gemm, True, False, 1.0, delta, source, 0.0, grad, blas_threads)
         flat_weight, flat_grad = weight.reshape(weight.size), grad.reshape(grad.size)
         _update(flat_weight, flat_grad, state_a, state_b, rule, hyper, step, fresh, 1.0)
 
@@ -1522,7 +1554,8 @@ def _train_step(
     rule,            # SGD, ADAM or ADAMW
     max_norm,        # clip_grad_norm_'s max_norm; 0: no clipping
     tasks,           # the tasks a large GEMM splits among (1: none, BLAS's own threads)
-    blas_threads,    # the BLAS's thread-local count setter, or 0 (_one_blas_thread)
+    blas_threads,    # the BLAS's thread-local count setter, or 0 (_one_blas_thread,
+                     # _gemm_small_held)
 ):  # fmt: skip
     """One step on every layer; returns ``(loss before the update, -1)``, or, without
     touching anything, ``(NaN, i)`` when label i is not a class and ``(NaN, -2 - p)``
@@ -1816,6 +1849,7 @@ def _backward_block(gemm, g, x, weights, activations, outputs, partial_weights, 
         grad_x[m, lo:hi],
         _own_or_shared(delta_space, t),
         _own_or_shared(upstream_space, t),
+        0,  # the task holds its BLAS at one thread already, or runs alone (serial)
     )
 
 
