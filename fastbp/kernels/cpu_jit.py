@@ -1298,30 +1298,13 @@ def _mlp_backward(
     upstream_space,  # the same size: ∂L/∂a of the layer below, written by ∂x = δ W
     blas_threads,  # the BLAS's thread-local count setter, or 0 (_gemm_small_held)
 ):  # fmt: skip
-    top = len(weights) - 1
-    batch = x.shape[0]
-    upstream = g
-    for layer in range(top, -1, -1):
-        delta = _rows(delta_space, batch, weights[layer].shape[0])
-        a = outputs[layer]
-        _delta_and_bias_grad(
-            upstream,
-            a,
-            _kept_or(outputs, layer, a),
-            activations[layer],
-            delta,
-            grad_biases[layer],
-        )
-        source = x if layer == 0 else outputs[layer - 1]
-        _gemm_small_held(gemm, True, False, 1.0, delta, source, 0.0, grad_weights[layer],
-                         blas_threads)  # ∂W = δᵀ x  # fmt: skip
-        if layer > 0:
-            upstream = _rows(upstream_space, batch, weights[layer].shape[1])
-            _gemm_small_held(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream,
-                             blas_threads)  # ∂x = δ W  # fmt: skip
-        elif grad_x.shape[0] > 0:
-            _gemm_small_held(gemm, False, False, 1.0, delta, weights[layer], 0.0, grad_x,
-                             blas_threads)  # fmt: skip
+    # the training step's backward (_gradients) as one task, then ∂L/∂x = δ₁ W₁ from the
+    # first layer's δ, which it leaves in delta_space
+    _gradients(gemm, x, weights, activations, outputs, delta_space, upstream_space, g,
+               grad_weights, grad_biases, 1, blas_threads)  # fmt: skip
+    if grad_x.shape[0] > 0:
+        delta = _rows(delta_space, x.shape[0], weights[0].shape[0])
+        _gemm_small_held(gemm, False, False, 1.0, delta, weights[0], 0.0, grad_x, blas_threads)
 
 
 # ---------------------------------------------------------------------------
