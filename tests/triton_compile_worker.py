@@ -17,16 +17,21 @@ float64's, which is there for gradcheck, not speed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections import defaultdict
 
-os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastbp-sm90-")  # before triton
+# A fresh cache, so that ptxas logs every kernel; set before triton reads it, removed
+# when the worker leaves.
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastbp-sm90-")
+atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
