@@ -11,8 +11,8 @@ import torch
 
 import fastbp
 from fastbp import examples, train
-from fastbp.kernels import cpu, reference
-from fastbp.registry import TORCH_LOSSES, WORKLOADS, check_step, entries
+from fastbp.kernels import cpu, cpu_jit, reference
+from fastbp.registry import TORCH_LOSSES, WORKLOADS, check_step, entries, huber_loss
 from fastbp.train import TORCH_OPTIMIZERS, FusedTrainer
 
 from .helpers import assert_matches_published, assert_no_less_accurate, python_calls
@@ -196,6 +196,38 @@ def test_a_step_split_among_tasks_equals_one_task_in_float64(
                                **hyper)  # fmt: skip
         losses = torch.stack([trainer.step(x, y) for _ in range(3)])
         assert trainer._kernel[1].network.splits(batch)
+        results.append((losses, [p.detach() for p in model.parameters()]))
+    (losses, parameters), (one_task_losses, one_task_parameters) = results
+    torch.testing.assert_close(losses, one_task_losses, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(parameters, one_task_parameters, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
+# Blocks of rows (cpu_jit._in_row_blocks): a batch of ROW_BLOCK_MIN_BATCH rows or more,
+# in blocks that do not divide it evenly, on a net whose steps split their GEMMs;
+# layers whose derivative reads z (gelu) and a (tanh), one without a bias.
+ROW_BLOCK_SIZES, ROW_BLOCK_BATCH = [64, 48, 33, 7], 2 * cpu_jit.ROW_BLOCK_MIN_BATCH - 3
+
+
+@pytest.mark.parametrize("tasks", [2, 3])
+@pytest.mark.parametrize("loss", [*reference.LOSSES, "huber"])
+def test_a_step_in_blocks_of_rows_equals_one_task_in_float64(loss, tasks, monkeypatch):
+    """Each block's forward, loss gradient and chain of δ's, then ∂W and ∂b summed over
+    the blocks, equal one task's whole-batch step but for rounding, for every loss: the
+    string ones and one written in torch (which runs its forward apart)."""
+    results = []
+    for count in (tasks, 1):
+        monkeypatch.setattr(cpu.TrainStep, "_tasks", lambda self, batch, count=count: count)
+        _, x, y = _problem(ROW_BLOCK_SIZES, ROW_BLOCK_BATCH, loss, torch.float64)
+        model = fastbp.nn.MLP(ROW_BLOCK_SIZES, ["gelu", "tanh"], bias=[True, False, True],
+                              dtype=torch.float64)  # fmt: skip
+        trainer = FusedTrainer(model, huber_loss if loss == "huber" else loss,
+                               optimizer=torch.optim.Adam(model.parameters(), lr=0.01))  # fmt: skip
+        losses = torch.stack([trainer.step(x, y) for _ in range(3)])
+        step = trainer._kernel[1]
+        blocked = cpu_jit._in_row_blocks(ROW_BLOCK_BATCH, step.network.weights,
+                                         step._workspaces[1], 0.0, count)  # fmt: skip
+        assert blocked == (count > 1)
         results.append((losses, [p.detach() for p in model.parameters()]))
     (losses, parameters), (one_task_losses, one_task_parameters) = results
     torch.testing.assert_close(losses, one_task_losses, rtol=1e-12, atol=1e-12)

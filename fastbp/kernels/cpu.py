@@ -488,8 +488,11 @@ class TrainStep:
         return batch
 
     def _spaces(self, batch: int) -> list[np.ndarray]:
-        """The δ and upstream workspaces for ``batch`` rows."""
-        return [np.empty(batch * self.network._widest, self.network.dtype) for _ in "du"]
+        """The δ workspace for ``batch`` rows of every layer (a step in blocks of rows
+        keeps them all), and the upstream one for the widest layer's."""
+        network = self.network
+        total, widest = sum(network.widths[1:]), network._widest
+        return [np.empty(batch * width, network.dtype) for width in (total, widest)]
 
     def forward(self, x) -> np.ndarray:
         """The network's output at ``x``, kept in the workspaces for the next step of a
