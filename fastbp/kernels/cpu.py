@@ -34,6 +34,7 @@ from .cpu_jit import (  # the kernels and the codes they switch on
     MOMENTUM,
     NESTING_LAYERS,
     PARALLEL_MIN_ELEMENTS,
+    ROW_BLOCK_MIN_BATCH,
     SGD,
     SPLIT_MIN_PRODUCT,
     _activate,
@@ -488,11 +489,13 @@ class TrainStep:
         return batch
 
     def _spaces(self, batch: int) -> list[np.ndarray]:
-        """The δ workspace for ``batch`` rows of every layer (a step in blocks of rows
-        keeps them all), and the upstream one for the widest layer's."""
-        network = self.network
-        total, widest = sum(network.widths[1:]), network._widest
-        return [np.empty(batch * width, network.dtype) for width in (total, widest)]
+        """The δ and upstream workspaces for ``batch`` rows of the widest layer; the δ
+        one holds every layer's where the step may run in blocks of rows, which keeps
+        them all (``cpu_jit._in_row_blocks``, which also reads the task count)."""
+        network, widest = self.network, self.network._widest
+        every_layer = batch >= ROW_BLOCK_MIN_BATCH and network.splits(batch)
+        deltas = sum(network.widths[1:]) if every_layer else widest
+        return [np.empty(batch * width, network.dtype) for width in (deltas, widest)]
 
     def forward(self, x) -> np.ndarray:
         """The network's output at ``x``, kept in the workspaces for the next step of a
