@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 import torch
 
-from benchmarks import gpu_report
+from benchmarks import gpu_report, interleaved
 from fastbp import bench, registry
 from fastbp.registry import REGISTRY, WORKLOADS, check_step
 
@@ -151,6 +151,21 @@ def test_the_drop_in_floor_runs_the_gemm_floors_gemms_on_the_models_weights(work
     floor.backward()
     for ours, floors in zip(gemms.grads, floor.grads, strict=True):
         torch.testing.assert_close(ours, floors, rtol=0, atol=0)
+
+
+def test_the_interleaved_script_times_each_implementation_at_each_batch(capsys):
+    interleaved.main(["--workloads", "seeds-2x2x2-sigmoid-b1", "--batches", "3,5",
+                      "--implementations", "gemm-floor,fastbp-fused", "--rounds", "1",
+                      "--calls", "1"])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        f"seeds-2x2x2-sigmoid-b1 at batch {batch}" for batch in (3, 5)
+    ]
+    for line in lines:
+        assert re.search(r"gemm-floor [\d.]+ µs \(1\.000\), fastbp-fused [\d.]+ µs", line)
+    with pytest.raises(SystemExit, match="unknown implementation fastbp-typo"):
+        interleaved.main(["--workloads", "seeds-2x2x2-sigmoid-b1", "--implementations",
+                          "fastbp-typo"])  # fmt: skip
 
 
 @pytest.mark.skipif(
