@@ -1757,10 +1757,11 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
 # rows or more runs that chain in blocks of at most ROW_BLOCK_ROWS rows, each task its
 # own blocks one after another: each pass reads a block that the GEMM before it has
 # just written in that core's cache. On MNIST's 784-256-128-10 net (SGD with momentum,
-# 2 cores) the step went from 1.13-1.18× the roofline floor to 1.06-1.11× at 256 to
-# 512 rows, 1.10-1.11× to 1.07-1.09× at 1024; at 64 and 128 rows it went to 1.18-1.31×
-# (from 1.02-1.16×), as each task's GEMMs read all of W where the whole batch's split
-# W between them: hence the minimum. Every layer's δ is kept
+# 2 cores) the step went from 1.12-1.18× the roofline floor to 1.06-1.10× at 256 and
+# 512 rows, and gained 0-3% at 1024 and 2048 (GELU: 4-9% at every batch, with its
+# slope kept); at 64 and 128 rows it went to 1.18-1.31× (from 1.02-1.16×), as each
+# task's GEMMs read all of W where the whole batch's split W between the tasks: hence
+# the minimum (benchmarks/results/2026-12-06-cpu-row-blocks). Every layer's δ is kept
 # (``delta_space`` holds one N × width matrix per layer, ``_layer_delta``), each block
 # sums its own ∂b rows in float64, and the ∂W GEMMs with their updates run after the
 # chain, split by W's rows as in ``_update_weight``. The blocks follow the task count,
