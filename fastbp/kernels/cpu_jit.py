@@ -1713,36 +1713,25 @@ def _network_step(gemm, x, targets, labels, weights, biases, activations, output
             upstream = _rows(upstream_space, batch, weights[layer].shape[1])
             _gemm_split(gemm, False, False, 1.0, delta, weights[layer], 0.0, upstream, tasks,
                         blas_threads)  # fmt: skip
-        p = first_param[layer]
-        _update_weight(
-            gemm,
-            delta,
-            source,
-            weights[layer],
-            grad_weights[layer],
-            states[2 * p],
-            states[2 * p + 1],
-            rule,
-            hyper[p],
-            steps[p][0],
-            fresh[p],
-            tasks,
-            blas_threads,
-        )
-        if biases[layer].shape[0] > 0:
-            q = p + 1
-            _update(
-                biases[layer],
-                grad_biases[layer],
-                states[2 * q],
-                states[2 * q + 1],
-                rule,
-                hyper[q],
-                steps[q][0],
-                fresh[q],
-                1.0,
-            )
+        _update_layer(gemm, delta, source, weights, biases, grad_weights, grad_biases,
+                      first_param, states, steps, hyper, fresh, rule, layer, tasks,
+                      blas_threads)  # fmt: skip
     return value
+
+
+@njit(inline="always")
+def _update_layer(gemm, delta, source, weights, biases, grad_weights, grad_biases, first_param,
+                  states, steps, hyper, fresh, rule, layer, tasks, blas_threads):  # fmt: skip
+    """Layer ``layer``'s updates in a step without clipping: W's from its δ and the
+    layer's input (``_update_weight``), b's from the ∂b already in ``grad_biases``."""
+    p = first_param[layer]
+    _update_weight(gemm, delta, source, weights[layer], grad_weights[layer], states[2 * p],
+                   states[2 * p + 1], rule, hyper[p], steps[p][0], fresh[p], tasks,
+                   blas_threads)  # fmt: skip
+    if biases[layer].shape[0] > 0:
+        q = p + 1
+        _update(biases[layer], grad_biases[layer], states[2 * q], states[2 * q + 1], rule,
+                hyper[q], steps[q][0], fresh[q], 1.0)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -1892,29 +1881,13 @@ def _step_in_row_blocks(gemm, x, targets, labels, weights, biases, activations, 
                       delta_space, upstream_space, loss, scale, sums, losses, tasks,
                       blas_threads)  # fmt: skip
     for layer in range(len(weights) - 1, -1, -1):
-        p = first_param[layer]
-        _update_weight(
-            gemm,
-            _layer_delta(delta_space, batch, weights, layer),
-            x if layer == 0 else outputs[layer - 1],
-            weights[layer],
-            grad_weights[layer],
-            states[2 * p],
-            states[2 * p + 1],
-            rule,
-            hyper[p],
-            steps[p][0],
-            fresh[p],
-            tasks,
-            blas_threads,
-        )
-        grad_bias = grad_biases[layer]
-        if grad_bias.shape[0] > 0:
-            start, q = _offset(weights, layer), p + 1
-            for j in range(grad_bias.shape[0]):
-                grad_bias[j] = sums[:, start + j].sum()
-            _update(biases[layer], grad_bias, states[2 * q], states[2 * q + 1], rule, hyper[q],
-                    steps[q][0], fresh[q], 1.0)  # fmt: skip
+        grad_bias, start = grad_biases[layer], _offset(weights, layer)
+        for j in range(grad_bias.shape[0]):  # the blocks' sums, in block order
+            grad_bias[j] = sums[:, start + j].sum()
+        _update_layer(gemm, _layer_delta(delta_space, batch, weights, layer),
+                      x if layer == 0 else outputs[layer - 1], weights, biases, grad_weights,
+                      grad_biases, first_param, states, steps, hyper, fresh, rule, layer, tasks,
+                      blas_threads)  # fmt: skip
     return losses.sum()
 
 
