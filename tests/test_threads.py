@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 import subprocess
 import sys
@@ -237,3 +238,29 @@ def test_kernel_tasks_give_the_calling_thread_its_mkl_count_back():
         held = set_local(before)
     assert trainer._kernel[1].network.splits(64)
     assert held == 3
+
+
+STEP_IN_BLOCKS = """
+import json, numba, torch, fastbp
+from fastbp.train import FusedTrainer
+torch.manual_seed(0)
+model = fastbp.nn.MLP([784, 256, 128, 10], "gelu")
+x, y = torch.randn(1024, 784), torch.randint(0, 10, (1024,))
+trainer = FusedTrainer(model, "cross_entropy", lr=0.01, momentum=0.9)
+losses = [float(trainer.step(x, y)) for _ in range(2)]
+print(json.dumps({"layer": numba.threading_layer(), "tasks": trainer._kernel[1]._tasks(1024),
+                  "losses": losses}))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores: one task a core")
+@pytest.mark.parametrize("layer", ["workqueue", None])
+def test_a_step_in_blocks_of_rows_runs_under_every_threading_layer(layer):
+    """Each task's blocks run their passes on its own thread: a parallel pass inside a
+    task would nest parallel regions, which the workqueue layer aborts on (None: the
+    layer numba picks)."""
+    chosen = {} if layer is None else {"NUMBA_THREADING_LAYER": layer}
+    run = _run(STEP_IN_BLOCKS, unset=("NUMBA_THREADING_LAYER",), OMP_NUM_THREADS="2", **chosen)
+    assert run["tasks"] == 2
+    assert layer in (None, run["layer"])
+    assert run["losses"][1] < run["losses"][0]

@@ -1234,8 +1234,11 @@ def _step_parallel(activation, size, tasks):
 
 @kernel
 def _activate_in(z, activation, out, tasks):
-    """``_activate`` in a step of ``tasks`` tasks: a block a task where it is worth it."""
-    if _step_parallel(activation, z.size, tasks):
+    """``_activate`` in a step of ``tasks`` tasks: a block a task where it is worth it;
+    with 0, on the calling thread alone (``_chain_block``: a task's own rows)."""
+    if tasks == 0:
+        _activate_serial(z.reshape(z.size), activation, out.reshape(out.size))
+    elif _step_parallel(activation, z.size, tasks):
         source, target = z.reshape(z.size), out.reshape(out.size)
         _activate_parallel(source, activation, target, -(-source.shape[0] // tasks))
     else:
@@ -1308,7 +1311,8 @@ def _kept_or(outputs, layer, a):
 @kernel
 def _mlp_forward(gemm, x, weights, biases, activations, outputs, scratch, tasks, blas_threads):
     """``outputs`` holds every layer's a, then every layer's z slot (empty where the
-    derivative reads a only); a training step splits its GEMMs (``_gemm_split``)."""
+    derivative reads a only); a training step splits its GEMMs (``_gemm_split``), and
+    ``tasks`` 0 runs every pass on the calling thread (``_activate_in``)."""
     top = len(weights)
     for layer in range(top):
         source = x if layer == 0 else outputs[layer - 1]
@@ -1832,8 +1836,10 @@ def _chain_block(gemm, x, targets, labels, weights, biases, activations, outputs
     if loss == GIVEN_GRADIENT:
         upstream, value = targets[lo:hi], 0.0
     else:
+        # Every pass on this task's thread (tasks 0): a parallel pass inside a task would
+        # nest a parallel region, which numba's workqueue layer aborts on.
         scratch = upstream_space[lo * widest : hi * widest]  # free until the loss gradient
-        _mlp_forward(gemm, x[lo:hi], weights, biases, activations, rows, scratch, 1, 0)
+        _mlp_forward(gemm, x[lo:hi], weights, biases, activations, rows, scratch, 0, 0)
         upstream = _block_space(upstream_space, lo, hi, weights[top].shape[0], widest)
         value = _loss_and_grad(rows[top], targets[lo:hi], labels[lo:hi], loss, scale, upstream)
     for layer in range(top, -1, -1):
