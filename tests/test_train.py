@@ -203,10 +203,11 @@ def test_a_step_split_among_tasks_equals_one_task_in_float64(
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
 
 
-# Blocks of rows (cpu_jit._in_row_blocks): a batch of ROW_BLOCK_MIN_BATCH rows or more,
-# in blocks that do not divide it evenly, on a net whose steps split their GEMMs;
-# layers whose derivative reads z (gelu) and a (tanh), one without a bias.
-ROW_BLOCK_SIZES, ROW_BLOCK_BATCH = [64, 48, 33, 7], 2 * cpu_jit.ROW_BLOCK_MIN_BATCH - 3
+# Blocks of rows (cpu_jit._in_row_blocks): a batch the blocks do not divide evenly, two
+# blocks a task with 2 tasks (at most ROW_BLOCK_ROWS rows a block) and one with 3, on a
+# net whose steps split their GEMMs; layers whose derivative reads z (gelu) and a (tanh),
+# one without a bias.
+ROW_BLOCK_SIZES, ROW_BLOCK_BATCH = [64, 48, 33, 7], 2 * cpu_jit.ROW_BLOCK_ROWS + 3
 
 
 @pytest.mark.parametrize("tasks", [2, 3])
