@@ -67,11 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=10, help="steps timed together")
     args = parser.parse_args(argv)
-    implementations = args.implementations.split(",")
+    names, implementations = args.workloads.split(","), args.implementations.split(",")
     batches = [int(b) for b in args.batches.split(",") if b]
-    _check("workload", args.workloads.split(","), registry.WORKLOADS)
-    _check("implementation", implementations, {e.name for e in registry.entries("cpu")})
-    for workload in _workloads(args.workloads.split(","), batches):
+    _check("workload", names, registry.WORKLOADS)
+    _check("implementation", implementations, {e.name for e in registry.entries("cpu", "step")})
+    for workload in _workloads(names, batches):
+        _check(f"implementation for {workload.name}", implementations,
+               {e.name for e in registry.entries("cpu", "step") if e.runs(workload)})  # fmt: skip
         medians = _medians(workload, implementations, args.rounds, args.calls)
         base = medians[implementations[0]]
         cells = [f"{name} {us:.1f} µs ({us / base:.3f})" for name, us in medians.items()]

@@ -163,9 +163,12 @@ def test_the_interleaved_script_times_each_implementation_at_each_batch(capsys):
     ]
     for line in lines:
         assert re.search(r"gemm-floor [\d.]+ µs \(1\.000\), fastbp-fused [\d.]+ µs", line)
-    with pytest.raises(SystemExit, match="unknown implementation fastbp-typo"):
-        interleaved.main(["--workloads", "seeds-2x2x2-sigmoid-b1", "--implementations",
-                          "fastbp-typo"])  # fmt: skip
+    for name, words in [("fastbp-typo", "unknown implementation fastbp-typo"),
+                        ("fastbp-layers", "unknown implementation fastbp-layers"),  # no step
+                        ("torch-vmap", "for seeds-2x2x2-sigmoid-b1 torch-vmap")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=words):
+            interleaved.main(["--workloads", "seeds-2x2x2-sigmoid-b1", "--implementations",
+                              name])  # fmt: skip
 
 
 @pytest.mark.skipif(
