@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -377,22 +378,31 @@ class BoundModel:
         self.plan, self.backend = plan, module.backend
         self.children = tuple(module._modules.values())
         self.edit = _last_edit[0]
-        self.settings = tuple(map(_activations.settings, self.children))
+        # only activation modules with parameters (LeakyReLU's slope, …) have settings
+        self.settings = tuple(
+            (child, settings)
+            for child in self.children
+            if (settings := _activations.settings(child))
+        )
+        # Each child's dicts of hooks, children and parameters, held: torch registers,
+        # replaces and deletes in them and never rebinds them after __init__.
+        self.must_be_empty = tuple(_chain(map(_HOOKS_AND_CHILDREN, self.children)))
+        self.parameter_dicts = tuple(child._parameters for child in self.children)
         # by identity: == on tensors compares elements. Held, so no new object takes an id.
-        self.parameters = tuple(tuple(child._parameters.values()) for child in self.children)
-        self.parameter_ids = tuple(tuple(map(id, held)) for held in self.parameters)
+        self.parameters = tuple(_chain(map(dict.values, self.parameter_dicts)))
+        self.parameter_ids = list(map(id, self.parameters))
         # the memory the plan's views read, as the plan checked it just now
         self.pointers = list(map(torch.Tensor.data_ptr, plan.params))
         self.strides = list(map(torch.Tensor.stride, plan.params))
 
     def holds_parameters(self, module: MLP) -> bool:
         """Whether the module's parameters are still exactly ``plan.params``."""
-        if module._parameters or tuple(module._modules.values()) != self.children:
-            return False
-        for child, ids in zip(self.children, self.parameter_ids, strict=True):
-            if tuple(map(id, child._parameters.values())) != ids or child._modules:
-                return False
-        return True
+        return (
+            not module._parameters
+            and tuple(module._modules.values()) == self.children
+            and list(map(id, _chain(map(dict.values, self.parameter_dicts)))) == self.parameter_ids
+            and not any(self.must_be_empty)
+        )
 
     def __call__(self, module: MLP, x: torch.Tensor) -> torch.Tensor | None:
         plan = self.plan
@@ -418,34 +428,37 @@ class BoundModel:
         return plan.kernels.infer(plan, x)
 
     def unchanged(self, module: MLP) -> bool:
-        """Whether everything bound still holds (see the class), in one frame: a frame is
-        much of a small network's call."""
-        if not (
+        """Whether everything bound still holds (see the class), in one frame and in
+        C-level iterations (``map``, ``chain``): a frame or a Python loop is much of a
+        small network's call."""
+        children, params = self.children, self.plan.params
+        return (
             module.backend == self.backend
             and _last_edit[0] == self.edit
-            and not _module._global_forward_hooks
-            and not _module._global_forward_pre_hooks
-            and not _module._global_backward_hooks
-            and not _module._global_backward_pre_hooks
-            and not module._parameters
-            and tuple(module._modules.values()) == self.children
-            and list(map(torch.Tensor.data_ptr, self.plan.params)) == self.pointers
-            and list(map(torch.Tensor.stride, self.plan.params)) == self.strides
-        ):
-            return False
-        for child, ids in zip(self.children, self.parameter_ids, strict=True):  # holds_parameters'
-            if tuple(map(id, child._parameters.values())) != ids or child._modules:
-                return False
-        for child, settings in zip(self.children, self.settings, strict=True):
-            if (
-                child._forward_hooks
-                or child._forward_pre_hooks
-                or child._backward_hooks
-                or child._backward_pre_hooks
-                or (settings and _activations.settings(child) != settings)
-            ):
-                return False
-        return True
+            and not (
+                _module._global_forward_hooks
+                or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks
+                or _module._global_backward_pre_hooks
+                or module._parameters
+            )
+            and tuple(module._modules.values()) == children
+            and not any(self.must_be_empty)
+            and list(map(id, _chain(map(dict.values, self.parameter_dicts)))) == self.parameter_ids
+            and list(map(torch.Tensor.data_ptr, params)) == self.pointers
+            and list(map(torch.Tensor.stride, params)) == self.strides
+            and (not self.settings or self._settings_hold())
+        )
+
+    def _settings_hold(self) -> bool:
+        return all(_activations.settings(child) == held for child, held in self.settings)
+
+
+_chain = itertools.chain.from_iterable
+# What a fused child must hold empty: its hooks (nn.Module's own) and children.
+_HOOKS_AND_CHILDREN = operator.attrgetter(
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_modules"
+)
 
 
 def _layout(children, name: str = "MLP") -> tuple[list[nn.Module], tuple[str, ...]]:

@@ -192,6 +192,10 @@ FORWARD_EDITS = {
     "child replaced": lambda m: m.__setitem__(1, nn.Tanh()),
     "activation setting": lambda m: setattr(m[1], "negative_slope", 0.3),
     "forward hook": lambda m: m[2].register_forward_hook(lambda module, args, out: out * 3),
+    "forward pre-hook": lambda m: m[0].register_forward_pre_hook(lambda module, a: (a[0] * 2,)),
+    "global forward hook": lambda m: torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * 3
+    ),
 }
 
 
@@ -202,6 +206,10 @@ def test_a_forward_after_an_edit_runs_the_edited_network(edit):
     x = torch.randn(6, 5, dtype=torch.float64)
     for _ in range(2):
         model(x)
-    FORWARD_EDITS[edit](model)
-    expected = nn.Sequential(*model.children())(x)  # the same children, called one by one
-    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    handle = FORWARD_EDITS[edit](model)
+    try:
+        expected = nn.Sequential(*model.children())(x)  # the same children, one by one
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    finally:
+        if handle is not None:
+            handle.remove()  # a global hook would reach every later test

@@ -774,6 +774,51 @@ def test_the_kernel_refuses_state_arrays_its_rule_would_read_past():
     assert np.all(weights[0] == 1)
 
 
+def _bare_step(loss):
+    """A float64 TrainStep of a 3-4-2 net with plain SGD, and its bound state."""
+    rng = np.random.default_rng(3)
+    network = cpu.Network(
+        [rng.normal(size=(4, 3)), rng.normal(size=(2, 4))],
+        [np.zeros(4), None],
+        ["tanh", "identity"],
+    )
+    step = cpu.TrainStep(network, loss, "mean", "sgd")
+    bound = step.bind([np.empty(0)] * 6, [np.zeros(1)] * 3)
+    hyper = np.tile(cpu.hyperparameters(0.1), (3, 1))
+    return network, step, (bound, hyper, np.zeros(3, bool))
+
+
+def _batch(loss, rows, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, rows) if loss == "cross_entropy" else rng.normal(size=(rows, 2))
+    return rng.normal(size=(rows, 3)), y
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_again_steps_as_a_full_call_does_and_keeps_no_batch(loss):
+    """``TrainStep.again`` reuses the last call's kernel arguments: it must step as the
+    full call does, let go of the caller's batch, and keep the arguments it checked when
+    a later full call on another batch raised after making that batch's workspaces."""
+    import weakref
+
+    ours, step, state = _bare_step(loss)
+    theirs, reference_step, reference_state = _bare_step(loss)
+    x, y = _batch(loss, 5, seed=0)
+    losses = [step(x, y, *state), reference_step(x, y, *reference_state)]
+    bad_x, bad_y = _batch(loss, 7, seed=1)
+    with pytest.raises(ValueError, match="y must have shape"):
+        step(bad_x, bad_y[:3], *state)  # x's 7 rows laid out first, then y refused
+    for seed in (2, 3):
+        x, y = _batch(loss, 5, seed)
+        losses += [step.again(x, y, *state), reference_step(x, y, *reference_state)]
+        batch = weakref.ref(x), weakref.ref(y)
+        del x, y
+        assert batch[0]() is None and batch[1]() is None  # again keeps no batch alive
+    assert losses[0::2] == losses[1::2]
+    for mine, reference_ in zip(ours.weights, theirs.weights, strict=True):
+        np.testing.assert_array_equal(mine, reference_)
+
+
 @pytest.mark.parametrize(
     "x, error, words",
     [

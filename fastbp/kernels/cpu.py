@@ -449,6 +449,8 @@ class TrainStep:
         self._laid_out = None  # what the workspaces were made for (_layout)
         self._forwarded: np.ndarray | None = None  # the x of forward(), for loss=None
         self._checked = None  # what the last step checked, for again()
+        self._kept: list = []  # the last step's kernel arguments, for again()
+        self._y_slot = 3 if self.loss == CROSS_ENTROPY else 2  # y's place in them
 
     def bind(self, states, steps) -> tuple:
         """``(states, steps)`` checked for the kernel: two flat arrays per parameter
@@ -583,9 +585,9 @@ class TrainStep:
             and y.flags.c_contiguous
         ):
             return self(x, y, bound, hyper, fresh, max_norm)
-        no_targets = _NO_TARGETS[x.dtype]
-        targets, labels = (no_targets, y) if self.loss == CROSS_ENTROPY else (y, _NO_LABELS)
-        value, bad = self._launch(x, targets, labels, bound, hyper, fresh, checked[6], max_norm)
+        arguments = self._kept
+        arguments[1], arguments[self._y_slot] = x, y
+        value, bad = self._launch_kept(max_norm)
         if bad != -1:
             self._refuse(bad, y)
         return value
@@ -603,10 +605,22 @@ class TrainStep:
         )
 
     def _launch(self, x, targets, labels, bound, hyper, fresh, scale, max_norm) -> tuple:
-        """``(loss, code)`` of the step's kernel (``_train_step``'s)."""
+        """``(loss, code)`` of the step's kernel (``_train_step``'s). Its arguments are
+        kept for ``again``, which puts the next batch in x's and y's places alone."""
         arguments = self._arguments(x, targets, labels, bound, hyper, fresh, scale)
-        tasks = self._tasks(x.shape[0])
-        return _train_step(*arguments, float(max_norm), tasks, blas_threads_address())
+        self._kept = [*arguments, 0.0, 1, blas_threads_address()]
+        return self._launch_kept(max_norm)
+
+    def _launch_kept(self, max_norm: float) -> tuple:
+        """``_train_step`` on the kept arguments; the batch in them (x, and y as targets
+        or labels) is the caller's, and is let go after the call."""
+        arguments = self._kept
+        arguments[-3] = float(max_norm)
+        arguments[-2] = self._tasks(arguments[1].shape[0])
+        try:
+            return _train_step(*arguments)
+        finally:
+            arguments[1] = arguments[self._y_slot] = None
 
     def _tasks(self, batch: int) -> int:
         """How many tasks the step's large GEMMs split among: one per numba thread (the
