@@ -108,6 +108,27 @@ def test_each_call_runs_at_torchs_thread_count_and_restores_numbas():
     assert after == 1
 
 
+@pytest.mark.parametrize(
+    "activation", ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu"]
+)
+def test_a_call_reaches_numbas_pool_wherever_one_of_its_passes_splits(activation):
+    """The policy sets numba's thread count only for calls that reach its pool
+    (``Network.parallel``): a forward pass of an activation that costs more than a
+    compare splits from fewer elements (``cpu_jit._activate``), and must count."""
+    import numpy as np
+
+    from fastbp.kernels import cpu
+
+    width = 256
+    network = cpu.Network(
+        [np.ones((width, 3)), np.ones((2, width))], [None, None], [activation, "identity"]
+    )
+    cheap = cpu_jit._CODES["activation"][activation] in cpu_jit.CHEAP_CODES
+    least = cpu_jit.PARALLEL_MIN_ELEMENTS if cheap else cpu_jit.PARALLEL_MIN_ELEMENTS_COSTLY
+    for batch in (least // width - 1, least // width, 4 * least // width):
+        assert network.parallel(batch) == (batch * width >= least), batch
+
+
 def test_a_failing_call_still_restores_numbas_thread_count():
     previous = numba.get_num_threads()
     numba.set_num_threads(1)

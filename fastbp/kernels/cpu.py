@@ -27,6 +27,7 @@ import numpy as np
 from .activation_table import MAX_PARAMETERS, parse, split_saved
 from .cpu_jit import (  # the kernels and the codes they switch on
     _NO_BIAS,
+    CHEAP_CODES,
     CROSS_ENTROPY,
     DTYPES,
     GIVEN_GRADIENT,
@@ -34,6 +35,7 @@ from .cpu_jit import (  # the kernels and the codes they switch on
     MOMENTUM,
     NESTING_LAYERS,
     PARALLEL_MIN_ELEMENTS,
+    PARALLEL_MIN_ELEMENTS_COSTLY,
     ROW_BLOCK_MIN_BATCH,
     SGD,
     SPLIT_MIN_PRODUCT,
@@ -140,7 +142,7 @@ class Network:
         self.holds_originals = not self.copies
         self._widest = max(self.widths[1:])  # what the workspaces hold: layer outputs
         # the batch from which forward and backward reach numba's pool (see parallel)
-        self.parallel_rows = -(-PARALLEL_MIN_ELEMENTS // self._widest)
+        self.parallel_rows = _parallel_rows(self.widths, self.activations)
         self._largest = max(w.size for w in self.weights)
         self.split_gemms = split_gemms
         self._workspaces = threading.local()
@@ -160,9 +162,9 @@ class Network:
 
     def parallel(self, batch: int, updates: bool = False) -> bool:
         """Whether a call on ``batch`` rows reaches numba's thread pool: an element-wise
-        pass of ``PARALLEL_MIN_ELEMENTS`` or more, or (``updates``, a ``TrainStep``) an
-        update of a parameter that large or a GEMM it splits (``splits``). Below, numba's
-        thread count does not matter."""
+        pass large enough to split (``parallel_rows``), or (``updates``, a ``TrainStep``) an
+        update of a parameter of ``PARALLEL_MIN_ELEMENTS`` or more, or a GEMM it splits
+        (``splits``). Below, numba's thread count does not matter."""
         if batch >= self.parallel_rows:
             return True
         return updates and (self._largest >= PARALLEL_MIN_ELEMENTS or self.splits(batch))
@@ -412,6 +414,18 @@ def update(param, grad, state, optimizer, hyper, step=1, fresh=False, scale=1.0)
     state_a, state_b = [_state("state", a, dtype, param.size) for a in (*state, empty, empty)[:2]]
     _prepare_launch(dtype)
     _update(param, grad, state_a, state_b, rule, hyper, float(step), bool(fresh), float(scale))
+
+
+def _parallel_rows(widths, activations) -> int:
+    """The batch from which a network's element-wise passes reach numba's pool: from
+    ``PARALLEL_MIN_ELEMENTS`` elements in its widest layer, from
+    ``PARALLEL_MIN_ELEMENTS_COSTLY`` in a layer whose activation is not among
+    ``CHEAP_CODES`` (``cpu_jit._activate``)."""
+    rows = -(-PARALLEL_MIN_ELEMENTS // max(widths[1:]))
+    for width, row in zip(widths[1:], activations, strict=True):
+        if int(row[0]) not in CHEAP_CODES:
+            rows = min(rows, -(-PARALLEL_MIN_ELEMENTS_COSTLY // width))
+    return rows
 
 
 class TrainStep:
@@ -688,7 +702,8 @@ class Ensemble:
         self.split_rows = split_rows
         # as Network's: the batch from which a call reaches numba's pool (every call,
         # with the members in parallel)
-        self.parallel_rows = 0 if self.in_parallel else -(-PARALLEL_MIN_ELEMENTS // self._widest)
+        parallel_rows = _parallel_rows(self.widths, self.activations)
+        self.parallel_rows = 0 if self.in_parallel else parallel_rows
         self._largest = max(w[0].size for w in self.weights)  # one member's update at a time
         self.split_gemms = False  # a member's GEMMs run whole, each member in its own task
         self._no_z = np.empty((self.members, 0, 0), dtype)
