@@ -108,25 +108,40 @@ def test_each_call_runs_at_torchs_thread_count_and_restores_numbas():
     assert after == 1
 
 
+def _some_pass_splits(widths, activation, batch) -> bool:
+    """Whether a forward or backward of a one-hidden-layer net splits an element-wise
+    pass, by the rules ``cpu_jit`` states: δ from PARALLEL_MIN_ELEMENTS, an activation
+    from PARALLEL_MIN_ELEMENTS (cheap) or _COSTLY, or after a GEMM on the BLAS's threads
+    (above HELD_GEMM_PRODUCTS) from PARALLEL_MIN_AFTER_BLAS."""
+    inputs, hidden, _ = widths
+    cheap = cpu_jit._CODES["activation"][activation] in cpu_jit.CHEAP_CODES
+    elements = batch * hidden
+    if elements >= cpu_jit.PARALLEL_MIN_ELEMENTS or activation == "identity":
+        return elements >= cpu_jit.PARALLEL_MIN_ELEMENTS
+    if not cheap and elements >= cpu_jit.PARALLEL_MIN_ELEMENTS_COSTLY:
+        return True
+    on_blas_threads = batch * inputs * hidden >= cpu_jit.HELD_GEMM_PRODUCTS[1]
+    return on_blas_threads and elements >= cpu_jit.PARALLEL_MIN_AFTER_BLAS[0 if cheap else 1]
+
+
+@pytest.mark.parametrize("inputs", [3, 784])
 @pytest.mark.parametrize(
     "activation", ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu"]
 )
-def test_a_call_reaches_numbas_pool_wherever_one_of_its_passes_splits(activation):
+def test_a_call_reaches_numbas_pool_wherever_one_of_its_passes_splits(activation, inputs):
     """The policy sets numba's thread count only for calls that reach its pool
-    (``Network.parallel``): a forward pass of an activation that costs more than a
-    compare splits from fewer elements (``cpu_jit._activate``), and must count."""
+    (``Network.parallel``): every pass that splits must count, those of activations
+    that cost more than a compare and those after a GEMM on the BLAS's threads too."""
     import numpy as np
 
     from fastbp.kernels import cpu
 
-    width = 256
+    widths = (inputs, 256, 2)
     network = cpu.Network(
-        [np.ones((width, 3)), np.ones((2, width))], [None, None], [activation, "identity"]
+        [np.ones((256, inputs)), np.ones((2, 256))], [None, None], [activation, "identity"]
     )
-    cheap = cpu_jit._CODES["activation"][activation] in cpu_jit.CHEAP_CODES
-    least = cpu_jit.PARALLEL_MIN_ELEMENTS if cheap else cpu_jit.PARALLEL_MIN_ELEMENTS_COSTLY
-    for batch in (least // width - 1, least // width, 4 * least // width):
-        assert network.parallel(batch) == (batch * width >= least), batch
+    for batch in [1, 2, 3, 15, 16, 17, 63, 64, 65, 127, 128, 255, 256, 682, 683, 1024]:
+        assert network.parallel(batch) == _some_pass_splits(widths, activation, batch), batch
 
 
 def test_a_failing_call_still_restores_numbas_thread_count():

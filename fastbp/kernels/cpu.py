@@ -31,9 +31,12 @@ from .cpu_jit import (  # the kernels and the codes they switch on
     CROSS_ENTROPY,
     DTYPES,
     GIVEN_GRADIENT,
+    HELD_GEMM_PRODUCTS,
+    IDENTITY,
     MEAN,
     MOMENTUM,
     NESTING_LAYERS,
+    PARALLEL_MIN_AFTER_BLAS,
     PARALLEL_MIN_ELEMENTS,
     PARALLEL_MIN_ELEMENTS_COSTLY,
     ROW_BLOCK_MIN_BATCH,
@@ -420,11 +423,19 @@ def _parallel_rows(widths, activations) -> int:
     """The batch from which a network's element-wise passes reach numba's pool: from
     ``PARALLEL_MIN_ELEMENTS`` elements in its widest layer, from
     ``PARALLEL_MIN_ELEMENTS_COSTLY`` in a layer whose activation is not among
-    ``CHEAP_CODES`` (``cpu_jit._activate``)."""
+    ``CHEAP_CODES`` (``cpu_jit._activate``), and from ``PARALLEL_MIN_AFTER_BLAS`` after
+    a GEMM that runs on the BLAS's threads (``cpu_jit._activate_after_blas``)."""
     rows = -(-PARALLEL_MIN_ELEMENTS // max(widths[1:]))
-    for width, row in zip(widths[1:], activations, strict=True):
-        if int(row[0]) not in CHEAP_CODES:
+    for inputs, width, row in zip(widths[:-1], widths[1:], activations, strict=True):
+        code = int(row[0])
+        if code == IDENTITY:
+            continue  # no activation pass
+        cheap = code in CHEAP_CODES
+        if not cheap:
             rows = min(rows, -(-PARALLEL_MIN_ELEMENTS_COSTLY // width))
+        least = PARALLEL_MIN_AFTER_BLAS[0 if cheap else 1]
+        on_blas_threads = -(-HELD_GEMM_PRODUCTS[1] // (inputs * width))
+        rows = min(rows, max(on_blas_threads, -(-least // width)))
     return rows
 
 
