@@ -429,8 +429,8 @@ class BoundModel:
 
     def unchanged(self, module: MLP) -> bool:
         """Whether everything bound still holds (see the class), in one frame and in
-        C-level iterations (``map``, ``chain``): a frame or a Python loop is much of a
-        small network's call."""
+        C-level iterations (``map``, ``itertools.chain``): a frame or a Python loop is
+        much of a small network's call."""
         children, params = self.children, self.plan.params
         return (
             module.backend == self.backend
@@ -451,6 +451,7 @@ class BoundModel:
         )
 
     def _settings_hold(self) -> bool:
+        """Whether every activation child with settings is still set as bound."""
         return all(_activations.settings(child) == held for child, held in self.settings)
 
 
