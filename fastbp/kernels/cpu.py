@@ -582,7 +582,7 @@ class TrainStep:
         scale = 1.0 / terms if self.scale_by_mean else 1.0
         if self.loss != GIVEN_GRADIENT:
             given = labels if self.loss == CROSS_ENTROPY else targets
-            self._checked = (x.shape, given.shape, given.dtype, bound, hyper, fresh, scale)
+            self._checked = (x.shape, given.shape, given.dtype, bound, hyper, fresh)
         value, bad = self._launch(x, targets, labels, bound, hyper, fresh, scale, max_norm)
         if bad != -1:
             self._refuse(bad, y)
