@@ -10,6 +10,9 @@ torch.compile for the headline network.
    the plan) and through the
    ``fastbp::mlp_forward``/``mlp_backward`` custom ops (what torch.compile and
    torch.export see); forward alone under no_grad, and forward+backward.
+   The drop-in and nn.Sequential also run under ``torch.compile``, beside a module
+   whose forward is one custom op that does nothing: what a compiled call costs
+   before any of fastbp's code runs.
 2. A 64x1000x100x10 training step (forward, MSE-sum, backward, SGD): fastbp.nn.MLP
    eager and under ``torch.compile(fullgraph=True)``, beside nn.Sequential both ways.
 
@@ -28,6 +31,19 @@ import fastbp
 from fastbp import functional as F
 from fastbp import plans, traced
 from fastbp.bench import time_interleaved
+
+
+class _NothingOp(torch.nn.Module):
+    """One custom op, that returns a new tensor and computes nothing: torch.compile's
+    own per-call cost (guards, the AOT and inductor wrappers, the dispatch)."""
+
+    library = torch.library.Library("fastbp_benchmarks", "DEF")
+    library.define("nothing(Tensor x) -> Tensor")
+    library.impl("nothing", torch.empty_like, "CPU")
+    torch.library.register_fake("fastbp_benchmarks::nothing", torch.empty_like, lib=library)
+
+    def forward(self, x):
+        return torch.ops.fastbp_benchmarks.nothing(x)
 
 
 def _tiny_calls() -> dict:
@@ -60,18 +76,32 @@ def _tiny_calls() -> dict:
     module = fastbp.nn.MLP([2, 2, 2], activation="relu")
     sequential = module.to_torch()
 
-    def training(network):  # the drop-in's whole call: zero_grad, forward, backward
+    def training(network, parameters_of=None):  # the drop-in's whole call
+        parameters_of = parameters_of or network
+
         def run():
-            network.zero_grad()
+            parameters_of.zero_grad()
             network(x).sum().backward()
 
         return run
 
+    compiled_module, compiled_sequential = torch.compile(module), torch.compile(sequential)
     return {
         "fastbp.nn.MLP, forward (no_grad)": forward_only(module),
         "nn.Sequential, forward (no_grad)": forward_only(sequential),
         "fastbp.nn.MLP, zero_grad+forward+backward": training(module),
         "nn.Sequential, zero_grad+forward+backward": training(sequential),
+        "torch.compile(one op that does nothing), forward (no_grad)": forward_only(
+            torch.compile(_NothingOp())
+        ),
+        "torch.compile(fastbp.nn.MLP), forward (no_grad)": forward_only(compiled_module),
+        "torch.compile(nn.Sequential), forward (no_grad)": forward_only(compiled_sequential),
+        "torch.compile(fastbp.nn.MLP), zero_grad+forward+backward": training(
+            compiled_module, module
+        ),
+        "torch.compile(nn.Sequential), zero_grad+forward+backward": training(
+            compiled_sequential, sequential
+        ),
         "checked plan, forward (no_grad: the kernels alone)": forward_only(function),
         "custom op, forward (no_grad)": forward_only(op),
         "checked plan, forward+backward (the autograd.Function)": forward_backward(function),

@@ -10,6 +10,7 @@ this module is imported, which ``import fastbp`` does, so that a saved
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Sequence
 
@@ -43,32 +44,29 @@ SPEC_SEPARATOR = ";"
 # holding the parameters weakly: a plan runs on detached aliases of them (the same
 # memory), so that a deleted model's weights are freed, on the GPU too.
 class _OpPlan:
-    """A cached plan and weak references to the parameters it was built for; the entry
-    leaves ``_OP_PLANS`` when one of them is freed."""
+    """A cached plan and weak references to the parameters it was built for (the
+    weights, then the biases that exist); the entry leaves ``_OP_PLANS`` when one of
+    them is freed."""
 
-    def __init__(self, key: tuple, plan: Plan, weights, biases) -> None:
+    def __init__(self, key: tuple, plan: Plan, params) -> None:
         forget = lambda _: _OP_PLANS.pop(key, None) if _OP_PLANS.get(key) is self else None  # noqa: E731
         self.plan = plan
-        self.weights = tuple(weakref.ref(w, forget) for w in weights)
-        self.biases = tuple(None if b is None else weakref.ref(b, forget) for b in biases)
+        self.refs = tuple(weakref.ref(p, forget) for p in params)
 
-    def holds(self, weights, biases) -> bool:
-        """Whether the plan runs ``weights`` and ``biases`` (None: backward, which reads
-        no bias) as they are now: the same tensors, memory and strides."""
-        plan = self.plan
-        if not plan.reusable or len(weights) != len(self.weights):
-            return False
-        if any(ref() is not w for ref, w in zip(self.weights, weights, strict=True)):
-            return False
-        params = list(weights)
-        if biases is not None:
-            for ref, bias in zip(self.biases, biases, strict=True):
-                if (ref is None) != (bias is None) or (ref is not None and ref() is not bias):
-                    return False
-            params += [b for b in biases if b is not None]
-        return plan.same_memory(params)
+    def holds(self, params) -> bool:
+        """Whether the plan runs ``params`` as they are now: the same tensors, memory and
+        strides. ``params`` are the weights, then the biases that exist (backward: the
+        weights alone, as it reads no bias)."""
+        refs = self.refs
+        return (
+            self.plan.reusable
+            and len(params) <= len(refs)
+            and all(map(operator.is_, map(_DEREFERENCE, refs), params))
+            and self.plan.same_memory(params)
+        )
 
 
+_DEREFERENCE = weakref.ref.__call__  # the referent, called from map without a frame
 _OP_PLANS: dict[tuple, _OpPlan] = {}
 OP_PLANS_KEPT = 8
 
@@ -76,35 +74,34 @@ OP_PLANS_KEPT = 8
 def _op_plan(x, weights, has_bias, activations: str, biases=None) -> Plan:
     """A plan for tensors the op machinery has already checked against the fakes.
 
-    ``biases`` are the layers' own (None where ``has_bias`` is false); backward passes
+    ``biases`` are those of the layers whose ``has_bias`` is true; backward passes
     none, as it reads no bias, and takes the forward's plan when it still holds.
     """
-    backend = "numba" if x.device.type == "cpu" else "triton"
-    key = (backend, activations, *map(id, weights), *has_bias)
+    key = (x.device.type, activations, *map(id, weights), *has_bias)
+    params = weights if biases is None else [*weights, *biases]
     entry = _OP_PLANS.get(key)
-    if entry is not None and entry.holds(weights, biases):
+    if entry is not None and entry.holds(params):
         return entry.plan
-    known = [None] * len(weights) if biases is None else biases  # placeholders: not kept
-    if biases is None:
-        biases = unread_biases(weights, has_bias)
+    biases = unread_biases(weights, has_bias) if biases is None else with_nones(biases, has_bias)
     alias = lambda t: None if t is None else t.detach()  # noqa: E731
-    aliases = [alias(w) for w in weights], [alias(b) for b in biases]
-    plan = Plan(*aliases, activations.split(SPEC_SEPARATOR), backend)
+    backend = "numba" if x.device.type == "cpu" else "triton"
+    plan = Plan([alias(w) for w in weights], [alias(b) for b in biases],
+                activations.split(SPEC_SEPARATOR), backend)  # fmt: skip
     if plan.reusable:
         _OP_PLANS.pop(key, None)
         while len(_OP_PLANS) >= OP_PLANS_KEPT:
             _OP_PLANS.pop(next(iter(_OP_PLANS)))
-        _OP_PLANS[key] = _OpPlan(key, plan, weights, known)
+        _OP_PLANS[key] = _OpPlan(key, plan, params)
     return plan
 
 
 def _mlp_forward_impl(x, weights, biases, has_bias, activations):
     """``fastbp::mlp_forward``: every layer's output ``[a₁, …, a_L]``, then the z of each
-    layer whose activation's derivative reads it; gradients flow from ``a_L`` only.
-    ``biases`` holds the biases of the layers whose ``has_bias`` is true (op autograd
-    drops gradients of a tensor list holding None), and ``activations`` holds the specs
-    joined by ``SPEC_SEPARATOR``, "relu;identity" (a schema has no list of str)."""
-    op_plan = _op_plan(x, weights, has_bias, activations, with_nones(biases, has_bias))
+    layer whose activation's derivative reads it; gradients flow from ``a_L`` only
+    (``_OpMLP``). ``biases`` holds the biases of the layers whose ``has_bias`` is true
+    (a tensor list cannot hold None), and ``activations`` holds the specs joined by
+    ``SPEC_SEPARATOR``, "relu;identity" (a schema has no list of str)."""
+    op_plan = _op_plan(x, weights, has_bias, activations, biases)
     kernels = op_plan.kernels
     return kernels.outputs(kernels.forward(op_plan, x)[1])
 
@@ -141,31 +138,13 @@ def _only_the_output_differentiable(ctx, saved, layers: int) -> None:
     ctx.mark_non_differentiable(*saved[:top], *saved[top + 1 :])
 
 
-def _setup_mlp_context(ctx, inputs, output):
-    x, weights, _, has_bias, activations = inputs
-    ctx.activations, ctx.has_bias = activations, has_bias
-    _only_the_output_differentiable(ctx, output, len(weights))
-    ctx.save_for_backward(x, *weights, *output)
-
-
-def _mlp_forward_op_backward(ctx, grad_outputs):
-    refuse_double_backward()
-    x, *saved = ctx.saved_tensors
-    weights, outputs = saved[: len(ctx.has_bias)], saved[len(ctx.has_bias) :]
-    grad_x, grad_weights, grad_biases = torch.ops.fastbp.mlp_backward(
-        grad_outputs[len(weights) - 1],
-        x,
-        weights,
-        ctx.has_bias,
-        ctx.activations,
-        outputs,
-        ctx.needs_input_grad[0],
-    )
-    return grad_x if ctx.needs_input_grad[0] else None, grad_weights, grad_biases, None, None
-
-
-# Defined through torch.library.Library rather than @custom_op: the same schema, fake
-# and autograd, at a quarter of the per-call cost (8 µs against 30 for an empty op).
+# Defined through torch.library.Library rather than @custom_op, with autograd falling
+# through: the same schema and fakes at a fraction of the per-call cost. An autograd
+# kernel (register_autograd) runs Python on every call, no_grad included, and
+# flattens the tensor lists through pytree on the way: on the 2-2-2 network it made an
+# eager forward+backward through the ops 198 µs against 81 for plans.py's Function.
+# The gradient comes from ``_OpMLP`` around the forward op instead, which torch.compile
+# traces into the same two ops (``python -m benchmarks.dispatch_overhead``).
 _LIBRARY = torch.library.Library("fastbp", "DEF")
 _LIBRARY.define(
     "mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, bool[] has_bias, str activations)"
@@ -178,24 +157,57 @@ _LIBRARY.define(
 for _key in ("CPU", "CUDA"):
     _LIBRARY.impl("mlp_forward", _mlp_forward_impl, _key)
     _LIBRARY.impl("mlp_backward", _mlp_backward_impl, _key)
+for _name in ("mlp_forward", "mlp_backward"):  # not differentiable themselves: see _OpMLP
+    _LIBRARY.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 torch.library.register_fake("fastbp::mlp_forward", _mlp_forward_fake, lib=_LIBRARY)
 torch.library.register_fake("fastbp::mlp_backward", _mlp_backward_fake, lib=_LIBRARY)
-torch.library.register_autograd(
-    "fastbp::mlp_forward",
-    _mlp_forward_op_backward,
-    setup_context=_setup_mlp_context,
-    lib=_LIBRARY,
-)
+
+
+class _OpMLP(torch.autograd.Function):
+    """Every layer's output ``(a₁, …, a_L)`` of ``apply(has_bias, activations, x,
+    *weights, *biases)`` through ``fastbp::mlp_forward``; backward through
+    ``fastbp::mlp_backward``. ``has_bias`` is a tuple of bools, ``activations`` the
+    ops' joined specs, ``biases`` those of the layers that have one."""
+
+    # One star argument after ctx: under no_grad, torch.compile (2.14) calls
+    # forward without ctx when the arguments outnumber forward's named parameters by
+    # one, which a signature naming has_bias, activations and x meets for a network of
+    # two layers without biases.
+    @staticmethod
+    def forward(ctx, *inputs):
+        has_bias, activations, x, *parameters = inputs
+        layers = len(has_bias)
+        weights, biases = parameters[:layers], parameters[layers:]
+        outputs = torch.ops.fastbp.mlp_forward(x, weights, biases, list(has_bias), activations)
+        ctx.has_bias, ctx.activations = has_bias, activations
+        _only_the_output_differentiable(ctx, outputs, layers)
+        ctx.save_for_backward(x, *weights, *outputs)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        refuse_double_backward()
+        layers = len(ctx.has_bias)
+        x, *saved = ctx.saved_tensors
+        needs_input_grad = ctx.needs_input_grad[2]
+        grad_x, grad_weights, grad_biases = torch.ops.fastbp.mlp_backward(
+            grad_outputs[layers - 1],
+            x,
+            saved[:layers],
+            list(ctx.has_bias),
+            ctx.activations,
+            saved[layers:],
+            needs_input_grad,
+        )
+        return None, None, grad_x if needs_input_grad else None, *grad_weights, *grad_biases
 
 
 def custom_op_mlp(x, weights, biases, activations: Sequence[str]) -> torch.Tensor:
     """The last layer's output through ``fastbp::mlp_forward`` (what torch.compile and
     torch.export trace); ``biases`` may hold None."""
     present, has_bias = split_biases(biases)
-    outputs = torch.ops.fastbp.mlp_forward(
-        x, list(weights), present, list(has_bias), SPEC_SEPARATOR.join(activations)
-    )
-    return outputs[len(weights) - 1]
+    joined = SPEC_SEPARATOR.join(activations)
+    return _OpMLP.apply(has_bias, joined, x, *weights, *present)[len(weights) - 1]
 
 
 # ``functorch_active()``: whether a torch.func transform runs this call. torch's own

@@ -75,11 +75,14 @@ def test_custom_op_and_autograd_function_agree_bit_for_bit(network):
         assert torch.equal(ours, theirs)
 
 
-def test_intermediate_outputs_of_the_forward_op_carry_no_gradient():
+def test_gradients_flow_from_the_last_output_of_the_ops_function_alone():
     x, weights, biases, _ = make_network([4, 6, 3], 2, False, dtype=torch.float32)
     weights = [w.requires_grad_() for w in weights]
-    hidden, output = torch.ops.fastbp.mlp_forward(x, weights, [], [False, False], "relu;identity")
+    hidden, output = traced._OpMLP.apply((False, False), "relu;identity", x, *weights)
     assert not hidden.requires_grad and output.requires_grad
+    # the ops themselves are not differentiable: autograd lives in _OpMLP, around them
+    outputs = torch.ops.fastbp.mlp_forward(x, weights, [], [False, False], "relu;identity")
+    assert not any(t.requires_grad for t in outputs)
 
 
 # ---------------------------------------------------------------------------
@@ -109,6 +112,41 @@ def test_compile_fullgraph_gives_eagers_outputs_and_gradients(around):
     compiled = step(torch.compile(model, fullgraph=True))
     for ours, theirs in zip(compiled, eager, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+NO_GRAD_NETWORKS = [([2, 3], False), ([3, 5, 2], False), ([3, 5, 2], True), ([17, 9, 10], False)]
+
+
+@pytest.mark.parametrize("sizes, bias", NO_GRAD_NETWORKS)
+def test_compile_under_no_grad_gives_eagers_outputs(sizes, bias):
+    """Without a gradient, torch.compile traces the ops' Function as a plain call, and
+    chooses from its signature whether to pass it a ctx."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = fastbp.nn.MLP(sizes, "tanh", bias=bias), torch.randn(5, sizes[0])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=0, atol=0)
+
+
+def test_a_compiled_models_steps_build_no_plan_after_the_first(monkeypatch):
+    """The ops find the plan their first call built (forward's, which backward reuses):
+    building one costs as much as a small network's step."""
+    torch._dynamo.reset()
+    model = _headline_model(around=False)
+    compiled, x = torch.compile(model, fullgraph=True), torch.randn(8, 1000)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        compiled(x).square().sum().backward()
+        with torch.no_grad():
+            compiled(x)
+
+    step()
+    built = []
+    monkeypatch.setattr(traced, "Plan", lambda *arguments: built.append(arguments))
+    for _ in range(3):
+        step()
+    assert built == []
 
 
 def test_export_of_an_inference_model_runs_the_custom_op():
@@ -365,4 +403,4 @@ def test_the_ops_plan_cache_frees_a_deleted_models_parameters():
     del model, weights, biases, output
     gc.collect()
     assert all(ref() is None for ref in freed)
-    assert not any(entry.weights[0]() is None for entry in traced._OP_PLANS.values())
+    assert not any(entry.refs[0]() is None for entry in traced._OP_PLANS.values())
