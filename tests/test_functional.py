@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from fastbp import functional as F
+from fastbp.kernels import cpu_jit
 from fastbp.kernels.reference import ACTIVATIONS
 from fastbp.nn import MLP
 
-from .helpers import make_network
+from .helpers import assert_no_less_accurate, make_network
 
 
 def _leaves(tensors):
@@ -43,6 +44,20 @@ def test_gradcheck_mlp(activation, bias):
         return F.mlp(x, ws, bs, [activation, "tanh", activation], backend="numba")
 
     assert torch.autograd.gradcheck(network, [x, *params])
+
+
+@pytest.mark.parametrize("batch, width", [(263, 257), (300, 300), (1, 70000), (64, 1024)])
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_every_row_gets_its_bias_where_the_fill_splits(batch, width, activation):
+    """From PARALLEL_MIN_ELEMENTS elements a layer's bias fills z in blocks of rows on
+    numba's threads: rows past the last whole block, and blocks of one row, included."""
+    x, (weight,), (bias,), _ = make_network([3, width], batch, dtype=torch.float64, seed=4)
+    assert batch * width >= cpu_jit.PARALLEL_MIN_ELEMENTS
+    exact = F.linear_act(x, weight, bias, activation, backend="torch")
+    single = [t.float() for t in (x, weight, bias)]
+    ours = F.linear_act(*single, activation, backend="numba")
+    torchs = F.linear_act(*single, activation, backend="torch")
+    assert_no_less_accurate("output", ours, torchs, exact, torch.float32)
 
 
 def _gradients(backend, x, weight, bias, activation="relu", grad_output=None):
