@@ -141,10 +141,11 @@ def _only_the_output_differentiable(ctx, saved, layers: int) -> None:
 # Defined through torch.library.Library rather than @custom_op, with autograd falling
 # through: the same schema and fakes at a fraction of the per-call cost. An autograd
 # kernel (register_autograd) runs Python on every call, no_grad included, and
-# flattens the tensor lists through pytree on the way: on the 2-2-2 network it made an
-# eager forward+backward through the ops 198 µs against 81 for plans.py's Function.
-# The gradient comes from ``_OpMLP`` around the forward op instead, which torch.compile
-# traces into the same two ops (``python -m benchmarks.dispatch_overhead``).
+# flattens the tensor lists through pytree on the way: on the 2-2-2 network an eager
+# forward+backward through the ops took 258 µs with one, against 99 for plans.py's
+# Function, and 132 with ``_OpMLP``, which gives the gradient from around the forward
+# op instead and which torch.compile traces into the same two ops (``python -m
+# benchmarks.dispatch_overhead``, in benchmarks/results/2026-12-06-cpu-custom-ops-and-bias-fill).
 _LIBRARY = torch.library.Library("fastbp", "DEF")
 _LIBRARY.define(
     "mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, bool[] has_bias, str activations)"
