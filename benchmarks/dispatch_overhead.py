@@ -80,7 +80,7 @@ def _tiny_calls() -> dict:
     sequential = module.to_torch()
 
     def training(network, parameters_of=None):  # the drop-in's whole call
-        parameters_of = parameters_of or network
+        parameters_of = network if parameters_of is None else parameters_of
 
         def run():
             parameters_of.zero_grad()
@@ -115,18 +115,12 @@ def _tiny_calls() -> dict:
     }
 
 
-_EVICTING = torch.ones(1 << 22)  # 16 MB: more than this machine's caches hold per core
-
-
-def _evicting_pass() -> None:
-    _EVICTING.sum()
-
-
 def _after_a_pass(forwards: dict, rounds: int, repeat: int) -> dict:
-    """Each call's median µs right after ``_evicting_pass``: the two timed together,
-    less the pass alone."""
-    runs = {name: (lambda run=run: (_evicting_pass(), run())) for name, run in forwards.items()}
-    medians = _medians({**runs, "the pass alone": _evicting_pass}, rounds, repeat)
+    """Each call's median µs right after a pass over 16 MB (more than this machine's
+    caches hold per core): the two timed together, less the pass alone."""
+    evicting_pass = torch.ones(1 << 22).sum
+    runs = {name: (lambda run=run: (evicting_pass(), run())) for name, run in forwards.items()}
+    medians = _medians({**runs, "the pass alone": evicting_pass}, rounds, repeat)
     alone = medians.pop("the pass alone")
     return {name: us - alone for name, us in medians.items()}
 
